@@ -1,0 +1,1 @@
+"""avtrain: streaming modality-balanced training on avprep shards."""

@@ -1,0 +1,9 @@
+import click
+
+@click.group()
+def avprep():
+    pass
+
+@click.group()
+def avtrain():
+    pass

@@ -1,0 +1,1 @@
+"""Per-dataset YAML: class lists, layout defaults, preset, recommended balancing settings."""
