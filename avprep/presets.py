@@ -95,7 +95,8 @@ register(Preset(
 ))
 register(Preset(
     name="ks", sample_rate=16000, clip_seconds=10.0, fit="pad",
-    spectrogram={"recipe": "log_mel", "n_mels": 128, "win_ms": 25.0, "hop_ms": 10.0},
+    spectrogram={"recipe": "log_mel", "n_mels": 128, "win_ms": 25.0, "hop_ms": 10.0,
+                 "n_fft": 1024},
     columns=1024, fps=1.0, frame_size=256, train_frames=3,
     description="Kinetics-Sounds: 10 s at 16 kHz, 128-bin log-mel 25/10 ms -> 128x1024; 1 fps",
 ))
@@ -107,7 +108,8 @@ register(Preset(
 ))
 register(Preset(
     name="mer", sample_rate=16000, clip_seconds=8.0, fit="pad",
-    spectrogram={"recipe": "log_mel", "n_mels": 128, "win_ms": 25.0, "hop_ms": 10.0},
+    spectrogram={"recipe": "log_mel", "n_mels": 128, "win_ms": 25.0, "hop_ms": 10.0,
+                 "n_fft": 1024},
     columns=800, fps=2.0, frame_size=256, faces=True, face_size=112, train_frames=8,
     description="MER-MULTI: 8 s at 16 kHz, 128-bin log-mel -> 128x800; 112x112 face crops at 2 fps",
 ))
