@@ -170,3 +170,82 @@ def read_manifest(path: str | os.PathLike, validate_records: bool = True) -> Man
     if validate_records:
         validate(records, classes, source=path)
     return Manifest(records=records, classes=classes, dataset=dataset)
+
+
+# --- split files (reproduce a paper's exact split) -----------------------------------------
+
+_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                  "validation": "val", "dev": "val", "test": "test", "testing": "test"}
+_HEADER_WORDS = {"clip", "name", "id", "key", "path", "file", "filename", "video", "video_id",
+                 "ytid", "youtube_id", "sample"}
+
+
+def clip_id(text: str) -> str:
+    """The clip id a list refers to: the file name without folders and extension."""
+    base = os.path.basename(text.strip().replace("\\", "/"))
+    stem, ext = os.path.splitext(base)
+    return stem if ext.lower() in {".mp4", ".flv", ".avi", ".mkv", ".webm", ".mov", ".wav",
+                                   ".mp3", ".jpg", ".npy"} else base
+
+
+def _split_from_name(path: str) -> str | None:
+    tokens = re.split(r"[^a-z]+", os.path.basename(path).lower())
+    found = {_SPLIT_ALIASES[t] for t in tokens if t in _SPLIT_ALIASES}
+    return found.pop() if len(found) == 1 else None
+
+
+def read_split_files(paths: Iterable[str | os.PathLike]) -> dict[str, str]:
+    """Map clip id -> split from one or more list files.
+
+    Each file is CSV; the first field of a row is the clip (a name or a path; folders and the
+    extension are dropped). The split is a field of the row that names one (train/val/test),
+    else the file's name (train.csv, my_test.txt, ...). OGM-GE's CREMA-D `train.csv` /
+    `test.csv` (rows `clip,label`) therefore work as they are. A first row whose first field
+    is a header word (clip, name, id, ...) is skipped.
+    """
+    import csv
+
+    mapping: dict[str, str] = {}
+    for path in paths:
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise UserError(f"split file {path} does not exist")
+        default = _split_from_name(path)
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            rows = [row for row in csv.reader(fh) if row and any(f.strip() for f in row)]
+        if rows and rows[0][0].strip().lower() in _HEADER_WORDS:
+            rows = rows[1:]
+        if not rows:
+            raise UserError(f"split file {path} lists no clips")
+        for lineno, row in enumerate(rows, 1):
+            named = [_SPLIT_ALIASES[f.strip().lower()] for f in row[1:]
+                     if f.strip().lower() in _SPLIT_ALIASES]
+            split = named[0] if named else default
+            if split is None:
+                raise UserError(f"split file {path}: cannot tell which split row {lineno} "
+                                "belongs to; name the file train*/val*/test* or add a split "
+                                "column (train, val or test)")
+            clip = clip_id(row[0])
+            if mapping.get(clip, split) != split:
+                raise UserError(f"split file {path}: clip {clip!r} is already listed in "
+                                f"split {mapping[clip]!r}")
+            mapping[clip] = split
+    return mapping
+
+
+def carve_val(records: list[Record], fraction: float, group_of=None,
+              salt: str = "avbalance-val") -> int:
+    """Move a deterministic `fraction` of train groups to val; returns how many records moved.
+
+    Groups (CREMA-D actor, YouTube id, ...) move as a whole, so a speaker or a video never
+    spans train and val. Used when a dataset's official split has no val.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise UserError(f"val fraction must be in [0, 1), got {fraction}")
+    group_of = group_of or (lambda r: str(r.extra.get("group", r.key)))
+    moved = 0
+    for r in records:
+        if r.split == "train" and hash_fraction(group_of(r), salt) < fraction:
+            r.split = "val"
+            moved += 1
+    return moved
