@@ -47,7 +47,8 @@ def detect_largest(rgb: np.ndarray, min_face: float = 0.08,
     """(x, y, w, h) of the largest face in an RGB frame, in its pixels; None when none.
 
     Detection runs on a grey copy whose long side is at most `detect_side` pixels (speed);
-    faces smaller than `min_face` of the short side are ignored (background noise).
+    faces smaller than `min_face` of the short side, and detections with far fewer votes than
+    the strongest one, are ignored (background texture).
     """
     h, w = rgb.shape[:2]
     scale = min(1.0, detect_side / max(h, w))
@@ -57,11 +58,15 @@ def detect_largest(rgb: np.ndarray, min_face: float = 0.08,
                           interpolation=cv2.INTER_AREA)
     grey = cv2.equalizeHist(grey)
     smallest = max(12, int(min(grey.shape) * min_face))
-    faces = _detector().detectMultiScale(grey, scaleFactor=1.1, minNeighbors=5,
-                                         minSize=(smallest, smallest))
+    faces, votes = _detector().detectMultiScale2(grey, scaleFactor=1.1, minNeighbors=5,
+                                                 minSize=(smallest, smallest))
     if len(faces) == 0:
         return None
-    x, y, fw, fh = max(faces, key=lambda f: (int(f[2]) * int(f[3]), -int(f[0]), -int(f[1])))
+    # Weak detections (few overlapping hits) are mostly texture in the background; drop those
+    # far below the strongest before taking the largest face.
+    strongest = int(max(votes))
+    kept = [f for f, v in zip(faces, votes) if int(v) >= max(5, strongest // 4)] or list(faces)
+    x, y, fw, fh = max(kept, key=lambda f: (int(f[2]) * int(f[3]), -int(f[0]), -int(f[1])))
     return (int(round(x / scale)), int(round(y / scale)), int(round(fw / scale)),
             int(round(fh / scale)))
 
