@@ -5,10 +5,12 @@ split, `OUT/{split}.h5`, holding one variable-length uint8 dataset per clip (one
 element, the key as the dataset name, attributes fps/source/label/split/n_frames).
 Audio: `OUT/{key}.wav`, mono 16-bit PCM at the requested rate.
 
-The frame rule: frames are sampled by ffmpeg's fps filter, frame i being the one on screen
-nearest t = i / fps (so at 1 fps the first frame of each second, from t = 0). A clip whose
-video lasts D seconds gives `expected_frames(D, fps)` = floor(D * fps + 1/2) frames, at
-least 1 (2.5 s at 1 fps: 3 frames, t = 0, 1, 2; 2.4 s: 2).
+The frame rule ("first frame of each second" at 1 fps, as the seed scripts): frame i is the
+frame on screen at t = i / fps, so a clip whose video lasts D seconds gives
+`expected_frames(D, fps)` = ceil(D * fps) frames (2.5 s at 1 fps: 3 frames, t = 0, 1, 2;
+1.4 s at 1 fps: 2 frames, t = 0, 1). This needs ffmpeg's fps filter to round timestamps up
+(`fps=...:round=up`); with its default (round=near) it picks the frame in the middle of each
+interval (t = 0.48, 1.48, ... at 25 fps) and gives floor(D * fps + 1/2) frames.
 
 Resumable and atomic per clip: a clip is written under OUT/.partial/ and renamed into place
 when complete, so an interrupted run never leaves a half clip under its final name and a rerun
@@ -41,8 +43,9 @@ AUDIO_FAILURES = "audio-failures.jsonl"
 
 
 def expected_frames(duration: float, fps: float) -> int:
-    """How many frames the fps filter yields for a video stream lasting `duration` seconds."""
-    return max(1, math.floor(duration * fps + 0.5))
+    """Frames sampled from a video stream lasting `duration` seconds: one at each t = i / fps
+    with t < duration (the 1e-6 absorbs float error in duration * fps)."""
+    return max(1, math.ceil(duration * fps - 1e-6))
 
 
 def records_from(source: str | os.PathLike, dataset: str | None = None,
@@ -313,6 +316,7 @@ def extract_frames(records: Iterable[Record], out: str | os.PathLike, *, fps: fl
         from .faces import cascade_path
 
         cascade_path()  # fail once, early, when opencv has no cascade
+    fps, size, quality = float(fps), int(size), int(quality)
     settings = {"kind": "frames", "fps": fps, "size": size, "format": fmt, "quality": quality,
                 "faces": faces, "face_size": face_size if faces else None}
     _prepare_out(out, FRAME_SETTINGS, settings, overwrite)

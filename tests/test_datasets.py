@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from mediagen import make_video, make_wav
 
 from avprep.datasets import available, dataset_defaults, load_dataset, scan_dataset
 from avprep.errors import UserError
 from avprep.manifest import read_manifest
 from cli import avprep
-from mediagen import make_video, make_wav
 
 
 @pytest.fixture(scope="module")

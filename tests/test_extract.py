@@ -1,0 +1,264 @@
+"""extract-frames / extract-audio on real encoded clips: frame rule, sizes, HDF5, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+import soundfile
+from click.testing import CliRunner
+from mediagen import make_video, make_wav, truncate
+
+from avprep.datasets import load_dataset
+from avprep.errors import UserError
+from avprep.frames import expected_frames, extract_audio, extract_frames, read_h5_clip
+from avprep.manifest import Record, write_manifest
+from avprep.media import decode_clip
+from cli import avprep
+
+REPO = Path(__file__).resolve().parent.parent
+# (class, name, seconds, input fps, size)
+CLIPS = [("a", "long", 2.5, 25, (160, 120)), ("a", "short", 1.4, 30, (160, 120)),
+         ("b", "one", 1.0, 25, (160, 120)), ("b", "odd", 1.6, 25, (317, 203))]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds")
+    for label, name, seconds, fps, size in CLIPS:
+        odd = size[0] % 2 or size[1] % 2  # 4:2:0 needs even sizes
+        make_video(root / label / f"{name}.mp4", seconds=seconds, fps=fps, size=size,
+                   pix_fmt="yuv444p" if odd else "yuv420p")
+    m = load_dataset("folder", root)
+    durations = {}  # of the video stream: frames / frame rate (2.5 s at 25 fps encodes 63)
+    for r in m.records:
+        rate = next(c[3] for c in CLIPS if r.key.endswith(c[1]))
+        every = decode_clip(r.video, fps=None, short_side=16, sample_rate=None).n_frames
+        durations[r.key] = every / rate
+    return root, m, durations
+
+
+def jpgs(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.jpg"))
+
+
+# avprep.media.decode_clip builds ffmpeg's fps filter with its default round=near, which
+# samples the frame in the middle of each 1/fps interval (t = 0.48, 1.48, ... at 25 fps) and
+# gives floor(D*fps + 1/2) frames; the documented rule (frame i on screen at t = i/fps, the
+# seeds' "first frame of each second") needs `fps=...:round=up` there. Strict: when media.py
+# is fixed these tests pass and the marks must go.
+NEEDS_ROUND_UP = pytest.mark.xfail(
+    strict=True, reason="media.decode_clip: fps filter needs round=up (first frame of each "
+                        "interval); default round=near picks mid-interval frames")
+
+
+def test_expected_frames_rule():
+    assert expected_frames(2.5, 1) == 3  # t = 0, 1, 2
+    assert expected_frames(2.0, 1) == 2  # t = 0, 1 (t = 2 is the end)
+    assert expected_frames(1.4, 1) == 2  # t = 0, 1
+    assert expected_frames(1.4, 2) == 3
+    assert expected_frames(0.2, 1) == 1
+
+
+def test_sizes_names_and_index(dataset, tmp_path):
+    _root, m, _durations = dataset
+    summary = extract_frames(m.records, tmp_path / "out", fps=2, size=64, workers=2)
+    assert (summary.done, summary.failed, summary.skipped) == (len(m.records), 0, 0)
+    index = {}
+    for line in (tmp_path / "out" / "frames.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        index[entry["key"]] = entry
+    for r in m.records:
+        files = jpgs(tmp_path / "out" / r.key)
+        assert [f.name for f in files] == [f"{i:05d}.jpg" for i in range(len(files))]
+        assert index[r.key]["n_frames"] == len(files) > 1
+        assert index[r.key]["source"] == r.video
+        h, w = cv2.imread(str(files[0])).shape[:2]
+        src_w, src_h = next(c[4] for c in CLIPS if r.key.endswith(c[1]))
+        assert min(h, w) == 64
+        assert abs(max(h, w) - 64 * max(src_w, src_h) / min(src_w, src_h)) <= 1
+    assert not (tmp_path / "out" / ".partial").exists()
+    assert sum(e["n_frames"] for e in index.values()) == summary.frames
+
+
+@NEEDS_ROUND_UP
+@pytest.mark.parametrize("fps", [1.0, 2.0])
+def test_frame_count_follows_the_fps_rule(dataset, tmp_path, fps):
+    _root, m, durations = dataset
+    extract_frames(m.records, tmp_path / "out", fps=fps, size=32, workers=2)
+    got = {r.key: len(jpgs(tmp_path / "out" / r.key)) for r in m.records}
+    assert got == {r.key: expected_frames(durations[r.key], fps) for r in m.records}
+
+
+@NEEDS_ROUND_UP
+def test_frame_i_is_the_frame_on_screen_at_i_over_fps(dataset, tmp_path):
+    _root, m, _ = dataset
+    record = next(r for r in m.records if r.key.endswith("long"))  # 2.5 s at 25 fps
+    extract_frames([record], tmp_path / "out", fps=1, size=0, quality=95, workers=1)
+    every = decode_clip(record.video, fps=None, short_side=0, sample_rate=None).frames
+    picked = []
+    for path in jpgs(tmp_path / "out" / record.key):
+        frame = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB).astype(np.float32)
+        picked.append(int(np.argmin([np.abs(frame - f).mean() for f in every])))
+    assert picked == [0, 25, 50]  # t = 0, 1, 2 s (the clip lasts 2.52 s)
+
+
+def test_hdf5_holds_the_same_jpeg_bytes(dataset, tmp_path):
+    _root, m, _ = dataset
+    extract_frames(m.records, tmp_path / "jpg", fps=2, size=64, workers=2)
+    extract_frames(m.records, tmp_path / "h5", fps=2, size=64, fmt="h5", workers=2)
+    splits = {r.split for r in m.records}
+    assert sorted(p.name for p in (tmp_path / "h5").glob("*.h5")) == sorted(
+        f"{s}.h5" for s in splits)
+    for r in m.records:
+        stored = read_h5_clip(tmp_path / "h5" / f"{r.split}.h5", r.key)
+        assert stored == [p.read_bytes() for p in jpgs(tmp_path / "jpg" / r.key)]
+        with h5py.File(tmp_path / "h5" / f"{r.split}.h5", "r") as f:
+            assert f[r.key].attrs["fps"] == 2.0
+            assert f[r.key].attrs["source"] == r.video
+            assert f[r.key].attrs["n_frames"] == len(stored)
+    assert not (tmp_path / "h5" / ".staging").exists()
+    # resume: a rerun with one more clip keeps the packed clips byte for byte
+    extra = Record(key="zz_extra", label="a", label_id=0, split="train",
+                   video=m.records[0].video)
+    before = {r.key: read_h5_clip(tmp_path / "h5" / f"{r.split}.h5", r.key) for r in m.records}
+    summary = extract_frames(m.records + [extra], tmp_path / "h5", fps=2, size=64, fmt="h5",
+                             workers=1)
+    assert (summary.done, summary.skipped) == (1, len(m.records))
+    for r in m.records:
+        assert read_h5_clip(tmp_path / "h5" / f"{r.split}.h5", r.key) == before[r.key]
+    assert read_h5_clip(tmp_path / "h5" / "train.h5", "zz_extra") == before[m.records[0].key]
+
+
+def reference_run(records, out: Path) -> Path:
+    extract_frames(records, out, fps=2, size=48, workers=2)
+    return out
+
+
+def test_killed_run_leaves_no_partial_clip_and_rerun_matches(tmp_path, dataset):
+    root, _m, _ = dataset
+    records = [Record(key=f"clip{i:02d}", label="a", label_id=0, split="train",
+                      video=str(root / "a" / "long.mp4")) for i in range(14)]
+    manifest = tmp_path / "m.jsonl"
+    write_manifest(records, manifest, classes=["a"], dataset="folder")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-c", "from cli import avprep; avprep()", "extract-frames",
+           str(manifest), "-o", str(out), "--workers", "1", "--size", "48", "--fps", "2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    killed = False
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if out.is_dir() and any(not p.name.startswith(".") and p.is_dir()
+                                    for p in out.iterdir()):
+                os.killpg(proc.pid, signal.SIGKILL)  # a crash, mid-run
+                killed = True
+                break
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None and not killed:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert killed, "the run finished before it could be interrupted"
+    done = [p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert 0 < len(done) < len(records)
+    per_clip = len(jpgs(reference_run(records[:1], tmp_path / "one") / records[0].key))
+    assert all(len(jpgs(p)) == per_clip for p in done), "a half-written clip has a final name"
+    # an older crash's leftovers under .partial are cleared too
+    (out / ".partial" / "clip13").mkdir(parents=True, exist_ok=True)
+    (out / ".partial" / "clip13" / "00000.jpg").write_bytes(b"half")
+    summary = extract_frames(records, out, fps=2, size=48, workers=2)
+    assert summary.skipped == len(done) and summary.done == len(records) - len(done)
+    reference = reference_run(records, tmp_path / "reference")
+    for r in records:
+        assert [p.read_bytes() for p in jpgs(out / r.key)] == \
+               [p.read_bytes() for p in jpgs(reference / r.key)]
+    assert not (out / ".partial").exists()
+    keys = [json.loads(x)["key"] for x in (out / "frames.jsonl").read_text().splitlines()]
+    assert keys == [r.key for r in records]
+
+
+def test_broken_videos_are_recorded_and_skipped(tmp_path, dataset):
+    root, _m, _ = dataset
+    tree = tmp_path / "tree"
+    shutil.copytree(root, tree)
+    truncate(tree / "a" / "long.mp4", tree / "b" / "cut.mp4", 0.3)
+    (tree / "b" / "text.mp4").write_text("not a video\n")
+    (tree / "b" / "empty.mp4").write_bytes(b"")
+    m = load_dataset("folder", tree)
+    out = tmp_path / "out"
+    summary = extract_frames(m.records, out, size=32, workers=2)
+    broken = {"b_cut", "b_text", "b_empty"}
+    assert {f["key"] for f in summary.failures} == broken
+    assert summary.done == len(m.records) - 3
+    lines = [json.loads(x) for x in (out / "frames-failures.jsonl").read_text().splitlines()]
+    assert {x["key"] for x in lines} == broken
+    assert all(x["stage"] and x["error"] and x["source"].endswith(".mp4") for x in lines)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")
+                  and p.is_dir()) == sorted(r.key for r in m.records if r.key not in broken)
+    again = extract_frames(m.records, out, size=32, workers=1)
+    assert (again.skipped, again.failed, again.done) == (len(m.records) - 3, 3, 0)
+
+
+def test_settings_and_foreign_folders_are_protected(dataset, tmp_path):
+    _root, m, _ = dataset
+    extract_frames(m.records[:1], tmp_path / "out", fps=1, size=32, workers=1)
+    with pytest.raises(UserError, match=r"other settings \(fps 1.0 -> 2.0\)"):
+        extract_frames(m.records[:1], tmp_path / "out", fps=2, size=32, workers=1)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "thesis.tex").write_text("precious")
+    with pytest.raises(UserError, match="not empty and holds no extract"):
+        extract_frames(m.records[:1], tmp_path / "home", workers=1)
+    assert (tmp_path / "home" / "thesis.tex").read_text() == "precious"
+
+
+def dominant_hz(wave: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(wave * np.hanning(len(wave))))
+    return float(np.fft.rfftfreq(len(wave), 1 / rate)[np.argmax(spectrum)])
+
+
+def test_extract_audio_uses_the_separate_wav_when_there_is_one(tmp_path):
+    video = make_video(tmp_path / "v.mp4", seconds=1.5, tone=440, size=(64, 48))
+    wav = make_wav(tmp_path / "v.wav", seconds=1.5, tone=660, rate=16000)
+    records = [Record("with_wav", "x", 0, "train", video=str(video), audio=str(wav)),
+               Record("video_only", "x", 0, "train", video=str(video)),
+               Record("segment", "x", 0, "test", video=str(video), start=0.5, end=1.0)]
+    summary = extract_audio(records, tmp_path / "wav", sample_rate=8000, workers=2)
+    assert (summary.done, summary.failed) == (3, 0)
+    a, sr = soundfile.read(tmp_path / "wav" / "with_wav.wav")
+    assert sr == 8000 and a.ndim == 1 and abs(len(a) - 12000) <= 400
+    assert abs(dominant_hz(a, sr) - 660) < 10
+    b, _ = soundfile.read(tmp_path / "wav" / "video_only.wav")
+    assert abs(dominant_hz(b, sr) - 440) < 10
+    c, _ = soundfile.read(tmp_path / "wav" / "segment.wav")
+    assert abs(len(c) - 4000) <= 200
+    again = extract_audio(records, tmp_path / "wav", sample_rate=8000, workers=1)
+    assert (again.done, again.skipped) == (0, 3)
+
+
+def test_cli_extract_from_a_dataset_root(dataset, tmp_path):
+    root, m, _durations = dataset
+    runner = CliRunner()
+    result = runner.invoke(avprep, ["extract-frames", str(root), "--dataset", "folder", "-o",
+                                    str(tmp_path / "f"), "--size", "32", "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert f"{len(m.records)} clips written" in result.output
+    assert all(jpgs(tmp_path / "f" / r.key) for r in m.records)
+    result = runner.invoke(avprep, ["extract-audio", str(root), "--dataset", "folder", "-o",
+                                    str(tmp_path / "w"), "--workers", "2", "--split", "train"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.stem for p in (tmp_path / "w").glob("*.wav")) == sorted(
+        r.key for r in m.records if r.split == "train")
+    result = runner.invoke(avprep, ["extract-frames", str(root), "-o", str(tmp_path / "g")])
+    assert result.exit_code == 2 and "pass --dataset NAME" in result.output
