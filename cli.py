@@ -138,6 +138,9 @@ def manifest(dataset, root, output, missing_file, **kw):
     click.echo(scan.describe())
     click.echo(f"manifest: {output} ({len(scan.records)} records)")
     missing_file = missing_file or f"{output}.missing.txt"
+    for stale in (missing_file, f"{output}.unlisted.txt"):  # from an earlier run
+        if os.path.exists(stale):
+            os.remove(stale)
     if scan.missing:
         with open(missing_file, "w", encoding="utf-8") as fh:
             for r in scan.missing:
