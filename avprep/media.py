@@ -185,7 +185,7 @@ def _build_command(video, audio, *, fps, short_side, sample_rate, start, end, hw
     if want_video:
         stream = inputs[0]["v:0"]
         if fps:
-            stream = stream.filter("fps", fps=fps)
+            stream = stream.filter("fps", fps=fps, round="up")
         if short_side:
             stream = stream.filter("scale", w=short_side, h=short_side,
                                    force_original_aspect_ratio="increase")

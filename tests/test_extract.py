@@ -52,16 +52,6 @@ def jpgs(folder: Path) -> list[Path]:
     return sorted(folder.glob("*.jpg"))
 
 
-# avprep.media.decode_clip builds ffmpeg's fps filter with its default round=near, which
-# samples the frame in the middle of each 1/fps interval (t = 0.48, 1.48, ... at 25 fps) and
-# gives floor(D*fps + 1/2) frames; the documented rule (frame i on screen at t = i/fps, the
-# seeds' "first frame of each second") needs `fps=...:round=up` there. Strict: when media.py
-# is fixed these tests pass and the marks must go.
-NEEDS_ROUND_UP = pytest.mark.xfail(
-    strict=True, reason="media.decode_clip: fps filter needs round=up (first frame of each "
-                        "interval); default round=near picks mid-interval frames")
-
-
 def test_expected_frames_rule():
     assert expected_frames(2.5, 1) == 3  # t = 0, 1, 2
     assert expected_frames(2.0, 1) == 2  # t = 0, 1 (t = 2 is the end)
@@ -91,7 +81,6 @@ def test_sizes_names_and_index(dataset, tmp_path):
     assert sum(e["n_frames"] for e in index.values()) == summary.frames
 
 
-@NEEDS_ROUND_UP
 @pytest.mark.parametrize("fps", [1.0, 2.0])
 def test_frame_count_follows_the_fps_rule(dataset, tmp_path, fps):
     _root, m, durations = dataset
@@ -100,7 +89,6 @@ def test_frame_count_follows_the_fps_rule(dataset, tmp_path, fps):
     assert got == {r.key: expected_frames(durations[r.key], fps) for r in m.records}
 
 
-@NEEDS_ROUND_UP
 def test_frame_i_is_the_frame_on_screen_at_i_over_fps(dataset, tmp_path):
     _root, m, _ = dataset
     record = next(r for r in m.records if r.key.endswith("long"))  # 2.5 s at 25 fps

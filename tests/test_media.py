@@ -46,8 +46,10 @@ def test_one_pass_decode_matches_independent_decodes(media):
     assert clip.n_frames == 2 and len(clip.frames) == 2
     for i, frame in enumerate(clip.frames):
         assert frame.shape == (120, 160, 3) and frame.dtype == np.uint8
-        reference = opencv_frame(media.mp4, i * 25)
-        assert np.abs(frame.astype(int) - reference.astype(int)).mean() < 6
+        # the first frame of each second, not one from the middle of it
+        errors = {j: np.abs(frame.astype(int) - opencv_frame(media.mp4, j).astype(int)).mean()
+                  for j in (i * 25, i * 25 + 1, i * 25 + 12)}
+        assert min(errors, key=errors.get) == i * 25 and errors[i * 25] < 6
     assert clip.audio.dtype == np.float32
     assert clip.audio.size == pytest.approx(2 * 16000, abs=400)
     assert dominant_hz(clip.audio, 16000) == pytest.approx(440, abs=3)
@@ -75,7 +77,7 @@ def test_cremad_style_flv_with_separate_wav(media):
 
 def test_segment_and_streaming_frames(media):
     seen = []
-    clip = decode_clip(media.mp4, fps=2, short_side=64, sample_rate=8000, start=0.5, end=1.5,
+    clip = decode_clip(media.mp4, fps=2, short_side=64, sample_rate=8000, start=0.4, end=1.4,
                        on_frame=lambda i, f: seen.append((i, f.shape)))
     assert clip.frames == []  # streamed, not kept
     assert clip.n_frames == len(seen) == 2
