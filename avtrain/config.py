@@ -1,0 +1,188 @@
+"""The training configuration: one dataclass, defaults < YAML file < command-line flags.
+
+Every setting a run uses is a field here, so `RUN/config.yaml` records the whole run and
+`avtrain fit --config RUN/config.yaml` repeats it. YAML keys are the field names (dashes are
+accepted for underscores); unknown keys are an error, not silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import yaml
+
+from avprep.errors import UserError
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("step", "cosine", "none")
+
+
+@dataclass
+class TrainConfig:
+    shards: str | None = None  # folder holding index.json and the tars
+    run_dir: str | None = None
+    method: str = "none"  # balancing method (avtrain.balance.METHODS)
+    model: str = "resnet18"  # encoder: resnet18 | tiny
+    fusion: str = "concat"
+    modalities: list[str] = field(default_factory=lambda: ["audio", "visual"])
+    epochs: int = 30
+    batch_size: int = 64  # per process (rank)
+    eval_batch_size: int | None = None  # default: batch_size
+    steps_per_epoch: int | None = None  # default: train samples // (batch_size · world size)
+    optimizer: str = "sgd"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    scheduler: str = "step"
+    lr_step: int = 70  # StepLR step size in epochs (the seed's 70)
+    lr_gamma: float = 0.1
+    clip_grad: float | None = None  # max global grad norm; None: no clipping
+    frames: int | None = None  # frames per clip; default: the preset's train_frames
+    image_size: int = 224
+    crop_columns: int | None = None  # spectrogram crop; default: the preset's train_crop_columns
+    workers: int = 2  # data loader processes per rank
+    shuffle_buffer: int = 1000
+    decode_device: str = "cpu"  # cpu | cuda (JPEG decoding with torchvision on the GPU)
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # bf16 autocast, on CUDA only
+    compile: bool = False  # torch.compile the model
+    seed: int = 0
+    log_every: int = 10  # steps between per-step log records
+    val_split: str = "val"
+    test_split: str = "test"
+    linear_probe: bool = False  # after training: linear probe of the best checkpoint's encoders
+    progress: bool = True  # tqdm bar per epoch
+    tensorboard: bool = True
+    # options of the balancing methods (passed to the balancer as its config)
+    alpha: float | None = None  # OGM(-GE) α; None: the dataset's recommended value, else 0.8
+    modulation_start: int = 0
+    modulation_end: int = 50
+    modulate: str = "conv"  # conv | encoder: which encoder parameters OGM scales
+    olm_initial: str = "mean"  # mean | last-batch
+    olm_lr: float = 1e-3
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _normalise_keys(data: dict, source: str) -> dict:
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            raise UserError(f"{source}: unknown setting {key!r}")
+        out[name] = value
+    return out
+
+
+def load_yaml(path: str) -> dict:
+    """Settings from a YAML file (a mapping of field names)."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    return _normalise_keys(data, path)
+
+
+def _coerce(name: str, value):
+    """YAML gives ints for floats and strings for lists; make the types what the loop expects."""
+    if value is None:
+        return None
+    if name == "modalities":
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        return list(value)
+    default = FIELDS[name].default
+    kind = type(default) if default is not None and default is not dataclasses.MISSING else None
+    if name in ("clip_grad", "alpha"):
+        kind = float
+    elif name in ("eval_batch_size", "steps_per_epoch", "frames", "crop_columns"):
+        kind = int
+    try:
+        if kind is bool and isinstance(value, str):
+            return value.strip().lower() in ("1", "true", "yes", "on")
+        if kind in (int, float):
+            return kind(value)
+    except (TypeError, ValueError):
+        raise UserError(f"setting {name!r}: expected a number, got {value!r}") from None
+    return value
+
+
+def make_config(*layers: dict) -> TrainConfig:
+    """Merge layers of settings left to right (later wins) over the defaults, then check."""
+    merged: dict = {}
+    for layer in layers:
+        merged.update(_normalise_keys(layer or {}, "settings"))
+    config = TrainConfig(**{k: _coerce(k, v) for k, v in merged.items()})
+    check(config)
+    return config
+
+
+def check(config: TrainConfig) -> None:
+    """Reject settings that cannot work, with one line each (before anything is loaded)."""
+    from avtrain.balance import get_method
+    from avtrain.models import ENCODERS, FUSIONS, MODALITIES
+
+    get_method(config.method)
+    if config.model not in ENCODERS:
+        raise UserError(f"unknown model {config.model!r}; choose one of: "
+                        f"{', '.join(sorted(ENCODERS))}")
+    if config.fusion not in FUSIONS:
+        raise UserError(f"unknown fusion {config.fusion!r}; choose one of: {', '.join(FUSIONS)}")
+    for m in config.modalities:
+        if m not in MODALITIES:
+            raise UserError(f"unknown modality {m!r}; choose from: {', '.join(MODALITIES)}")
+    if not config.modalities:
+        raise UserError("--modalities needs at least one of: audio, visual")
+    for name, choices in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),
+                          ("decode_device", ("cpu", "cuda")), ("device", ("auto", "cpu", "cuda")),
+                          ("modulate", ("conv", "encoder")),
+                          ("olm_initial", ("mean", "last-batch"))):
+        if getattr(config, name) not in choices:
+            raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                            f"got {getattr(config, name)!r}")
+    positive = ("epochs", "batch_size", "image_size", "log_every", "shuffle_buffer", "lr_step")
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("eval_batch_size", "steps_per_epoch", "frames", "crop_columns"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if config.lr <= 0:
+        raise UserError("--lr must be positive")
+    if config.workers < 0:
+        raise UserError("--workers must be 0 or more")
+
+
+def to_yaml(config: TrainConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def resolve_alpha(config: TrainConfig, dataset: str | None) -> float:
+    """α given by the user, else the dataset's recommended `ogm_ge_alpha`, else 0.8."""
+    if config.alpha is not None:
+        return float(config.alpha)
+    if dataset:
+        try:
+            from avprep.datasets import dataset_defaults
+
+            value = dataset_defaults(dataset).get("ogm_ge_alpha")
+            if value is not None:
+                return float(value)
+        except (ImportError, UserError):
+            pass
+    return 0.8

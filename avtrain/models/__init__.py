@@ -1,0 +1,103 @@
+"""Audio-visual classifiers: one encoder per modality, one fusion, a dict of logits.
+
+    model = build_model("tiny", "concat", num_classes=6)
+    logits = model(batch)        # {"fused": [B, C], "audio": [B, C], "visual": [B, C]}
+    feats = model.features(batch)  # {"audio": [B, D], "visual": [B, D]} (linear probe)
+
+Per-modality logits follow DESIGN §5: for `sum`/`concat` they are the exact summands of the
+fused logits; for the other fusions they come from auxiliary linear heads on *detached*
+features (they measure each encoder, they do not train it) unless the model is built with
+`trained_unimodal_heads=True` (OLM), when the heads' loss reaches the encoders.
+A single modality (`modalities=["audio"]`) gives a unimodal model whose "fused" logits are
+that modality's logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from avprep.errors import UserError
+
+from .encoders import ENCODERS, build_encoder
+from .fusions import FUSIONS, build_fusion
+
+MODALITIES = ("audio", "visual")
+
+__all__ = ["AVModel", "build_model", "ENCODERS", "FUSIONS", "MODALITIES", "model_spec"]
+
+
+class AVModel(nn.Module):
+    def __init__(self, encoder: str, fusion: str, num_classes: int,
+                 modalities: list[str] | tuple[str, ...] = MODALITIES,
+                 trained_unimodal_heads: bool = False):
+        super().__init__()
+        modalities = list(modalities)
+        if not modalities or len(set(modalities)) != len(modalities):
+            raise UserError(f"modalities must be distinct and not empty, got {modalities}")
+        bad = [m for m in modalities if m not in MODALITIES]
+        if bad:
+            raise UserError(f"unknown modality {bad[0]!r}; choose from: {', '.join(MODALITIES)}")
+        if fusion not in FUSIONS:
+            raise UserError(f"unknown fusion {fusion!r}; choose one of: {', '.join(FUSIONS)}")
+        if num_classes < 2:
+            raise UserError(f"a classifier needs at least 2 classes, got {num_classes}")
+        # keep the canonical order (audio first) whatever order the user typed
+        self.modalities = [m for m in MODALITIES if m in modalities]
+        self.spec = model_spec(encoder, fusion, num_classes, self.modalities,
+                               trained_unimodal_heads)
+        self.trained_unimodal_heads = bool(trained_unimodal_heads)
+        self.encoders = nn.ModuleDict({m: build_encoder(encoder, m) for m in self.modalities})
+        dims = {m: self.encoders[m].out_dim for m in self.modalities}
+        self.unimodal = len(self.modalities) == 1
+        if self.unimodal:
+            self.fusion = None
+            self.aux_heads = nn.ModuleDict({m: nn.Linear(dims[m], num_classes)
+                                            for m in self.modalities})
+        else:
+            self.fusion = build_fusion(fusion, self.modalities, dims, num_classes)
+            self.aux_heads = nn.ModuleDict() if self.fusion.decomposable else nn.ModuleDict(
+                {m: nn.Linear(dims[m], num_classes) for m in self.modalities})
+
+    @property
+    def heads(self) -> nn.ModuleDict:
+        """modality -> linear head giving that modality's logits from its features: the
+        summands of `sum`, the auxiliary heads of non-decomposable fusions, the classifier of a
+        unimodal model. Empty for `concat`, whose per-modality logits are slices of one
+        layer's weight (see `ConcatFusion.modality_logits`)."""
+        if self.fusion is not None and self.fusion.decomposable:
+            return getattr(self.fusion, "fc", nn.ModuleDict())
+        return self.aux_heads
+
+    def features(self, batch: dict) -> dict[str, torch.Tensor]:
+        """One feature vector per clip and modality: {modality: [B, D]}."""
+        return {m: self.encoders[m](batch[m]) for m in self.modalities}
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        feats = self.features(batch)
+        if self.unimodal:
+            (m,) = self.modalities
+            logits = self.aux_heads[m](feats[m])
+            return {"fused": logits, m: logits}
+        out = {"fused": self.fusion(feats)}
+        if self.fusion.decomposable:
+            out.update(self.fusion.modality_logits(feats))
+        else:
+            for m in self.modalities:
+                f = feats[m] if self.trained_unimodal_heads else feats[m].detach()
+                out[m] = self.aux_heads[m](f)
+        return out
+
+
+def model_spec(encoder: str, fusion: str, num_classes: int, modalities, trained_unimodal_heads
+               ) -> dict:
+    """What a checkpoint must match to be loaded into a model (stored in every checkpoint)."""
+    return {"model": encoder, "fusion": fusion, "num_classes": int(num_classes),
+            "modalities": list(modalities), "trained_unimodal_heads": bool(trained_unimodal_heads)}
+
+
+def build_model(model: str = "resnet18", fusion: str = "concat", num_classes: int = 2,
+                modalities=MODALITIES, trained_unimodal_heads: bool = False) -> AVModel:
+    if model not in ENCODERS:
+        raise UserError(f"unknown model {model!r}; choose one of: {', '.join(sorted(ENCODERS))}")
+    return AVModel(model, fusion, num_classes, modalities, trained_unimodal_heads)

@@ -1,0 +1,157 @@
+"""Fusion modules: per-modality feature vectors in, fused logits out.
+
+`sum` and `concat` are *decomposable*: the fused logits are exactly the sum of per-modality
+logits (OGM-GE's weight split for concat), so `modality_logits` returns them. The others
+(`film`, `gated`, `bilinear`, `attention`) mix the modalities non-linearly; the model then adds
+auxiliary per-modality heads (see `AVModel`). Modalities are always in the model's order
+(audio first), as the seeds concatenate [audio; visual].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from avprep.errors import UserError
+
+
+class Fusion(nn.Module):
+    decomposable = False
+
+    def __init__(self, modalities: list[str], dims: dict[str, int], num_classes: int):
+        super().__init__()
+        self.modalities = list(modalities)
+
+    def modality_logits(self, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+class SumFusion(Fusion):
+    """fused = Σ_m fc_m(f_m); the per-modality logits are the summands."""
+
+    decomposable = True
+
+    def __init__(self, modalities, dims, num_classes):
+        super().__init__(modalities, dims, num_classes)
+        self.fc = nn.ModuleDict({m: nn.Linear(dims[m], num_classes) for m in modalities})
+
+    def modality_logits(self, feats):
+        return {m: self.fc[m](feats[m]) for m in self.modalities}
+
+    def forward(self, feats):
+        parts = self.modality_logits(feats)
+        return sum(parts[m] for m in self.modalities)
+
+
+class ConcatFusion(Fusion):
+    """fused = W·[f_a; f_v] + b; modality m's logits = f_m·W_mᵀ + b/M (sum to fused)."""
+
+    decomposable = True
+
+    def __init__(self, modalities, dims, num_classes):
+        super().__init__(modalities, dims, num_classes)
+        self.dims = [dims[m] for m in modalities]
+        self.fc_out = nn.Linear(sum(self.dims), num_classes)
+
+    def modality_logits(self, feats):
+        weights = torch.split(self.fc_out.weight, self.dims, dim=1)
+        share = self.fc_out.bias / len(self.modalities)
+        return {m: feats[m] @ w.t() + share for m, w in zip(self.modalities, weights)}
+
+    def forward(self, feats):
+        return self.fc_out(torch.cat([feats[m] for m in self.modalities], dim=1))
+
+
+def _two(modalities: list[str], name: str) -> tuple[str, str]:
+    if len(modalities) != 2:
+        raise UserError(f"fusion {name!r} needs exactly two modalities, got {modalities}")
+    return modalities[0], modalities[1]
+
+
+class FiLMFusion(Fusion):
+    """The first modality predicts (γ, β) that modulate the second: fc_out(γ·f_v + β)."""
+
+    def __init__(self, modalities, dims, num_classes):
+        super().__init__(modalities, dims, num_classes)
+        self.cond, self.target = _two(self.modalities, "film")
+        self.dim = dims[self.target]
+        self.fc = nn.Linear(dims[self.cond], 2 * self.dim)
+        self.fc_out = nn.Linear(self.dim, num_classes)
+
+    def forward(self, feats):
+        gamma, beta = torch.split(self.fc(feats[self.cond]), self.dim, dim=1)
+        return self.fc_out(gamma * feats[self.target] + beta)
+
+
+class GatedFusion(Fusion):
+    """A sigmoid gate from the first modality scales the second: fc_out(σ(W_a f_a)·W_v f_v)."""
+
+    def __init__(self, modalities, dims, num_classes, hidden: int = 512):
+        super().__init__(modalities, dims, num_classes)
+        self.gate_from, self.gated = _two(self.modalities, "gated")
+        self.fc_gate = nn.Linear(dims[self.gate_from], hidden)
+        self.fc_value = nn.Linear(dims[self.gated], hidden)
+        self.fc_out = nn.Linear(hidden, num_classes)
+
+    def forward(self, feats):
+        gate = torch.sigmoid(self.fc_gate(feats[self.gate_from]))
+        return self.fc_out(gate * self.fc_value(feats[self.gated]))
+
+
+class BilinearFusion(Fusion):
+    """Low-rank bilinear pooling (MLB): fc_out(tanh(U f_a) ⊙ tanh(V f_v)).
+
+    A full bilinear layer has D_a·D_v·C weights (80 M for ResNet-18 on VGGSound); the low-rank
+    form keeps every multiplicative interaction at a rank of `rank`.
+    """
+
+    def __init__(self, modalities, dims, num_classes, rank: int = 512):
+        super().__init__(modalities, dims, num_classes)
+        self.first, self.second = _two(self.modalities, "bilinear")
+        self.proj_first = nn.Linear(dims[self.first], rank)
+        self.proj_second = nn.Linear(dims[self.second], rank)
+        self.fc_out = nn.Linear(rank, num_classes)
+
+    def forward(self, feats):
+        joint = torch.tanh(self.proj_first(feats[self.first])) * torch.tanh(
+            self.proj_second(feats[self.second]))
+        return self.fc_out(joint)
+
+
+class AttentionFusion(Fusion):
+    """One token per modality (projected, plus a learned modality embedding), one multi-head
+    self-attention block over the tokens, mean-pooled into the classifier."""
+
+    def __init__(self, modalities, dims, num_classes, dim: int = 256, heads: int = 4):
+        super().__init__(modalities, dims, num_classes)
+        self.proj = nn.ModuleDict({m: nn.Linear(dims[m], dim) for m in modalities})
+        self.embed = nn.Parameter(torch.zeros(len(modalities), dim))
+        nn.init.normal_(self.embed, std=0.02)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm1 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc_out = nn.Linear(dim, num_classes)
+
+    def forward(self, feats):
+        tokens = torch.stack([self.proj[m](feats[m]) for m in self.modalities], dim=1)
+        tokens = tokens + self.embed
+        attended, _ = self.attn(tokens, tokens, tokens, need_weights=False)
+        tokens = self.norm1(tokens + attended)
+        tokens = self.norm2(tokens + self.mlp(tokens))
+        return self.fc_out(tokens.mean(dim=1))
+
+
+FUSIONS: dict[str, Callable[..., Fusion]] = {
+    "sum": SumFusion, "concat": ConcatFusion, "film": FiLMFusion, "gated": GatedFusion,
+    "bilinear": BilinearFusion, "attention": AttentionFusion,
+}
+
+
+def build_fusion(name: str, modalities: list[str], dims: dict[str, int],
+                 num_classes: int) -> Fusion:
+    if name not in FUSIONS:
+        raise UserError(f"unknown fusion {name!r}; choose one of: {', '.join(FUSIONS)}")
+    return FUSIONS[name](modalities, dims, num_classes)
