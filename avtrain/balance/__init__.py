@@ -8,6 +8,8 @@ from __future__ import annotations
 from avprep.errors import UserError
 
 from .base import Balancer
+from .ogm import OGM, OGMGE, modulated_parameters, ogm_coefficients, ogm_scores
+from .olm import OLM, OLMCom, olm_ratios
 
 METHODS: dict[str, type[Balancer]] = {}
 
@@ -30,5 +32,10 @@ def build_balancer(name: str, model, config: dict | None = None, **kwargs) -> Ba
 
 
 register(Balancer)
+register(OGM)
+register(OGMGE)
+register(OLM)
+register(OLMCom)
 
-__all__ = ["Balancer", "METHODS", "register", "get_method", "build_balancer"]
+__all__ = ["Balancer", "METHODS", "register", "get_method", "build_balancer",
+           "ogm_coefficients", "ogm_scores", "modulated_parameters", "olm_ratios"]

@@ -1,0 +1,182 @@
+"""OGM and OGM-GE: on-the-fly gradient modulation (Peng et al., CVPR 2022).
+
+After `backward()`, each modality's confidence on the batch is measured as its score, the sum
+over samples of the softmax probability of the true class (summed over all ranks in DDP). The
+dominant modality's encoder gradients are scaled down by k = 1 - tanh(alpha * rho); OGM-GE
+also adds Gaussian noise with the std of each gradient tensor to both modalities' encoders
+(generalisation enhancement). Everything stays on the device: no host sync per step.
+
+Two modalities follow the released code exactly, including its discontinuity: with
+rho = score_2 / score_1, the second modality gets 1 - tanh(alpha * rho) when rho > 1,
+otherwise the first gets 1 - tanh(alpha / rho) -- so at a tie (rho == 1) the first modality
+(audio) is scaled by 1 - tanh(alpha), and just above the tie the other one is. N modalities:
+rho_m = score_m / mean(other scores), k_m = 1 - tanh(alpha * rho_m) where rho_m > 1, else 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from avprep.errors import UserError
+
+from . import _dist
+from ._checks import choice, number, require_two_modalities
+from .base import Balancer
+
+GE_EPS = 1e-8  # added to each gradient's std, as the released code
+
+
+def ogm_scores(logits: dict[str, torch.Tensor], labels: torch.Tensor,
+               modalities: list[str]) -> dict[str, torch.Tensor]:
+    """Per-modality sum over the batch of softmax(logits_m)[y] (0-d float32 tensors)."""
+    index = labels.long().unsqueeze(1)
+    return {m: F.softmax(logits[m].detach().float(), dim=1).gather(1, index).sum()
+            for m in modalities}
+
+
+def _rule(scores: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rho, k) for a stacked score vector, on its device, without leaving it."""
+    tiny = torch.finfo(scores.dtype).tiny
+    s = scores.clamp_min(tiny)  # a modality with no confidence at all is not a 0/0
+    one = torch.ones_like(s[0])
+    if s.numel() == 2:
+        ratio = s[1] / s[0]
+        first_dominates = ratio <= 1  # the released code's `else` branch, tie included
+        k0 = torch.where(first_dominates, 1 - torch.tanh(alpha / ratio), one)
+        k1 = torch.where(first_dominates, one, 1 - torch.tanh(alpha * ratio))
+        return torch.stack([1 / ratio, ratio]), torch.stack([k0, k1])
+    others = (s.sum() - s) / (s.numel() - 1)
+    rho = s / others.clamp_min(tiny)
+    return rho, torch.where(rho > 1, 1 - torch.tanh(alpha * rho), torch.ones_like(rho))
+
+
+def ogm_coefficients(scores: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """OGM's gradient coefficient per modality from its score (see the module docstring).
+
+    `scores` maps modality -> 0-d tensor (sum of true-class softmax probabilities over the
+    batch, as `ogm_scores` gives); with two modalities the order of the dict decides which
+    is "audio" (first) and "visual" (second) in the released rule. Returns 0-d tensors on the
+    scores' device; k = 1 leaves a modality untouched.
+    """
+    if len(scores) < 2:
+        raise UserError("OGM needs scores for at least two modalities")
+    if alpha < 0:
+        raise UserError(f"--alpha must be 0 or more, got {alpha}")
+    names = list(scores)
+    stacked = torch.stack([torch.as_tensor(scores[m]).float().reshape(()) for m in names])
+    _, k = _rule(stacked, float(alpha))
+    return dict(zip(names, k.unbind(0)))
+
+
+def modulated_parameters(encoder: nn.Module, modulate: str = "conv") -> list[nn.Parameter]:
+    """The encoder parameters whose gradients OGM scales.
+
+    `conv`: the kernels of the convolutions (the released code's 4-D gradients);
+    `encoder`: every parameter with more than one dimension (BalanceMM's choice), so biases
+    and normalisation scales are never touched.
+    """
+    if modulate == "conv":
+        return [mod.weight for mod in encoder.modules()
+                if isinstance(mod, nn.modules.conv._ConvNd) and mod.weight.requires_grad]
+    return [p for p in encoder.parameters() if p.requires_grad and p.dim() > 1]
+
+
+def _mix(seed: int, step: int) -> int:
+    """One generator seed per (run seed, step): the same on every rank, new every step."""
+    x = (int(seed) * 0x9E3779B97F4A7C15 + int(step) * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB)
+    x &= (1 << 64) - 1
+    x ^= x >> 31
+    return x & ((1 << 63) - 1)
+
+
+class OGM(Balancer):
+    """Scales the dominant modality's encoder gradients inside the modulation window."""
+
+    name = "ogm"
+    noise = False
+
+    def __init__(self, model, config=None, *, modalities=None, device="cpu"):
+        super().__init__(model, config, modalities=modalities, device=device)
+        c = self.config
+        require_two_modalities(self.name, self.modalities)
+        self.alpha = number(c, "alpha", 0.8)
+        if self.alpha < 0:
+            raise UserError(f"--alpha must be 0 or more, got {c.get('alpha')}")
+        self.start = int(number(c, "modulation_start", 0))
+        self.end = int(number(c, "modulation_end", 50))
+        if self.end < self.start:
+            raise UserError(f"--modulation-end ({self.end}) is before --modulation-start "
+                            f"({self.start}); the window [start, end] is inclusive")
+        self.modulate = choice(c, "modulate", "conv", ("conv", "encoder"))
+        self.seed = int(number(c, "seed", 0))
+        encoders = getattr(getattr(model, "module", model), "encoders", None)
+        if encoders is None:
+            raise UserError(f"--method {self.name} needs a model with per-modality encoders")
+        self.groups: list[list[nn.Parameter]] = []
+        for m in self.modalities:
+            params = modulated_parameters(encoders[m], self.modulate)
+            if not params:
+                raise UserError(f"the {m} encoder has no {self.modulate} parameters to modulate;"
+                                " try --modulate encoder")
+            self.groups.append(params)
+        self._generator: torch.Generator | None = None
+        self._metrics: dict[str, torch.Tensor] = {}
+
+    def in_window(self, epoch: int) -> bool:
+        return self.start <= epoch <= self.end
+
+    def coefficients(self, logits, labels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scores, rho, k), each [num_modalities], scores summed over all ranks."""
+        scores = ogm_scores(logits, labels, self.modalities)
+        stacked = _dist.sum_(torch.stack([scores[m] for m in self.modalities]))
+        rho, k = _rule(stacked, self.alpha)
+        return stacked, rho, k
+
+    def before_optimizer_step(self, logits, labels, *, epoch, step):
+        scores, rho, k = self.coefficients(logits, labels)
+        active = self.in_window(epoch)
+        applied = k if active else torch.ones_like(k)
+        self._metrics = {}
+        for i, m in enumerate(self.modalities):
+            self._metrics[f"score_{m}"] = scores[i]
+            self._metrics[f"rho_{m}"] = rho[i]
+            self._metrics[f"coeff_{m}"] = applied[i]
+        if not active:
+            return
+        grads = [[p.grad for p in group if p.grad is not None] for group in self.groups]
+        noise = self._noise([g for group in grads for g in group], step) if self.noise else None
+        for i, group in enumerate(grads):
+            if group:
+                torch._foreach_mul_(group, k[i])
+        if noise:
+            torch._foreach_add_([g for group in grads for g in group], noise)
+
+    def _noise(self, grads: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+        """N(0, std(grad)^2) per tensor, from the unscaled gradients, identical on all ranks."""
+        if not grads:
+            return []
+        sigma = [g.std() if g.numel() > 1 else torch.zeros((), device=g.device, dtype=g.dtype)
+                 for g in grads]
+        torch._foreach_add_(sigma, GE_EPS)
+        device = grads[0].device
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+        self._generator.manual_seed(_mix(self.seed, step))
+        flat = torch.randn(sum(g.numel() for g in grads), generator=self._generator,
+                           device=device, dtype=grads[0].dtype)
+        noise = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]),
+                                                    grads)]
+        torch._foreach_mul_(noise, sigma)
+        return noise
+
+    def step_metrics(self):
+        return dict(self._metrics)
+
+
+class OGMGE(OGM):
+    """OGM plus generalisation enhancement: Gaussian noise on both modalities' gradients."""
+
+    name = "ogm_ge"
+    noise = True
