@@ -162,6 +162,8 @@ class OLM(Balancer):
         return out
 
     def step_metrics(self):
+        """w_<branch> (the weights this step's loss used), r_<branch>, loss_<branch> (the
+        weighted CE, averaged over ranks) and, for olm_com, val_loss_<branch>."""
         return dict(self._metrics)
 
     # -- checkpoints --
