@@ -1,0 +1,123 @@
+"""DDP: two gloo processes apply identical coefficients and noise, keep identical weights, and
+match one process that sees both halves of every batch."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_balance_ogm import ToyAV
+from torch.nn.parallel import DistributedDataParallel
+
+from avtrain.balance import build_balancer
+
+METHODS = ("none", "ogm", "ogm_ge", "olm", "olm_com")
+GLOBAL_BATCH = 8
+STEPS = ((0, 3), (1, 3))  # (epoch, steps): epoch 0 sets OLM's initial losses
+
+
+def global_batches(seed: int):
+    """The same global batches in every process; rank r trains on its half."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(sum(n for _, n in STEPS)):
+        batch = {"audio": torch.randn(GLOBAL_BATCH, 1, 8, 8, generator=g),
+                 "visual": torch.randn(GLOBAL_BATCH, 3, 8, 8, generator=g)}
+        # audio carries the label, so it dominates: OGM has something to do
+        labels = torch.randint(0, 3, (GLOBAL_BATCH,), generator=g)
+        batch["audio"][:, 0, 0, :3] += 3 * torch.nn.functional.one_hot(labels, 3)
+        out.append((batch, labels))
+    return out
+
+
+def shard(item, rank: int, world: int):
+    batch, labels = item
+    per = GLOBAL_BATCH // world
+    part = slice(rank * per, (rank + 1) * per)
+    return {m: x[part] for m, x in batch.items()}, labels[part]
+
+
+def train(method: str, rank: int = 0, world: int = 1) -> dict:
+    torch.manual_seed(0)
+    model = ToyAV(classes=3, bn=False)  # no BatchNorm: per-rank statistics would differ
+    config = {"alpha": 0.8, "modulation_start": 0, "modulation_end": 5, "seed": 3,
+              "olm_lr": 0.05}
+    balancer = build_balancer(method, model, config, modalities=model.modalities)
+    net = DistributedDataParallel(model) if world > 1 else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    data, val = global_batches(1), global_batches(2)
+    metrics, step = [], 0
+    for epoch, steps in STEPS:
+        for _ in range(steps):
+            batch, labels = shard(data[step], rank, world)
+            logits = net(batch)
+            loss = balancer.loss(logits, labels, epoch=epoch, step=step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            balancer.before_optimizer_step(logits, labels, epoch=epoch, step=step)
+            optimizer.step()
+            balancer.after_optimizer_step()
+            if balancer.needs_heldout:
+                vbatch, vlabels = shard(val[step], rank, world)
+                with torch.no_grad():
+                    balancer.heldout(model(vbatch), vlabels)
+            metrics.append({k: float(v) for k, v in balancer.step_metrics().items()})
+            step += 1
+        balancer.end_epoch(epoch)
+    return {"params": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "metrics": metrics, "balancer": balancer.state_dict()}
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        results = {m: train(m, rank, world) for m in METHODS}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ranks_stay_identical_and_match_one_process(ddp_results, method):
+    r0, r1 = ddp_results[0][method], ddp_results[1][method]
+    for name in r0["params"]:
+        assert torch.equal(r0["params"][name], r1["params"][name]), name
+    assert r0["metrics"] == r1["metrics"]  # identical scores, coefficients, w and r
+    ref = train(method)
+    for name, value in ref["params"].items():
+        torch.testing.assert_close(r0["params"][name], value, rtol=1e-4, atol=1e-5)
+    for got, want in zip(r0["metrics"], ref["metrics"]):
+        assert got.keys() == want.keys()
+        for key in got:
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), key
+    torch.manual_seed(0)
+    start = ToyAV(classes=3, bn=False).state_dict()
+    assert any(not torch.equal(start[n], r0["params"][n]) for n in start)  # it trained
+
+
+def test_methods_really_acted(ddp_results):
+    r0 = ddp_results[0]
+    coeffs = [m["coeff_audio"] for m in r0["ogm"]["metrics"]]
+    assert min(coeffs) < 1.0  # audio dominated and was slowed on both ranks alike
+    # GE noise: same coefficients as OGM at step 0, yet different weights afterwards
+    assert r0["ogm_ge"]["metrics"][0]["coeff_audio"] == r0["ogm"]["metrics"][0]["coeff_audio"]
+    w = r0["ogm_ge"]["params"]["encoders.visual.0.weight"]
+    assert not torch.allclose(w, r0["ogm"]["params"]["encoders.visual.0.weight"])
+    for method in ("olm", "olm_com"):
+        weights = r0[method]["balancer"]["weights"]
+        assert torch.equal(weights, ddp_results[1][method]["balancer"]["weights"])
+        assert not torch.equal(weights, torch.ones(3))
+        assert torch.equal(r0[method]["balancer"]["init_train"],
+                           ddp_results[1][method]["balancer"]["init_train"])
