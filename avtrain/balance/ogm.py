@@ -146,17 +146,19 @@ class OGM(Balancer):
         if not active:
             return
         grads = [[p.grad for p in group if p.grad is not None] for group in self.groups]
-        noise = self._noise([g for group in grads for g in group], step) if self.noise else None
+        flat = [g for group in grads for g in group]
+        # GE: sigma from the unscaled gradients, so measure before scaling
+        noise = self._noise(flat, step) if self.noise and flat else None
         for i, group in enumerate(grads):
             if group:
                 torch._foreach_mul_(group, k[i])
         if noise:
-            torch._foreach_add_([g for group in grads for g in group], noise)
+            torch._foreach_addcmul_(flat, *noise)  # grad += unit_noise * sigma
 
-    def _noise(self, grads: list[torch.Tensor], step: int) -> list[torch.Tensor]:
-        """N(0, std(grad)^2) per tensor, from the unscaled gradients, identical on all ranks."""
-        if not grads:
-            return []
+    def _noise(self, grads: list[torch.Tensor], step: int
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Unit Gaussian noise shaped like each gradient and sigma = std(grad) + 1e-8 per
+        tensor; the generator is seeded by (seed, step), so every rank draws the same."""
         sigma = [g.std() if g.numel() > 1 else torch.zeros((), device=g.device, dtype=g.dtype)
                  for g in grads]
         torch._foreach_add_(sigma, GE_EPS)
@@ -166,10 +168,9 @@ class OGM(Balancer):
         self._generator.manual_seed(_mix(self.seed, step))
         flat = torch.randn(sum(g.numel() for g in grads), generator=self._generator,
                            device=device, dtype=grads[0].dtype)
-        noise = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]),
-                                                    grads)]
-        torch._foreach_mul_(noise, sigma)
-        return noise
+        unit = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]),
+                                                   grads)]
+        return unit, sigma
 
     def step_metrics(self):
         return dict(self._metrics)
