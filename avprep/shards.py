@@ -1,0 +1,375 @@
+"""build-shards: manifest records -> sharded WebDataset tars of spectrograms and frames.
+
+The flow is plan -> per-shard workers -> atomic tars -> per-shard stats -> index.json:
+
+- `plan_shards` assigns samples to shards deterministically (a seeded shuffle of each split),
+  so the same input and arguments always give the same shards — what makes resume safe;
+- `write_shard` converts one shard: each clip decoded once (frames + audio in one ffmpeg
+  pass), JPEG-encoded as frames stream in, the tar written under a temporary name and renamed
+  when complete, then `{shard}.json` stats written last as the "done" marker;
+- `build_shards` runs the jobs on an executor (local processes or Ray), skips shards that are
+  done, and writes `failures.jsonl` and `index.json` at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import tarfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import __version__
+from .errors import MediaError, UserError
+from .manifest import SPLITS, Record, validate
+from .presets import Preset
+
+FORMAT = "avbalance-shards"
+FORMAT_VERSION = 1
+BUILD_FILE = "build.json"
+MISSING_AUDIO = ("drop", "silence")
+MIN_AUDIO_SECONDS = 0.05
+
+
+@dataclass
+class ShardJob:
+    """One shard to write: its name and the records that go into it, in order."""
+
+    split: str
+    index: int
+    records: list[Record]
+    out: str
+    preset: dict
+    missing_audio: str = "drop"
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:06d}"
+
+
+@dataclass
+class BuildSummary:
+    out: str
+    index: dict
+    failures: list[dict]
+    shards_written: int
+    shards_skipped: int
+    seconds: float
+    by_stage: Counter = field(default_factory=Counter)
+
+    def describe(self) -> str:
+        lines = [f"shards in {self.out}: {self.shards_written} written, "
+                 f"{self.shards_skipped} already done ({self.seconds:.1f} s)"]
+        for split, info in self.index["splits"].items():
+            lines.append(f"  {split:>5}: {info['samples']} samples in {len(info['shards'])} "
+                         "shard(s)")
+        if self.failures:
+            lines.append(f"  {len(self.failures)} sample(s) failed (see failures.jsonl):")
+            for stage, count in self.by_stage.most_common(5):
+                example = next(f["error"] for f in self.failures if f["stage"] == stage)
+                lines.append(f"    {count} x {stage}: e.g. {example}")
+        else:
+            lines.append("  no failures")
+        return "\n".join(lines)
+
+
+# --- planning -------------------------------------------------------------------------------
+
+
+def plan_shards(records: list[Record], out: str, preset: Preset, *, shard_size: int = 1000,
+                seed: int = 0, missing_audio: str = "drop") -> list[ShardJob]:
+    """Deterministic assignment: each split in manifest order after a seeded shuffle."""
+    if shard_size < 1:
+        raise UserError("--shard-size must be at least 1")
+    jobs = []
+    for split in SPLITS:
+        members = [r for r in records if r.split == split]
+        random.Random(f"{seed}:{split}").shuffle(members)
+        for i in range(0, len(members), shard_size):
+            jobs.append(ShardJob(split, i // shard_size, members[i:i + shard_size], out,
+                                 preset.to_dict(), missing_audio))
+    return jobs
+
+
+# --- one sample -----------------------------------------------------------------------------
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    import cv2
+
+    ok, data = cv2.imencode(".jpg", rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise MediaError("JPEG encoding failed", stage="encode")
+    return data.tobytes()
+
+
+def _frames_from_folder(folder: str) -> list[bytes]:
+    """Frames a seed script already extracted (Image-01-FPS/{clip}/*.jpg): used as they are."""
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".jpg", ".jpeg")))
+    if not names:
+        raise MediaError(f"{folder}: no JPEG frames", path=folder, stage="frames")
+    frames = []
+    for name in names:
+        with open(os.path.join(folder, name), "rb") as fh:
+            frames.append(fh.read())
+    return frames
+
+
+def convert_sample(record: Record, preset: Preset, missing_audio: str = "drop",
+                   face_cropper=None) -> dict[str, bytes]:
+    """The tar members of one sample (without the key prefix); raises MediaError on failure."""
+    from .media import decode_clip
+
+    jpegs: list[bytes] = []
+    faces_found = 0
+
+    def on_frame(_i: int, rgb: np.ndarray) -> None:
+        nonlocal faces_found
+        if face_cropper is not None:
+            rgb, found = face_cropper.crop(rgb)
+            faces_found += bool(found)
+        jpegs.append(_encode_jpeg(rgb, preset.jpeg_quality))
+
+    frames_dir = (record.extra or {}).get("frames_dir")
+    want_frames = record.video is not None and not frames_dir
+    if record.video is None and record.audio is None and not frames_dir:
+        raise MediaError(f"{record.key}: no video or audio path", stage="open")
+    clip = decode_clip(
+        record.video if want_frames else None,
+        audio=record.audio if (record.audio or not want_frames) else None,
+        fps=preset.fps, short_side=preset.frame_size or None,
+        sample_rate=preset.sample_rate, start=record.start, end=record.end,
+        frames=want_frames, on_frame=on_frame,
+    ) if (record.video or record.audio) else None
+    if frames_dir:
+        jpegs = _frames_from_folder(frames_dir)
+    source = record.video or record.audio or frames_dir
+    meta = {**record.to_dict(), "fps": preset.fps, "n_frames": len(jpegs)}
+    meta.pop("video", None)
+    meta.pop("audio", None)
+    meta["source"] = os.path.basename(source)
+    if clip is not None:
+        meta["duration"] = clip.info.duration
+    if clip is None or clip.audio is None:
+        if missing_audio == "drop":
+            raise MediaError(f"{source}: no audio stream", path=source, stage="no_audio")
+        spec = preset.silent_spectrogram()
+        meta["audio"] = "silence"
+    else:
+        if clip.audio.size < MIN_AUDIO_SECONDS * preset.sample_rate:
+            raise MediaError(f"{source}: audio shorter than {MIN_AUDIO_SECONDS} s", path=source,
+                             stage="too_short")
+        spec = preset.spectrogram_of(clip.audio)
+        meta["audio"] = "decoded"
+    if not jpegs:
+        raise MediaError(f"{source}: no frames", path=source, stage="no_video")
+    if face_cropper is not None:
+        meta["face_ratio"] = round(faces_found / len(jpegs), 4)
+    members = {"spec.npy": _npy_bytes(spec.astype(np.float16)),
+               "cls": str(record.label_id).encode("ascii"),
+               "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")}
+    for i, data in enumerate(jpegs):
+        members[f"f{i:03d}.jpg"] = data
+    transcript = (record.extra or {}).get("transcript")
+    if isinstance(transcript, str) and transcript:
+        members["txt"] = transcript.encode("utf-8")
+    return members
+
+
+# --- one shard ------------------------------------------------------------------------------
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add bytes with fixed metadata, so the same samples give byte-identical tars."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_json_atomic(path: str, data) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def write_shard(job: ShardJob) -> dict:
+    """Convert one shard; returns its stats. Skips the work when the stats file exists."""
+    stats_path = os.path.join(job.out, f"{job.name}.json")
+    if os.path.exists(stats_path):
+        with open(stats_path, encoding="utf-8") as fh:
+            stats = json.load(fh)
+        stats["skipped"] = True
+        return stats
+    preset = Preset.from_dict(job.preset)
+    cropper = None
+    if preset.faces:
+        from .faces import FaceCropper
+
+        cropper = FaceCropper(size=preset.face_size)
+    started = time.time()
+    tar_path = os.path.join(job.out, f"{job.name}.tar")
+    tmp_path = os.path.join(job.out, f".{job.name}.tar.tmp-{os.getpid()}")
+    failures, classes, samples = [], Counter(), 0
+    try:
+        with tarfile.open(tmp_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for record in job.records:
+                try:
+                    members = convert_sample(record, preset, job.missing_audio, cropper)
+                except MediaError as exc:
+                    failures.append({"key": record.key, "path": exc.path or record.video,
+                                     "stage": exc.stage, "error": str(exc)})
+                    continue
+                except Exception as exc:  # one odd clip must not lose the shard
+                    failures.append({"key": record.key, "path": record.video,
+                                     "stage": "convert", "error": f"{type(exc).__name__}: {exc}"})
+                    continue
+                for suffix, data in members.items():
+                    add_member(tar, f"{record.key}.{suffix}", data)
+                samples += 1
+                classes[str(record.label_id)] += 1
+        os.replace(tmp_path, tar_path)
+    except BaseException:
+        if os.path.exists(tmp_path):  # disk full, kill, ...: never leave a half tar around
+            os.remove(tmp_path)
+        raise
+    stats = {"shard": f"{job.name}.tar", "split": job.split, "samples": samples,
+             "bytes": os.path.getsize(tar_path), "classes": dict(sorted(classes.items())),
+             "failures": failures, "seconds": round(time.time() - started, 3)}
+    _write_json_atomic(stats_path, stats)
+    return stats
+
+
+# --- the whole build ------------------------------------------------------------------------
+
+
+def _fingerprint(records: list[Record], args: dict) -> str:
+    digest = hashlib.sha256(json.dumps(args, sort_keys=True).encode())
+    for r in records:
+        digest.update(json.dumps(r.to_dict(), sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _prepare_out(out: str, fingerprint: str, args: dict, overwrite: bool) -> None:
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise UserError(f"the parent folder of {out} does not exist")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"{out} exists and is not a folder")
+    os.makedirs(out, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise UserError(f"{out} is not writable")
+    build_path = os.path.join(out, BUILD_FILE)
+    ours = os.path.exists(build_path) or os.path.exists(os.path.join(out, "index.json"))
+    if os.listdir(out) and not ours:
+        raise UserError(f"{out} is not empty and holds no shard set; choose an empty folder")
+    if os.path.exists(build_path):
+        with open(build_path, encoding="utf-8") as fh:
+            previous = json.load(fh)
+        if previous.get("fingerprint") != fingerprint:
+            if not overwrite:
+                changed = sorted(k for k in args if previous.get("args", {}).get(k) != args[k])
+                what = ", ".join(changed) if changed else "the manifest"
+                raise UserError(f"{out} was built with other arguments ({what} differ); "
+                                "pass --overwrite to rebuild it, or choose another folder")
+            remove_shard_set(out)
+    elif ours and overwrite:
+        remove_shard_set(out)
+    _write_json_atomic(build_path, {"fingerprint": fingerprint, "args": args})
+
+
+def remove_shard_set(out: str) -> None:
+    """Delete the files a build writes (and nothing else)."""
+    for name in os.listdir(out):
+        is_shard = name.split("-")[0] in SPLITS and name.endswith((".tar", ".json"))
+        if is_shard or name in ("index.json", "failures.jsonl", BUILD_FILE) or ".tar.tmp-" in name:
+            os.remove(os.path.join(out, name))
+
+
+def _index(out: str, jobs: list[ShardJob], stats: dict[str, dict], meta: dict) -> dict:
+    splits = {}
+    num_classes = len(meta["classes"])
+    for split in SPLITS:
+        shards = [stats[j.name] for j in jobs if j.split == split]
+        if not shards:
+            continue
+        class_counts = [0] * num_classes
+        for s in shards:
+            for label, n in s["classes"].items():
+                class_counts[int(label)] += n
+        splits[split] = {
+            "samples": sum(s["samples"] for s in shards),
+            "shards": [{"url": s["shard"], "samples": s["samples"], "bytes": s["bytes"],
+                        "classes": s["classes"]} for s in shards],
+            "class_counts": class_counts,
+        }
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, **meta,
+            "num_classes": num_classes, "splits": splits,
+            "failures": sum(len(s["failures"]) for s in stats.values())}
+
+
+def build_shards(records: list[Record], out: str, preset: Preset, *, classes: list[str],
+                 dataset: str | None = None, shard_size: int = 1000, workers: int = 0,
+                 executor: str = "local", ray_address: str | None = None,
+                 splits: list[str] | None = None, limit: int | None = None,
+                 missing_audio: str = "drop", overwrite: bool = False, seed: int = 0,
+                 progress: bool = False, extra_args: dict | None = None) -> BuildSummary:
+    """Write (or finish writing) the shard set for `records` under `out`."""
+    from .executors import run_jobs
+
+    if missing_audio not in MISSING_AUDIO:
+        raise UserError(f"--missing-audio must be one of {', '.join(MISSING_AUDIO)}")
+    validate(records, classes, source="manifest")
+    if splits:
+        unknown = set(splits) - set(SPLITS)
+        if unknown:
+            raise UserError(f"unknown split(s) {', '.join(sorted(unknown))}; "
+                            f"choose from {', '.join(SPLITS)}")
+        records = [r for r in records if r.split in splits]
+    if limit is not None:
+        records = [r for split in SPLITS for r in [x for x in records if x.split == split][:limit]]
+    if not records:
+        raise UserError("no records left to convert (check --splits / --limit)")
+    args = {"preset": preset.to_dict(), "shard_size": shard_size, "seed": seed,
+            "missing_audio": missing_audio, "splits": splits, "limit": limit,
+            "samples": len(records), **(extra_args or {})}
+    _prepare_out(out, _fingerprint(records, args), args, overwrite)
+    jobs = plan_shards(records, out, preset, shard_size=shard_size, seed=seed,
+                       missing_audio=missing_audio)
+    started = time.time()
+    stats = run_jobs(write_shard, jobs, executor=executor, workers=workers,
+                     ray_address=ray_address, progress=progress)
+    failures = [f for job in jobs for f in stats[job.name]["failures"]]
+    with open(os.path.join(out, "failures.jsonl.tmp"), "w", encoding="utf-8") as fh:
+        for failure in failures:
+            fh.write(json.dumps(failure, ensure_ascii=False) + "\n")
+    os.replace(os.path.join(out, "failures.jsonl.tmp"), os.path.join(out, "failures.jsonl"))
+    modalities = ["audio", "visual"]
+    if any((r.extra or {}).get("transcript") for r in records):
+        modalities.append("text")
+    meta = {"dataset": dataset, "classes": list(classes), "modalities": modalities,
+            "preset": preset.to_dict(), "tool_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "args": args}
+    index = _index(out, jobs, stats, meta)
+    _write_json_atomic(os.path.join(out, "index.json"), index)
+    skipped = sum(bool(stats[j.name].get("skipped")) for j in jobs)
+    return BuildSummary(out=out, index=index, failures=failures,
+                        shards_written=len(jobs) - skipped, shards_skipped=skipped,
+                        seconds=time.time() - started,
+                        by_stage=Counter(f["stage"] for f in failures))
