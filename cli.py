@@ -209,10 +209,206 @@ def extract_audio_cmd(source, out, dataset, split, sr, workers, overwrite, **kw)
 # --- avprep: shards (build-shards, inspect, verify) ---------------------------------------
 
 
+@avprep.command("build-shards")
+@click.option("--manifest", type=click.Path(dir_okay=False), help="A manifest.jsonl to convert.")
+@click.option("--dataset", help="Dataset adapter name (with --root), e.g. cremad, ave, vggsound.")
+@click.option("--root", type=click.Path(file_okay=False), help="The dataset's root folder.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
+              help="Output folder for the shards.")
+@click.option("--preset", help="Preset name (default: the dataset's).")
+@click.option("--shard-size", default=1000, show_default=True, help="Samples per shard.")
+@click.option("--workers", default=0, help="Parallel shard writers (0 = all cores).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True)
+@click.option("--ray-address", help="Ray cluster address (default: start a local Ray).")
+@click.option("--splits", help="Comma-separated splits to convert (default: all).")
+@click.option("--limit", type=int, help="At most this many clips per split (a quick subset).")
+@click.option("--frame-size", type=int, help="Short side of stored frames (0 keeps the original).")
+@click.option("--missing-audio", type=click.Choice(["drop", "silence"]), default="drop",
+              show_default=True, help="A clip without audio: drop it, or keep a silent spectrogram.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the shard assignment.")
+@click.option("--overwrite", is_flag=True, help="Rebuild OUT even if it was built differently.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def build_shards_cmd(manifest, dataset, root, out, preset, shard_size, workers, executor,
+                     ray_address, splits, limit, frame_size, missing_audio, seed, overwrite,
+                     no_progress):
+    """Convert clips to WebDataset shards (resumable: rerun the same command to finish)."""
+    from avprep.shards import build_shards, load_source
+
+    loaded, chosen = load_source(manifest=manifest, dataset=dataset, root=root, preset=preset)
+    if frame_size is not None:
+        chosen = chosen.replace(frame_size=frame_size)
+    summary = build_shards(
+        loaded.records, out, chosen, classes=loaded.classes, dataset=loaded.dataset,
+        shard_size=shard_size, workers=workers, executor=executor, ray_address=ray_address,
+        splits=splits.split(",") if splits else None, limit=limit,
+        missing_audio=missing_audio, overwrite=overwrite, seed=seed, progress=not no_progress)
+    click.echo(summary.describe())
+
+
 # --- avtrain: training (fit, eval) ---------------------------------------------------------
 
 
+def _fit_options(f):
+    """`avtrain fit` flags: one per TrainConfig field; unset flags leave the config alone."""
+    opts = [
+        click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                     help="YAML file of settings (same names as the flags); flags override it."),
+        click.option("--print-config", is_flag=True, help="Print the merged settings and exit."),
+        click.option("--resume", type=click.Path(),
+                     help="Continue the run in this directory from its last.pt."),
+        click.option("--shards", type=click.Path(), help="Shard folder (with index.json)."),
+        click.option("--run-dir", type=click.Path(file_okay=False), help="Output run folder."),
+        click.option("--method", help="Balancing method: none, ogm, ogm_ge, olm, olm_com, ... "
+                     "[default: none]"),
+        click.option("--fusion", help="sum, concat, film, gated, bilinear, attention "
+                     "[default: concat]"),
+        click.option("--model", help="Encoders: resnet18 or tiny [default: resnet18]"),
+        click.option("--modalities", help="Comma list, e.g. audio or audio,visual "
+                     "[default: audio,visual]"),
+        click.option("--epochs", type=int, help="[default: 30]"),
+        click.option("--batch-size", type=int, help="Per process [default: 64]"),
+        click.option("--eval-batch-size", type=int, help="[default: the batch size]"),
+        click.option("--steps-per-epoch", type=int,
+                     help="[default: train samples // (batch size x processes)]"),
+        click.option("--optimizer", help="sgd, adam or adamw [default: sgd]"),
+        click.option("--lr", type=float, help="[default: 1e-3]"),
+        click.option("--momentum", type=float, help="SGD momentum [default: 0.9]"),
+        click.option("--weight-decay", type=float, help="[default: 1e-4]"),
+        click.option("--scheduler", help="step, cosine or none [default: step]"),
+        click.option("--lr-step", type=int, help="StepLR step in epochs [default: 70]"),
+        click.option("--lr-gamma", type=float, help="StepLR factor [default: 0.1]"),
+        click.option("--clip-grad", type=float, help="Max gradient norm [default: off]"),
+        click.option("--frames", type=int, help="Frames per clip [default: the preset's]"),
+        click.option("--image-size", type=int, help="Frame crop size [default: 224]"),
+        click.option("--crop-columns", type=int,
+                     help="Spectrogram crop in train [default: the preset's]"),
+        click.option("--workers", type=int, help="Loader processes per rank [default: 2]"),
+        click.option("--shuffle-buffer", type=int, help="[default: 1000]"),
+        click.option("--decode-device", help="cpu or cuda (JPEGs decoded on the GPU) "
+                     "[default: cpu]"),
+        click.option("--device", help="auto, cpu or cuda [default: auto]"),
+        click.option("--amp/--no-amp", default=None, help="bf16 autocast on CUDA [default: on]"),
+        click.option("--compile/--no-compile", default=None, help="torch.compile the model"),
+        click.option("--seed", type=int, help="[default: 0]"),
+        click.option("--log-every", type=int, help="Steps between log records [default: 10]"),
+        click.option("--linear-probe/--no-linear-probe", default=None,
+                     help="Linear-probe the best checkpoint's encoders at the end."),
+        click.option("--progress/--no-progress", default=None, help="Progress bars."),
+        click.option("--alpha", type=float,
+                     help="OGM(-GE) alpha [default: the dataset's recommended value, else 0.8]"),
+        click.option("--modulation-start", type=int, help="First modulated epoch [default: 0]"),
+        click.option("--modulation-end", type=int, help="Last modulated epoch [default: 50]"),
+        click.option("--modulate", help="conv or encoder: parameters OGM scales [default: conv]"),
+        click.option("--olm-initial", help="mean or last-batch [default: mean]"),
+        click.option("--olm-lr", type=float, help="OLM coefficient learning rate [default: 1e-3]"),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+@avtrain.command()
+@_fit_options
+def fit(config_file, print_config, resume, **flags):
+    """Train an audio-visual classifier on a shard folder (also under torchrun for DDP)."""
+    from avtrain.config import cli_config, to_yaml
+
+    config = cli_config({k: v for k, v in flags.items() if v is not None}, config_file, resume)
+    if print_config:
+        click.echo(to_yaml(config), nl=False)
+        return
+    from avtrain.loop import fit as run_fit
+
+    summary = run_fit(config, resume=resume)
+    if _rank0():
+        test, val = summary.get("test") or {}, summary.get("val") or {}
+        click.echo(f"run {summary['run_dir']}: best epoch {summary['best_epoch']} "
+                   f"(val acc {val.get('acc', float('nan')):.4f}), "
+                   f"{summary['steps']} steps, {summary['wall_time']:.1f} s")
+        if test:
+            click.echo(_metrics_table(test, "test"))
+        if summary.get("linear_probe"):
+            click.echo(_probe_table(summary["linear_probe"]))
+
+
+def _rank0() -> bool:
+    """Under torchrun only rank 0 prints."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _metrics_table(m: dict, split: str) -> str:
+    cols = ["acc"] + sorted(k for k in m if k.startswith("acc_")) + ["macro_f1"]
+    head = f"{'split':<8}{'n':>7}" + "".join(f"{c:>12}" for c in cols)
+    row = f"{split:<8}{m.get('n', 0):>7}" + "".join(
+        f"{m[c]:>12.4f}" if isinstance(m.get(c), float) else f"{'-':>12}" for c in cols)
+    return head + "\n" + row
+
+
+def _probe_table(p: dict) -> str:
+    lines = [f"linear probe (L2 chosen on val; chance {p['chance']:.3f})",
+             f"{'features':<10}{'val acc':>10}{'test acc':>10}"]
+    for name, r in p.items():
+        if isinstance(r, dict):
+            lines.append(f"{name:<10}{r['val_acc']:>10.4f}{r['test_acc']:>10.4f}")
+    return "\n".join(lines)
+
+
+@avtrain.command("eval")
+@click.option("--ckpt", required=True, type=click.Path(), help="Checkpoint (RUN/best.pt) or RUN.")
+@click.option("--shards", type=click.Path(), help="Shard folder [default: the run's].")
+@click.option("--split", default="test", show_default=True)
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--workers", default=2, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
+@click.option("--decode-device", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--linear-probe", is_flag=True,
+              help="Freeze the encoders, fit a linear classifier per modality on train "
+                   "features (L2 chosen on val) and report its accuracy on --split.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def eval_cmd(ckpt, shards, split, batch_size, workers, device, decode_device, linear_probe,
+             as_json):
+    """Evaluate a checkpoint on one split: acc, acc per modality, macro-F1."""
+    import json as json_lib
+
+    from avtrain.checkpoint import load_checkpoint
+    from avtrain.loop import evaluate_checkpoint
+    from avtrain.probe import probe_checkpoint
+
+    shards = shards or (load_checkpoint(ckpt).get("config") or {}).get("shards")
+    if not shards:
+        raise UserError("no shard folder given (--shards) and the checkpoint names none")
+    kwargs = dict(batch_size=batch_size, workers=workers, device=device,
+                  decode_device=decode_device)
+    if linear_probe:
+        result = probe_checkpoint(ckpt, shards, test_split=split, **kwargs)
+        text = _probe_table(result)
+    else:
+        result = evaluate_checkpoint(ckpt, shards, split=split, **kwargs)
+        text = (f"checkpoint {result['checkpoint']} (epoch {result['epoch']})\n"
+                + _metrics_table(result, split))
+    if _rank0():
+        click.echo(json_lib.dumps(result, indent=2) if as_json else text)
+
+
 # --- avtrain: reports (report) -------------------------------------------------------------
+
+
+@avtrain.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for report.md and the PNG plots.")
+def report(runs, out_dir):
+    """Compare runs: accuracy curves, balancing signal, final table, confusion matrix."""
+    from avtrain.report import write_report
+
+    result = write_report(list(runs), out_dir)
+    for path, why in result["skipped"]:
+        click.echo(f"skipped {path}: {why}", err=True)
+    click.echo(f"report: {result['report']} ({len(result['figures'])} figures, "
+               f"{len(result['rows'])} runs)")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -286,7 +286,7 @@ def _prepare_out(out: str, fingerprint: str, args: dict, overwrite: bool) -> Non
             if not overwrite:
                 changed = sorted(k for k in args if previous.get("args", {}).get(k) != args[k])
                 what = ", ".join(changed) if changed else "the manifest"
-                raise UserError(f"{out} was built with other arguments ({what} differ); "
+                raise UserError(f"{out} was built with other arguments (changed: {what}); "
                                 "pass --overwrite to rebuild it, or choose another folder")
             remove_shard_set(out)
     elif ours and overwrite:
@@ -373,3 +373,35 @@ def build_shards(records: list[Record], out: str, preset: Preset, *, classes: li
                         shards_written=len(jobs) - skipped, shards_skipped=skipped,
                         seconds=time.time() - started,
                         by_stage=Counter(f["stage"] for f in failures))
+
+
+def load_source(manifest: str | None = None, dataset: str | None = None,
+                root: str | None = None, preset: str | None = None, **dataset_options):
+    """(Manifest, Preset) from `--manifest FILE` or `--dataset NAME --root DIR`; the preset
+    defaults to the dataset's YAML (or the manifest's dataset name)."""
+    from .datasets import available, dataset_defaults, load_dataset
+    from .manifest import read_manifest
+    from .presets import PRESETS, get_preset
+
+    if manifest and (dataset or root):
+        if root:
+            raise UserError("give either --manifest or --dataset/--root, not both")
+    if manifest:
+        loaded = read_manifest(manifest)
+        name = dataset or loaded.dataset
+        if dataset:
+            loaded.dataset = dataset
+    elif dataset and root:
+        loaded = load_dataset(dataset, root, **dataset_options)
+        name = dataset
+    else:
+        raise UserError("say what to convert: --manifest FILE, or --dataset NAME --root DIR")
+    if preset is None:
+        if name and name in available():
+            preset = dataset_defaults(name).get("preset")
+        elif name in PRESETS:
+            preset = name
+    if preset is None:
+        raise UserError(f"no default preset for dataset {name!r}; pass --preset "
+                        f"({', '.join(sorted(PRESETS))})")
+    return loaded, get_preset(preset)
