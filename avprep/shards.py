@@ -291,6 +291,9 @@ def _prepare_out(out: str, fingerprint: str, args: dict, overwrite: bool) -> Non
             remove_shard_set(out)
     elif ours and overwrite:
         remove_shard_set(out)
+    for name in os.listdir(out):  # left by a killed run; its shard has no stats, so it is redone
+        if ".tmp-" in name:
+            os.remove(os.path.join(out, name))
     _write_json_atomic(build_path, {"fingerprint": fingerprint, "args": args})
 
 

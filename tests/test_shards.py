@@ -1,0 +1,219 @@
+"""build-shards on real media: counts, failures, the format read back by plain webdataset,
+determinism, resume after a kill, and refusals."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from avprep import shards as shards_mod
+from avprep.errors import UserError
+from avprep.manifest import Record, read_manifest, write_manifest
+from avprep.presets import get_preset
+from avprep.shards import build_shards
+
+BIN = Path(sys.executable).parent
+
+
+def tar_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
+
+
+def keys_in(out: Path) -> set[str]:
+    keys = set()
+    for url in sorted(out.glob("*.tar")):
+        for sample in wds.WebDataset(str(url), shardshuffle=False):
+            keys.add(sample["__key__"])
+    return keys
+
+
+@pytest.fixture(scope="module")
+def mixed_manifest(synth_dir, media, tmp_path_factory) -> Path:
+    """The synth clips plus one of every broken kind, in the train split."""
+    manifest = read_manifest(synth_dir / "manifest.jsonl")
+    records = list(manifest.records)
+    for name, path in [("bad_truncated", media.truncated), ("bad_empty", media.empty),
+                       ("bad_not_media", media.not_media), ("bad_no_audio", media.no_audio)]:
+        records.append(Record(key=name, label="class00", label_id=0, split="train",
+                              video=str(path)))
+    path = tmp_path_factory.mktemp("mixed") / "manifest.jsonl"
+    write_manifest(records, path, classes=manifest.classes, dataset="synth")
+    return path
+
+
+def build(manifest_path: Path, out: Path, **kwargs):
+    manifest = read_manifest(manifest_path)
+    kwargs.setdefault("shard_size", 5)
+    kwargs.setdefault("workers", 1)
+    return build_shards(manifest.records, str(out), get_preset("synth"), classes=manifest.classes,
+                        dataset="synth", **kwargs)
+
+
+def test_counts_failures_and_index(mixed_manifest, tmp_path):
+    summary = build(mixed_manifest, tmp_path / "out", workers=2)
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    manifest = read_manifest(mixed_manifest)
+    good = [r for r in manifest.records if not r.key.startswith("bad_")]
+    for split in ("train", "val", "test"):
+        expected = sum(r.split == split for r in good)
+        if expected:
+            assert index["splits"][split]["samples"] == expected
+            assert sum(s["samples"] for s in index["splits"][split]["shards"]) == expected
+    assert index["preset"]["name"] == "synth" and index["classes"] == manifest.classes
+    assert index["format"] == "avbalance-shards" and index["failures"] == 4
+    failures = [json.loads(line) for line in (tmp_path / "out/failures.jsonl").open()]
+    stages = {f["key"]: f["stage"] for f in failures}
+    assert stages == {"bad_truncated": "decode", "bad_empty": "open",
+                      "bad_not_media": "decode", "bad_no_audio": "no_audio"}
+    assert len(failures) == 4  # each exactly once
+    assert "4 sample(s) failed" in summary.describe()
+
+
+def test_shard_read_back_with_plain_webdataset(synth_dir, tmp_path):
+    build(synth_dir / "manifest.jsonl", tmp_path / "out")
+    manifest = read_manifest(synth_dir / "manifest.jsonl")
+    labels = {r.key: r.label_id for r in manifest.records}
+    urls = [str(p) for p in sorted((tmp_path / "out").glob("*.tar"))]
+    seen = 0
+    for sample in wds.WebDataset(urls, shardshuffle=False).decode("rgb8"):
+        key = sample["__key__"]
+        spec = sample["spec.npy"]
+        assert spec.dtype == np.float16 and spec.shape == (129, 126)
+        assert np.isfinite(spec.astype(np.float32)).all()
+        assert sample["cls"] == labels[key]
+        frames = [sample[k] for k in sorted(sample) if k.startswith("f0")]
+        assert len(frames) == 2  # 1 s at 2 fps
+        assert all(f.shape == (64, 64, 3) and f.dtype == np.uint8 for f in frames)
+        meta = sample["json"]
+        assert meta["key"] == key and meta["n_frames"] == 2 and meta["audio"] == "decoded"
+        seen += 1
+    assert seen == len(manifest.records)
+
+
+def test_missing_audio_silence_keeps_the_clip(media, tmp_path):
+    records = [Record(key="quiet", label="a", label_id=0, split="train",
+                      video=str(media.no_audio))]
+    write_manifest(records, tmp_path / "m.jsonl", classes=["a"], dataset="synth")
+    build(tmp_path / "m.jsonl", tmp_path / "out", missing_audio="silence")
+    sample = next(iter(wds.WebDataset(str(tmp_path / "out/train-000000.tar"),
+                                      shardshuffle=False).decode()))
+    assert sample["json"]["audio"] == "silence"
+    assert sample["spec.npy"].shape == (129, 126)
+
+
+def test_same_input_same_bytes(synth_dir, tmp_path):
+    build(synth_dir / "manifest.jsonl", tmp_path / "a", workers=1)
+    build(synth_dir / "manifest.jsonl", tmp_path / "b", workers=2)
+    a, b = tar_bytes(tmp_path / "a"), tar_bytes(tmp_path / "b")
+    assert a and a == b
+
+
+def test_kill_then_rerun_gives_the_same_shards(synth_dir, tmp_path):
+    reference = tmp_path / "reference"
+    build(synth_dir / "manifest.jsonl", reference, shard_size=3)
+    out = tmp_path / "killed"
+    cmd = [str(BIN / "avprep"), "build-shards", "--manifest", str(synth_dir / "manifest.jsonl"),
+           "-o", str(out), "--shard-size", "3", "--workers", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(out.glob("train-*.json"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "index.json").exists()  # it really was stopped mid-run
+    for tar in out.glob("*.tar"):  # every final-named tar is complete and readable
+        with tarfile.open(tar) as fh:
+            names = fh.getnames()
+        assert names and all(n.split(".", 1)[0] for n in names)
+    rerun = subprocess.run(cmd, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "already done" in rerun.stdout
+    assert tar_bytes(out) == tar_bytes(reference)
+    assert keys_in(out) == keys_in(reference)
+    assert not [p for p in os.listdir(out) if ".tmp" in p]
+
+
+def test_disk_full_removes_the_temporary_tar_and_rerun_finishes(synth_dir, tmp_path,
+                                                                monkeypatch):
+    real_add = shards_mod.add_member
+    calls = {"n": 0}
+
+    def failing_add(tar, name, data):
+        calls["n"] += 1
+        if calls["n"] == 30:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_add(tar, name, data)
+
+    monkeypatch.setattr(shards_mod, "add_member", failing_add)
+    with pytest.raises(OSError):
+        build(synth_dir / "manifest.jsonl", tmp_path / "out")
+    out = tmp_path / "out"
+    assert not [p for p in os.listdir(out) if ".tmp" in p]
+    done = {p.stem for p in out.glob("*.json") if p.stem.split("-")[0] in ("train", "val")}
+    assert {p.stem for p in out.glob("*.tar")} == done  # no tar without its stats
+    monkeypatch.setattr(shards_mod, "add_member", real_add)
+    build(synth_dir / "manifest.jsonl", out)
+    build(synth_dir / "manifest.jsonl", tmp_path / "clean")
+    assert tar_bytes(out) == tar_bytes(tmp_path / "clean")
+
+
+def test_changed_arguments_are_refused_unless_overwrite(synth_dir, tmp_path):
+    build(synth_dir / "manifest.jsonl", tmp_path / "out", shard_size=5)
+    with pytest.raises(UserError, match="changed: shard_size"):
+        build(synth_dir / "manifest.jsonl", tmp_path / "out", shard_size=7)
+    build(synth_dir / "manifest.jsonl", tmp_path / "out", shard_size=7, overwrite=True)
+    index = json.loads((tmp_path / "out/index.json").read_text())
+    assert index["args"]["shard_size"] == 7
+    assert all(s["samples"] <= 7 for s in index["splits"]["train"]["shards"])
+
+
+def test_non_empty_foreign_folder_is_left_alone(synth_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        build(synth_dir / "manifest.jsonl", tmp_path, overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def run_cli(*args):
+    return subprocess.run([str(BIN / "avprep"), *args], capture_output=True, text=True)
+
+
+def one_line_error(result) -> str:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:")
+    return lines[0]
+
+
+def test_cli_bad_input(synth_dir, tmp_path):
+    manifest = str(synth_dir / "manifest.jsonl")
+    line = one_line_error(run_cli("build-shards", "--manifest", manifest,
+                                  "-o", str(tmp_path / "no" / "such" / "out")))
+    assert "parent folder" in line
+    line = one_line_error(run_cli("build-shards", "--manifest", manifest, "--preset", "nope",
+                                  "-o", str(tmp_path / "o1")))
+    assert "unknown preset 'nope'" in line
+    dup = tmp_path / "dup.jsonl"
+    rows = [json.loads(x) for x in open(manifest)][1:3]
+    rows[1]["key"] = rows[0]["key"]
+    dup.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "duplicate key" in one_line_error(run_cli("build-shards", "--manifest", str(dup),
+                                                     "--preset", "synth", "-o",
+                                                     str(tmp_path / "o2")))
+    rows[1]["key"] = "has.dot"
+    dup.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert "dots" in one_line_error(run_cli("build-shards", "--manifest", str(dup),
+                                            "--preset", "synth", "-o", str(tmp_path / "o3")))
+    assert "--manifest" in one_line_error(run_cli("build-shards", "-o", str(tmp_path / "o4")))
