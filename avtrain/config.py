@@ -186,3 +186,28 @@ def resolve_alpha(config: TrainConfig, dataset: str | None) -> float:
         except (ImportError, UserError):
             pass
     return 0.8
+
+
+def resume_dir(resume: str) -> str:
+    """The run directory of `--resume RUN` (RUN or RUN/last.pt), checked to hold last.pt."""
+    run = os.path.dirname(resume) if resume.endswith(".pt") else resume
+    if not os.path.isfile(os.path.join(run, "last.pt")):
+        raise UserError(f"nothing to resume: {os.path.join(run, 'last.pt')} not found")
+    return run
+
+
+def cli_config(overrides: dict, config_file: str | None = None,
+               resume: str | None = None) -> TrainConfig:
+    """Merge for `avtrain fit`: RUN/config.yaml when resuming, then --config, then the flags
+    the user actually typed (`overrides` holds only those)."""
+    layers = []
+    if resume:
+        run = resume_dir(resume)
+        saved = os.path.join(run, "config.yaml")
+        if os.path.isfile(saved):
+            layers.append(load_yaml(saved))
+        layers.append({"run_dir": run})
+    if config_file:
+        layers.append(load_yaml(config_file))
+    layers.append(overrides)
+    return make_config(*layers)

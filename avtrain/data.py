@@ -1,0 +1,412 @@
+"""Streaming data from avprep shards: `index.json` + WebDataset tars -> batches of tensors.
+
+    shards = open_shards("OUT")                      # classes, preset, split sizes
+    opts = DataOptions.for_shards(shards, image_size=224, frames=None)
+    for batch in train_loader(shards, "train", opts, batch_size=64, steps=100, epoch=0): ...
+    for batch in eval_loader(shards, "test", opts, batch_size=64): ...
+
+A batch is a dict: "audio" [B, 1, F, T] float32, "visual" [B, T, 3, H, W] float32 (ImageNet
+normalised), "label" [B] long, "key" list of str.
+
+Train: shards resampled with a seed shared by every rank and worker, so the shard stream is
+the same everywhere and each (rank, worker) takes its own slice of it (split by node, then by
+worker); a shuffle buffer; per-sample augmentation; full batches only; `with_epoch(steps)` so
+every rank runs the same number of steps. Each epoch's stream is a function of (seed, epoch,
+rank, worker) only, which is what makes `--resume` reproduce an uninterrupted run.
+Eval: every sample exactly once across all ranks and workers, the last partial batch kept.
+
+Decoding handles only the member types of the shard format (`npy` without pickle, `jpg`,
+`cls`, `json`); anything else in a tar is ignored, never unpickled.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import math
+import os
+import random
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from avprep.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FRAME_MEMBER = re.compile(r"^f(\d+)\.jpg$")
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+# --- the shard set ------------------------------------------------------------------------
+
+
+class ShardSet:
+    """A shard folder described by its index.json."""
+
+    def __init__(self, root: str, index: dict):
+        self.root = root
+        self.index = index
+        self.dataset = index.get("dataset")
+        self.classes = list(index.get("classes") or [])
+        self.num_classes = int(index.get("num_classes") or len(self.classes))
+        self.preset = dict(index.get("preset") or {})
+        self.modalities = list(index.get("modalities") or ["audio", "visual"])
+        self.splits = dict(index.get("splits") or {})
+
+    def samples(self, split: str) -> int:
+        return int(self.splits.get(split, {}).get("samples", 0))
+
+    def urls(self, split: str) -> list[str]:
+        shards = self.splits.get(split, {}).get("shards", [])
+        out = []
+        for entry in shards:
+            if not entry.get("samples", 1):
+                continue
+            url = str(entry["url"])
+            if os.path.isabs(url) or ".." in url.replace("\\", "/").split("/"):
+                raise UserError(f"{self.root}/index.json: shard path {url!r} leaves the folder")
+            out.append(os.path.join(self.root, url))
+        return out
+
+    def require(self, split: str, batch_size: int | None = None, world_size: int = 1) -> None:
+        """One clear line when a split cannot feed training or evaluation."""
+        if split not in self.splits:
+            raise UserError(f"{self.root}: no {split!r} split (has: "
+                            f"{', '.join(self.splits) or 'none'})")
+        n = self.samples(split)
+        if n == 0 or not self.urls(split):
+            raise UserError(f"{self.root}: the {split!r} split is empty")
+        missing = [u for u in self.urls(split) if not os.path.isfile(u)]
+        if missing:
+            raise UserError(f"{self.root}: shard listed in index.json is missing: {missing[0]}")
+        if batch_size is not None and batch_size * world_size > n:
+            raise UserError(f"--batch-size {batch_size} x {world_size} process(es) is larger "
+                            f"than the {split!r} split ({n} samples)")
+
+
+def open_shards(path: str) -> ShardSet:
+    if not path:
+        raise UserError("no shard folder given (--shards)")
+    index_path = os.path.join(path, "index.json")
+    if not os.path.isdir(path):
+        raise UserError(f"shard folder not found: {path}")
+    if not os.path.isfile(index_path):
+        raise UserError(f"{path}: no index.json (not a shard folder written by avprep "
+                        f"build-shards, or the build did not finish)")
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{index_path}: unreadable ({exc})") from None
+    if not isinstance(index, dict) or index.get("format") != "avbalance-shards":
+        raise UserError(f"{index_path}: not an avbalance shard index")
+    if int(index.get("format_version", 0)) > 1:
+        raise UserError(f"{index_path}: format_version {index['format_version']} is newer than "
+                        f"this avtrain understands (1)")
+    if not index.get("classes") and not index.get("num_classes"):
+        raise UserError(f"{index_path}: lists no classes")
+    return ShardSet(path, index)
+
+
+# --- per-sample decoding and augmentation -------------------------------------------------
+
+
+@dataclass
+class DataOptions:
+    modalities: tuple[str, ...] = ("audio", "visual")
+    image_size: int = 224
+    frames: int = 1
+    crop_columns: int | None = None
+    decode_device: str = "cpu"  # "cuda": JPEG bytes travel to the main process, decoded there
+
+    @classmethod
+    def for_shards(cls, shards: ShardSet, *, modalities=("audio", "visual"), image_size=224,
+                   frames=None, crop_columns=None, decode_device="cpu") -> DataOptions:
+        """Frames and spectrogram crop default to what the shard set's preset recommends."""
+        frames = frames or int(shards.preset.get("train_frames") or 1)
+        crop = crop_columns or shards.preset.get("train_crop_columns")
+        missing = [m for m in modalities if m not in shards.modalities]
+        if missing:
+            raise UserError(f"{shards.root}: these shards hold no {missing[0]!r} modality")
+        return cls(tuple(modalities), int(image_size), int(frames),
+                   int(crop) if crop else None, decode_device)
+
+
+def _crop_draw(rng: np.random.Generator) -> np.ndarray:
+    """Ten RandomResizedCrop attempts as uniform numbers, resolved once the size is known, plus
+    a flip bit: the same draw gives the same crop on the CPU and the GPU path."""
+    return rng.random(41)
+
+
+def resolve_crop(draw: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of RandomResizedCrop(scale=(0.08, 1), ratio=(3/4, 4/3))."""
+    area = height * width
+    log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    for i in range(10):
+        u_scale, u_ratio, u_top, u_left = draw[4 * i:4 * i + 4]
+        target = area * (CROP_SCALE[0] + u_scale * (CROP_SCALE[1] - CROP_SCALE[0]))
+        ratio = math.exp(log_lo + u_ratio * (log_hi - log_lo))
+        w = int(round(math.sqrt(target * ratio)))
+        h = int(round(math.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            top = min(int(u_top * (height - h + 1)), height - h)
+            left = min(int(u_left * (width - w + 1)), width - w)
+            return top, left, h, w
+    ratio = width / height  # fallback: the central crop within the ratio bounds
+    if ratio < CROP_RATIO[0]:
+        w, h = width, int(round(width / CROP_RATIO[0]))
+    elif ratio > CROP_RATIO[1]:
+        h, w = height, int(round(height * CROP_RATIO[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def transform_frames(images: list[torch.Tensor], size: int, draw: np.ndarray | None
+                     ) -> torch.Tensor:
+    """uint8 [3, H, W] frames -> float32 [T, 3, size, size], ImageNet normalised.
+
+    Train (`draw` given): one random resized crop and flip for all frames of a clip, so the
+    clip stays consistent in time. Eval: short side to `size`, centre crop.
+    """
+    import torchvision.transforms.v2.functional as TF
+
+    out = []
+    for img in images:
+        h, w = img.shape[-2:]
+        if draw is not None:
+            top, left, ch, cw = resolve_crop(draw, h, w)
+            img = TF.resized_crop(img, top, left, ch, cw, [size, size], antialias=True)
+            if draw[40] < 0.5:
+                img = TF.horizontal_flip(img)
+        else:
+            img = TF.resize(img, size, antialias=True)
+            img = TF.center_crop(img, [size, size])
+        out.append(img)
+    x = torch.stack(out).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def pick_frames(n: int, t: int, rng: np.random.Generator | None) -> list[int]:
+    """Train: t random frames in time order (with repeats only when the clip has fewer).
+    Eval: the centres of t equal segments."""
+    if n <= 0:
+        return []
+    if rng is None:
+        return [min(n - 1, int((i + 0.5) * n / t)) for i in range(t)]
+    return sorted(int(i) for i in rng.choice(n, size=t, replace=n < t))
+
+
+def crop_spectrogram(spec: np.ndarray, columns: int | None, rng: np.random.Generator | None
+                     ) -> np.ndarray:
+    """A window of `columns` time steps: random in train, the centre in eval; padded with the
+    spectrogram's minimum (silence) when the clip is shorter."""
+    if not columns:
+        return spec
+    total = spec.shape[1]
+    if total < columns:
+        pad = np.full((spec.shape[0], columns - total), spec.min(), dtype=spec.dtype)
+        return np.concatenate([spec, pad], axis=1)
+    start = int(rng.integers(0, total - columns + 1)) if rng is not None else (total - columns) // 2
+    return spec[:, start:start + columns]
+
+
+def decode_sample(sample: dict, opts: DataOptions, rng: np.random.Generator | None) -> dict:
+    """One raw WebDataset sample (member name -> bytes) -> tensors. `rng` None means eval."""
+    key = sample["__key__"]
+    if "cls" not in sample:
+        raise ValueError(f"sample {key} has no .cls member")
+    out = {"key": key, "label": int(bytes(sample["cls"]).decode("ascii").strip())}
+    if "audio" in opts.modalities:
+        if "spec.npy" not in sample:
+            raise ValueError(f"sample {key} has no .spec.npy member")
+        spec = np.load(io.BytesIO(sample["spec.npy"]), allow_pickle=False)
+        spec = crop_spectrogram(np.asarray(spec, dtype=np.float32), opts.crop_columns, rng)
+        out["audio"] = torch.from_numpy(np.ascontiguousarray(spec)).unsqueeze(0)
+    if "visual" in opts.modalities:
+        names = sorted((int(m.group(1)), k) for k in sample if (m := FRAME_MEMBER.match(k)))
+        chosen = [names[i][1] for i in pick_frames(len(names), opts.frames, rng)]
+        draw = _crop_draw(rng) if rng is not None else None
+        jpegs = [torch.frombuffer(bytearray(sample[k]), dtype=torch.uint8) for k in chosen]
+        if opts.decode_device == "cuda":
+            out["visual_jpeg"], out["visual_draw"] = jpegs, draw
+        elif jpegs:
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            images = [decode_jpeg(j, mode=ImageReadMode.RGB) for j in jpegs]
+            out["visual"] = transform_frames(images, opts.image_size, draw)
+        else:  # a clip without frames: black frames, so eval still counts it
+            out["visual"] = transform_frames(
+                [torch.zeros(3, opts.image_size, opts.image_size, dtype=torch.uint8)]
+                * opts.frames, opts.image_size, None)
+    return out
+
+
+def collate(samples: list[dict]) -> dict:
+    batch = {"key": [s["key"] for s in samples],
+             "label": torch.tensor([s["label"] for s in samples], dtype=torch.long)}
+    if "audio" in samples[0]:
+        specs = [s["audio"] for s in samples]
+        width = max(x.shape[-1] for x in specs)
+        if any(x.shape[-1] != width for x in specs):  # variable-length clips: pad with silence
+            specs = [torch.nn.functional.pad(x, (0, width - x.shape[-1]), value=float(x.min()))
+                     for x in specs]
+        batch["audio"] = torch.stack(specs)
+    if "visual" in samples[0]:
+        batch["visual"] = torch.stack([s["visual"] for s in samples])
+    if "visual_jpeg" in samples[0]:
+        batch["visual_jpeg"] = [s["visual_jpeg"] for s in samples]
+        batch["visual_draw"] = [s["visual_draw"] for s in samples]
+    return batch
+
+
+def to_device(batch: dict, device: torch.device, opts: DataOptions) -> dict:
+    """Move a batch to the device; with `decode_device="cuda"` decode its JPEGs there."""
+    out = dict(batch)
+    non_blocking = device.type == "cuda"
+    for name in ("audio", "visual", "label"):
+        if name in out:
+            out[name] = out[name].to(device, non_blocking=non_blocking)
+    if "visual_jpeg" in out:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        clips = out.pop("visual_jpeg")
+        draws = out.pop("visual_draw")
+        flat = [j for clip in clips for j in clip]
+        images = decode_jpeg(flat, mode=ImageReadMode.RGB, device=device)
+        frames, i = [], 0
+        for clip, draw in zip(clips, draws):
+            frames.append(transform_frames(images[i:i + len(clip)], opts.image_size, draw))
+            i += len(clip)
+        out["visual"] = torch.stack(frames)
+    return out
+
+
+def check_decode_device(decode_device: str) -> None:
+    if decode_device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--decode-device cuda needs a CUDA GPU, and torch sees none on this "
+                        "machine; use --decode-device cpu")
+
+
+# --- pipelines ----------------------------------------------------------------------------
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def _same_everywhere() -> int:
+    """Worker seed for ResampledShards: identical on every rank and worker, so they all see
+    one shard stream and the split stages below hand out disjoint slices of it."""
+    return 0
+
+
+# Stages are module-level generators bound with functools.partial, so a pipeline pickles
+# (DataLoader workers started with spawn/forkserver get a copy) and nothing is shared.
+
+
+def _slice_stage(src, *, rank: int, world: int):
+    """Keep item i where i ≡ rank·W + worker (mod world·W): split by node, then by worker."""
+    worker, nworkers = _worker()
+    start, step = rank * nworkers + worker, world * nworkers
+    for i, item in enumerate(src):
+        if i % step == start:
+            yield item
+
+
+def _slice_for(rank: int, world: int):
+    return functools.partial(_slice_stage, rank=rank, world=world)
+
+
+def _shuffle_stage(src, *, bufsize: int, seed: int, epoch: int, rank: int, salt: int):
+    worker, _ = _worker()
+    rng = random.Random(wds.utils.make_seed(seed, epoch, rank, worker, salt, 17))
+    buf: list = []
+    for sample in src:
+        if len(buf) < bufsize:
+            buf.append(sample)
+            continue
+        i = rng.randrange(len(buf))
+        buf[i], sample = sample, buf[i]
+        yield sample
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _shuffle(bufsize: int, seed: int, epoch: int, rank: int, salt: int):
+    return functools.partial(_shuffle_stage, bufsize=bufsize, seed=seed, epoch=epoch,
+                             rank=rank, salt=salt)
+
+
+def _decode_stage(src, *, opts: DataOptions, seed: int | None, epoch: int, rank: int):
+    """Augmentation randomness from (seed, epoch, rank, worker) only; `seed` None = eval."""
+    worker, _ = _worker()
+    rng = np.random.default_rng([seed, epoch, rank, worker]) if seed is not None else None
+    for sample in src:
+        yield decode_sample(sample, opts, rng)
+
+
+def _decode(opts: DataOptions, seed: int | None, epoch: int, rank: int):
+    return functools.partial(_decode_stage, opts=opts, seed=seed, epoch=epoch, rank=rank)
+
+
+def _loader(pipeline, workers: int, device_type: str, limit: int | None):
+    kwargs = {"num_workers": workers, "batch_size": None, "pin_memory": device_type == "cuda"}
+    if workers > 0:
+        kwargs["prefetch_factor"] = 4
+    loader = wds.WebLoader(pipeline, **kwargs)
+    return loader.with_epoch(limit) if limit else loader
+
+
+def train_loader(shards: ShardSet, split: str, opts: DataOptions, *, batch_size: int,
+                 steps: int, epoch: int = 0, seed: int = 0, rank: int = 0, world: int = 1,
+                 workers: int = 2, shuffle_buffer: int = 1000, augment: bool = True,
+                 device_type: str = "cpu"):
+    """An endless, shuffled stream of full batches, cut to `steps` per epoch; augmented unless
+    `augment=False` (the held-out val stream of OLM-com uses eval transforms)."""
+    urls = shards.urls(split)
+    salt = 0 if augment else 99  # the held-out stream (OLM-com) gets its own order
+    pipeline = wds.DataPipeline(
+        wds.ResampledShards(urls, seed=wds.utils.make_seed(seed, epoch, salt),
+                            deterministic=True, worker_seed=_same_everywhere),
+        _slice_for(rank, world),
+        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        _shuffle(shuffle_buffer, seed, epoch, rank, salt),
+        _decode(opts, seed if augment else None, epoch, rank),
+        wds.batched(batch_size, collation_fn=collate, partial=False),
+    )
+    return _loader(pipeline, workers, device_type, steps)
+
+
+def eval_loader(shards: ShardSet, split: str, opts: DataOptions, *, batch_size: int,
+                rank: int = 0, world: int = 1, workers: int = 2, device_type: str = "cpu"):
+    """Every sample of the split exactly once across all ranks and workers.
+
+    With at least one shard per (rank, worker) whole shards are handed out; with fewer shards
+    every reader opens all of them and keeps every (ranks·workers)-th sample instead.
+    """
+    urls = shards.urls(split)
+    workers = max(0, min(workers, len(urls)))
+    readers = world * max(1, workers)
+    if len(urls) >= readers:
+        source = [wds.SimpleShardList(urls), _slice_for(rank, world),
+                  wds.tarfile_to_samples(handler=wds.warn_and_continue)]
+    else:
+        source = [wds.SimpleShardList(urls),
+                  wds.tarfile_to_samples(handler=wds.warn_and_continue),
+                  _slice_for(rank, world)]
+    pipeline = wds.DataPipeline(
+        *source,
+        _decode(opts, None, 0, rank),
+        wds.batched(batch_size, collation_fn=collate, partial=True),
+    )
+    return _loader(pipeline, workers, device_type, None)

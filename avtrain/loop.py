@@ -1,0 +1,512 @@
+"""fit / evaluate: the training loop, top to bottom.
+
+    summary = fit(make_config({"shards": "OUT", "run_dir": "RUN", "model": "tiny"}))
+    metrics = evaluate_checkpoint("RUN/best.pt", "OUT", split="test")
+
+One `fit` call trains one run directory: RUN/config.yaml, RUN/metrics.jsonl (per-step and
+per-epoch records), TensorBoard events in RUN/tb, RUN/last.pt every epoch, RUN/best.pt by
+validation accuracy and RUN/summary.json at the end. Under `torchrun` every rank runs the same
+code; rank 0 writes files. The balancing method is driven exactly as
+`avtrain.balance.base` documents.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from avprep.errors import UserError
+
+from . import distributed as D
+from .balance import build_balancer, get_method
+from .checkpoint import (
+    bare_model,
+    check_compatible,
+    load_checkpoint,
+    load_model_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import TrainConfig, make_config, resolve_alpha, to_yaml
+from .data import (
+    DataOptions,
+    ShardSet,
+    check_decode_device,
+    eval_loader,
+    open_shards,
+    to_device,
+    train_loader,
+)
+from .metrics import RunLog, summarize
+from .models import build_model
+
+
+def _autocast(device: torch.device, amp: bool):
+    if device.type == "cuda" and amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def build_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay)
+    cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def build_scheduler(config: TrainConfig, optimizer):
+    if config.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, config.lr_step, config.lr_gamma)
+    if config.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=10**9, gamma=1.0)  # constant
+
+
+def auxiliary_loss(model, logits: dict, labels: torch.Tensor) -> torch.Tensor | None:
+    """CE of the detached auxiliary heads of non-decomposable fusions: trains only those heads
+    (their inputs are detached), so each modality's accuracy can be measured."""
+    bare = bare_model(model)
+    if bare.unimodal or bare.fusion.decomposable or bare.trained_unimodal_heads:
+        return None
+    return sum(F.cross_entropy(logits[m].float(), labels) for m in bare.modalities)
+
+
+def weights_digest(model) -> str:
+    """SHA-1 of every parameter and buffer: equal on all DDP ranks when replicas agree."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name, t in sorted(bare_model(model).state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _floats(metrics: dict) -> dict:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach().float().cpu()
+            out[key] = value.item() if value.numel() == 1 else value.tolist()
+        else:
+            out[key] = value
+    return out
+
+
+# --- evaluation ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(model, shards: ShardSet, split: str, opts: DataOptions, *, batch_size: int,
+             ctx: D.Context | None = None, workers: int = 2, amp: bool = True,
+             progress: bool = False) -> dict:
+    """Metrics of `model` on one split: every sample exactly once across ranks, gathered and
+    summarised on every rank (acc, acc_<modality>, macro_f1, confusion, loss, n)."""
+    ctx = ctx or D.Context()
+    bare = bare_model(model)
+    was_training = bare.training
+    bare.eval()
+    labels, keys, preds, loss_sum = [], [], {}, 0.0
+    loader = eval_loader(shards, split, opts, batch_size=batch_size, rank=ctx.rank,
+                         world=ctx.world, workers=workers, device_type=ctx.device.type)
+    bar = _bar(loader, progress and ctx.main, f"eval {split}", None)
+    for batch in bar:
+        batch = to_device(batch, ctx.device, opts)
+        with _autocast(ctx.device, amp):
+            logits = bare(batch)
+        y = batch["label"]
+        loss_sum += float(F.cross_entropy(logits["fused"].float(), y, reduction="sum"))
+        for name, value in logits.items():
+            preds.setdefault(name, []).append(value.argmax(dim=1).cpu().numpy())
+        labels.append(y.cpu().numpy())
+        keys.extend(batch["key"])
+    if was_training:
+        bare.train()
+    local = {"keys": keys, "labels": _cat(labels), "loss": loss_sum,
+             "preds": {k: _cat(v) for k, v in preds.items()}}
+    parts = D.gather_objects(local, ctx)
+    all_keys = [k for p in parts for k in p["keys"]]
+    if not all_keys:
+        raise UserError(f"{shards.root}: no samples could be read from the {split!r} split")
+    y = np.concatenate([p["labels"] for p in parts])
+    names = [n for n in parts[0]["preds"]] or [n for p in parts for n in p["preds"]]
+    merged = {n: np.concatenate([p["preds"][n] for p in parts if n in p["preds"]])
+              for n in names}
+    result = summarize(y, merged, shards.num_classes,
+                       loss=sum(p["loss"] for p in parts) / len(all_keys))
+    result["split"] = split
+    result["expected"] = shards.samples(split)
+    result["duplicates"] = len(all_keys) - len(set(all_keys))
+    return result
+
+
+def _cat(arrays):
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+
+
+def _bar(iterable, enabled: bool, desc: str, total):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+def model_from_checkpoint(ckpt: dict, shards: ShardSet | None = None) -> torch.nn.Module:
+    """A bare model with the checkpoint's weights, checked against the shards' classes."""
+    spec = ckpt.get("spec") or {}
+    if shards is not None:
+        check_compatible(ckpt, num_classes=shards.num_classes, classes=shards.classes)
+    try:
+        model = build_model(spec["model"], spec["fusion"], spec["num_classes"],
+                            spec["modalities"], spec.get("trained_unimodal_heads", False))
+    except KeyError:
+        raise UserError(f"{ckpt.get('path')}: checkpoint has no model description") from None
+    load_model_state(model, ckpt)
+    return model
+
+
+def evaluate_checkpoint(ckpt_path: str, shards_path: str, *, split: str = "test",
+                        batch_size: int = 64, workers: int = 2, device: str = "auto",
+                        decode_device: str = "cpu", image_size: int | None = None,
+                        frames: int | None = None, amp: bool = True,
+                        progress: bool = False) -> dict:
+    """Load a checkpoint and evaluate it on one split of a shard set (also under torchrun)."""
+    ckpt = load_checkpoint(ckpt_path)
+    shards = open_shards(shards_path)
+    shards.require(split)
+    check_decode_device(decode_device)
+    ctx = D.setup(device)
+    try:
+        model = model_from_checkpoint(ckpt, shards).to(ctx.device)
+        opts = _data_options(ckpt.get("config") or {}, shards, model.modalities, image_size,
+                             frames, decode_device)
+        result = evaluate(model, shards, split, opts, batch_size=batch_size, ctx=ctx,
+                          workers=workers, amp=amp, progress=progress)
+        result["checkpoint"] = ckpt["path"]
+        result["epoch"] = ckpt.get("epoch")
+        return result
+    finally:
+        D.teardown(ctx)
+
+
+def _data_options(cfg: dict, shards: ShardSet, modalities, image_size=None, frames=None,
+                  decode_device="cpu") -> DataOptions:
+    return DataOptions.for_shards(
+        shards, modalities=modalities, image_size=image_size or cfg.get("image_size") or 224,
+        frames=frames or cfg.get("frames"), crop_columns=cfg.get("crop_columns"),
+        decode_device=decode_device)
+
+
+# --- training -----------------------------------------------------------------------------
+
+
+class Trainer:
+    """State of one run; `fit()` below is the readable entry point."""
+
+    def __init__(self, config: TrainConfig, ctx: D.Context, resume: str | None):
+        self.config, self.ctx = config, ctx
+        c = config
+        if not c.run_dir:
+            raise UserError("no run directory given (--run-dir)")
+        self.shards = open_shards(c.shards)
+        self.shards.require("train", c.batch_size, ctx.world)
+        self.shards.require(c.val_split)
+        self.has_test = self.shards.samples(c.test_split) > 0
+        check_decode_device(c.decode_device)
+        self.opts = _data_options(c.to_dict(), self.shards, c.modalities,
+                                  decode_device=c.decode_device)
+        self.steps = c.steps_per_epoch or self.shards.samples("train") // (c.batch_size * ctx.world)
+        method = get_method(c.method)
+
+        _seed_everything(c.seed)
+        self.model = build_model(c.model, c.fusion, self.shards.num_classes, c.modalities,
+                                 trained_unimodal_heads=method.trained_unimodal_heads)
+        self.spec = self.model.spec
+        self.model.to(ctx.device)
+        self.optimizer = build_optimizer(c, self.model.parameters())
+        self.scheduler = build_scheduler(c, self.optimizer)
+        self.balancer_config = {**c.to_dict(), "alpha": resolve_alpha(c, self.shards.dataset),
+                                "dataset": self.shards.dataset,
+                                "num_classes": self.shards.num_classes,
+                                "steps_per_epoch": self.steps, "world_size": ctx.world}
+        self.balancer = build_balancer(c.method, self.model, self.balancer_config,
+                                       modalities=self.model.modalities, device=ctx.device)
+        self.start_epoch, self.step = 0, 0
+        self.best = {"epoch": None, "acc": -1.0, "val": None, "test": None}
+        self.wall_before = 0.0  # seconds spent by earlier (interrupted) sessions of this run
+        if resume:
+            self._resume(resume)
+        self.net = self.model
+        if ctx.distributed:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        if c.compile:
+            self.net = torch.compile(self.net)
+
+    # -- checkpoints --
+
+    def _resume(self, path: str) -> None:
+        ckpt = load_checkpoint(path if not os.path.isdir(path) else os.path.join(path, "last.pt"))
+        check_compatible(ckpt, num_classes=self.shards.num_classes, classes=self.shards.classes,
+                         spec=self.spec)
+        load_model_state(self.model, ckpt)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.balancer.load_state_dict(ckpt.get("balancer") or {})
+        self.start_epoch = int(ckpt["epoch"]) + 1
+        self.step = int(ckpt["step"])
+        self.best = dict(ckpt.get("best") or self.best)
+        self.wall_before = float(ckpt.get("wall_time", 0.0))
+        if ckpt.get("rng"):
+            set_rng_state(ckpt["rng"])
+
+    def _state(self, epoch: int, metrics: dict, wall: float) -> dict:
+        return {
+            "model": bare_model(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "balancer": self.balancer.state_dict(),
+            "epoch": epoch, "step": self.step, "rng": rng_state(),
+            "config": self.config.to_dict(), "spec": self.spec,
+            "classes": self.shards.classes, "dataset": self.shards.dataset,
+            "best": self.best, "metrics": metrics, "wall_time": wall,
+            "world_size": self.ctx.world,
+        }
+
+    # -- one epoch --
+
+    def train_epoch(self, epoch: int, log: RunLog) -> dict:
+        c, ctx = self.config, self.ctx
+        self.net.train()
+        loader = train_loader(self.shards, "train", self.opts, batch_size=c.batch_size,
+                              steps=self.steps, epoch=epoch, seed=c.seed, rank=ctx.rank,
+                              world=ctx.world, workers=c.workers, shuffle_buffer=c.shuffle_buffer,
+                              device_type=ctx.device.type)
+        heldout = iter(self._heldout_loader(epoch)) if self.balancer.needs_heldout else None
+        loss_sum = torch.zeros((), device=ctx.device)
+        correct = torch.zeros((), device=ctx.device)
+        seen = 0
+        bar = _bar(loader, c.progress and ctx.main, f"epoch {epoch}", self.steps)
+        for batch in bar:
+            batch = to_device(batch, ctx.device, self.opts)
+            labels = batch["label"]
+            with _autocast(ctx.device, c.amp):
+                logits = self.net(batch)
+            loss = self.balancer.loss(logits, labels, epoch=epoch, step=self.step)
+            aux = auxiliary_loss(self.model, logits, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            (loss + aux if aux is not None else loss).backward()
+            self.balancer.before_optimizer_step(logits, labels, epoch=epoch, step=self.step)
+            if c.clip_grad:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_grad)
+            self.optimizer.step()
+            self.balancer.after_optimizer_step()
+            if heldout is not None:
+                self._feed_heldout(heldout)
+            loss_sum += loss.detach().float()
+            correct += (logits["fused"].detach().argmax(dim=1) == labels).sum()
+            seen += labels.numel()
+            self.step += 1
+            if self.step % c.log_every == 0:
+                self._log_step(epoch, loss, log, bar, correct, seen)
+        totals = D.all_reduce_sum(torch.stack([loss_sum, correct.float(),
+                                               torch.tensor(float(seen), device=ctx.device)]),
+                                  ctx).tolist()
+        steps_done = max(1, self.steps)
+        return {"loss": totals[0] / (steps_done * ctx.world), "acc": totals[1] / max(1, totals[2])}
+
+    def _log_step(self, epoch, loss, log, bar, correct, seen) -> None:
+        ctx = self.ctx
+        mean_loss = D.all_reduce_sum(loss.detach().float(), ctx) / ctx.world
+        record = {"kind": "step", "epoch": epoch, "step": self.step, "loss": float(mean_loss),
+                  "lr": self.optimizer.param_groups[0]["lr"]}
+        record.update(_floats(self.balancer.step_metrics()))
+        log.write(record, step=self.step, prefix="train/")
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{float(correct) / seen:.3f}")
+
+    def _heldout_loader(self, epoch: int):
+        c, ctx = self.config, self.ctx
+        return train_loader(self.shards, c.val_split, self.opts, batch_size=c.batch_size,
+                            steps=10**12, epoch=epoch, seed=c.seed, rank=ctx.rank,
+                            world=ctx.world, workers=min(1, c.workers), shuffle_buffer=100,
+                            augment=False, device_type=ctx.device.type)
+
+    def _feed_heldout(self, heldout) -> None:
+        batch = to_device(next(heldout), self.ctx.device, self.opts)
+        self.model.eval()  # BatchNorm statistics must not learn from val data
+        with torch.no_grad(), _autocast(self.ctx.device, self.config.amp):
+            logits = self.model(batch)
+        self.model.train()
+        self.balancer.heldout(logits, batch["label"])
+
+    def sync_buffers(self) -> None:
+        """BatchNorm statistics drift apart after the last step (DDP only broadcasts buffers
+        at the next training forward); give every rank rank 0's before evaluating/saving."""
+        if self.ctx.distributed:
+            for buf in self.model.buffers():
+                torch.distributed.broadcast(buf, src=0)
+
+    def eval_split(self, split: str) -> dict:
+        c = self.config
+        self.sync_buffers()
+        return evaluate(self.model, self.shards, split, self.opts,
+                        batch_size=c.eval_batch_size or c.batch_size, ctx=self.ctx,
+                        workers=c.workers, amp=c.amp, progress=c.progress)
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _trim_log(run_dir: str, epoch: int, step: int) -> None:
+    """On resume: drop records written after the checkpoint (the interrupted epoch's steps),
+    so metrics.jsonl reads as if the run had never stopped."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("kind") == "step" and rec.get("step", 0) > step:
+                continue
+            if rec.get("kind") in ("epoch", "interrupted") and rec.get("epoch", 0) > epoch:
+                continue
+            if rec.get("kind") in ("interrupted", "summary"):
+                continue
+            kept.append(line if line.endswith("\n") else line + "\n")
+    _write_text(path, "".join(kept))
+
+
+def _epoch_metrics(result: dict | None) -> dict | None:
+    if result is None:
+        return None
+    return {k: v for k, v in result.items() if k not in ("split",)}
+
+
+def fit(config: TrainConfig | dict, *, resume: str | None = None) -> dict:
+    """Train one run; returns the summary (also written to RUN/summary.json on rank 0).
+
+    `resume`: a run directory (its last.pt) or a checkpoint to continue from; the config given
+    must describe the same model (the CLI reads RUN/config.yaml for that).
+    """
+    config = config if isinstance(config, TrainConfig) else make_config(config)
+    ctx = D.setup(config.device)
+    try:
+        return _fit(config, ctx, resume)
+    finally:
+        D.teardown(ctx)
+
+
+def _fit(config: TrainConfig, ctx: D.Context, resume: str | None) -> dict:
+    started = time.time()
+    trainer = Trainer(config, ctx, resume)
+    c, run = config, config.run_dir
+    if ctx.main:
+        os.makedirs(run, exist_ok=True)
+        _write_text(os.path.join(run, "config.yaml"), to_yaml(c))
+        if resume:
+            _trim_log(run, trainer.start_epoch - 1, trainer.step)
+    D.barrier(ctx)
+    log = RunLog(run, enabled=ctx.main, tensorboard=c.tensorboard)
+    if ctx.main and trainer.start_epoch == 0:
+        log.write({"kind": "start", "world_size": ctx.world, "steps_per_epoch": trainer.steps,
+                   "device": str(ctx.device), "train_samples": trainer.shards.samples("train"),
+                   "alpha": trainer.balancer_config["alpha"], "spec": trainer.spec})
+    epoch = trainer.start_epoch
+    try:
+        for epoch in range(trainer.start_epoch, c.epochs):
+            t0 = time.time()
+            train = trainer.train_epoch(epoch, log)
+            trainer.scheduler.step()
+            trainer.balancer.end_epoch(epoch)
+            val = trainer.eval_split(c.val_split)
+            test = trainer.eval_split(c.test_split) if trainer.has_test else None
+            record = {"kind": "epoch", "epoch": epoch, "step": trainer.step,
+                      "train_loss": train["loss"], "train_acc": train["acc"],
+                      "lr": trainer.optimizer.param_groups[0]["lr"],
+                      "val": _epoch_metrics(val), "test": _epoch_metrics(test),
+                      "epoch_time": round(time.time() - t0, 3)}
+            improved = val["acc"] > trainer.best["acc"]
+            if improved:
+                trainer.best = {"epoch": epoch, "acc": val["acc"], "val": record["val"],
+                                "test": record["test"]}
+            wall = trainer.wall_before + time.time() - started
+            if ctx.main:
+                log.write(record, step=trainer.step)
+                state = trainer._state(epoch, {"val": record["val"], "test": record["test"]},
+                                       wall)
+                save_checkpoint(os.path.join(run, "last.pt"), state)
+                if improved:
+                    save_checkpoint(os.path.join(run, "best.pt"), state)
+            D.barrier(ctx)
+    except KeyboardInterrupt:
+        if ctx.main:
+            log.write({"kind": "interrupted", "epoch": epoch, "step": trainer.step})
+            log.close()
+        raise
+    trainer.sync_buffers()
+    digests = D.gather_objects(weights_digest(trainer.model), ctx)
+    summary = {
+        "run_dir": run, "method": c.method, "model": c.model, "fusion": c.fusion,
+        "modalities": trainer.model.modalities, "dataset": trainer.shards.dataset,
+        "epochs": c.epochs, "steps": trainer.step, "world_size": ctx.world,
+        "best_epoch": trainer.best["epoch"], "val": trainer.best["val"],
+        "test": trainer.best["test"],
+        "wall_time": round(trainer.wall_before + time.time() - started, 3),
+        "weights_digest": digests[0], "replicas_in_sync": len(set(digests)) == 1,
+    }
+    if c.linear_probe:
+        from .probe import linear_probe
+
+        # rank 0 wrote best.pt; other ranks (maybe on other machines) get its weights from it
+        state = load_checkpoint(os.path.join(run, "best.pt"))["model"] if ctx.main else None
+        best = build_model(c.model, c.fusion, trainer.shards.num_classes, c.modalities,
+                           trainer.spec["trained_unimodal_heads"])
+        best.load_state_dict(D.broadcast_object(state, ctx))
+        best.to(ctx.device)
+        summary["linear_probe"] = linear_probe(
+            best, trainer.shards, trainer.opts, batch_size=c.eval_batch_size or c.batch_size,
+            ctx=ctx, workers=c.workers, amp=c.amp, seed=c.seed)
+    if ctx.main:
+        log.write({"kind": "summary", **{k: v for k, v in summary.items()
+                                         if k in ("best_epoch", "steps", "wall_time")}})
+        _write_text(os.path.join(run, "summary.json"), json.dumps(_clean(summary), indent=2))
+    log.close()
+    return summary
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
