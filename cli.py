@@ -246,6 +246,33 @@ def build_shards_cmd(manifest, dataset, root, out, preset, shard_size, workers, 
     click.echo(summary.describe())
 
 
+@avprep.command("inspect")
+@click.argument("out", type=click.Path())
+@click.option("--show", "key", help="Write a PNG of this sample (spectrogram + frames).")
+@click.option("--png", type=click.Path(dir_okay=False), help="Where to write it [KEY.png].")
+def inspect_cmd(out, key, png):
+    """Summarise a shard set: splits, samples, class histogram, preset, failures."""
+    from avprep.inspection import show_sample, summary
+
+    click.echo(summary(out))
+    if key:
+        click.echo(f"wrote {show_sample(out, key, png or f'{key}.png')}")
+
+
+@avprep.command("verify")
+@click.argument("out", type=click.Path())
+def verify_cmd(out):
+    """Decode every member of every shard and check counts and keys against index.json."""
+    from avprep.inspection import verify
+
+    problems = verify(out)
+    for problem in problems:
+        click.echo(problem, err=True)
+    if problems:
+        raise UserError(f"{out}: {len(problems)} problem(s) found")
+    click.echo(f"{out}: every shard decodes and matches index.json")
+
+
 # --- avtrain: training (fit, eval) ---------------------------------------------------------
 
 
