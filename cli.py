@@ -273,6 +273,39 @@ def verify_cmd(out):
     click.echo(f"{out}: every shard decodes and matches index.json")
 
 
+# --- avprep: features (import-features) ---
+
+
+@avprep.command("import-features")
+@click.option("--manifest", required=True, type=click.Path(dir_okay=False),
+              help="manifest.jsonl giving labels and splits of the clips.")
+@click.option("--feature", "features", multiple=True, required=True, metavar="MODALITY=DIR",
+              help="A folder of {clip}.npy arrays [time, dim]; repeat per modality.")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
+              help="Output folder for the shards.")
+@click.option("--keep-missing", is_flag=True,
+              help="Keep clips lacking a modality, with that modality masked (default: drop).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
+              show_default=True, help="Storage type of the features.")
+@click.option("--shard-size", default=1000, show_default=True, help="Samples per shard.")
+@click.option("--workers", default=0, help="Parallel shard writers (0 = all cores).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the shard assignment.")
+@click.option("--overwrite", is_flag=True, help="Rebuild OUT even if it was built differently.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def import_features_cmd(manifest, features, out, keep_missing, dtype, shard_size, workers, seed,
+                        overwrite, no_progress):
+    """Pack precomputed per-clip feature sequences into shards ({key}.{modality}.npy)."""
+    from avprep.features import import_features, parse_feature_args
+    from avprep.manifest import read_manifest
+
+    loaded = read_manifest(manifest)
+    summary = import_features(
+        loaded.records, parse_feature_args(features), out, classes=loaded.classes,
+        dataset=loaded.dataset, keep_missing=keep_missing, dtype=dtype, shard_size=shard_size,
+        workers=workers, seed=seed, overwrite=overwrite, progress=not no_progress)
+    click.echo(summary.describe())
+
+
 # --- avtrain: training (fit, eval) ---------------------------------------------------------
 
 
