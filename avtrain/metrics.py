@@ -1,8 +1,8 @@
 """Classification metrics and the run log (metrics.jsonl + TensorBoard).
 
 Metrics are computed on rank 0 from gathered predictions, in NumPy: accuracy of the fused
-logits (`acc`) and of each modality's logits (`acc_audio`, `acc_visual`), macro-F1 and the
-confusion matrix (rows = true class, columns = predicted).
+logits (`acc`) and of each modality's logits (`acc_audio`, `acc_visual`, ...), macro-F1,
+weighted-F1 and the confusion matrix (rows = true class, columns = predicted).
 """
 
 from __future__ import annotations
@@ -40,6 +40,17 @@ def macro_f1(cm: np.ndarray) -> float:
     return float(f1[present].mean())
 
 
+def weighted_f1(cm: np.ndarray) -> float:
+    """Per-class F1 averaged with the classes' true counts as weights (MER 2023's metric)."""
+    tp = np.diag(cm).astype(np.float64)
+    support, predicted = cm.sum(axis=1), cm.sum(axis=0)
+    if support.sum() == 0:
+        return float("nan")
+    denom = support + predicted
+    f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+    return float((f1 * support).sum() / support.sum())
+
+
 def summarize(labels, preds: dict[str, np.ndarray], num_classes: int,
               loss: float | None = None) -> dict:
     """Metrics of one evaluation. `preds` maps "fused" and each modality to predicted ids."""
@@ -50,6 +61,7 @@ def summarize(labels, preds: dict[str, np.ndarray], num_classes: int,
         if name != "fused":
             out[f"acc_{name}"] = accuracy(labels, p)
     out["macro_f1"] = macro_f1(cm)
+    out["weighted_f1"] = weighted_f1(cm)
     if loss is not None:
         out["loss"] = float(loss)
     out["confusion"] = cm.tolist()
