@@ -42,10 +42,17 @@ def run_local(fn: Callable, jobs: list, workers: int = 0, progress: bool = False
             return results
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
             futures = {pool.submit(fn, job): job for job in jobs}
-            for future in as_completed(futures):
-                job = futures[future]
-                results[job.name] = future.result()
-                _done(bar, job, results[job.name], failed)
+            try:
+                for future in as_completed(futures):
+                    job = futures[future]
+                    results[job.name] = future.result()
+                    _done(bar, job, results[job.name], failed)
+            except BaseException:
+                # disk full or Ctrl-C: do not start the shards still queued (they would fail
+                # the same way); the pool waits only for the ones already running
+                for future in futures:
+                    future.cancel()
+                raise
     return results
 
 

@@ -209,12 +209,24 @@ def _write_json_atomic(path: str, data) -> None:
     os.replace(tmp, path)
 
 
+def _finished_stats(out: str, stats_path: str) -> dict | None:
+    """The stats of a shard that is done, or None when it must be (re)written: no stats, or
+    stats whose tar is gone or has another size (a user deleted or damaged it)."""
+    try:
+        with open(stats_path, encoding="utf-8") as fh:
+            stats = json.load(fh)
+        if os.path.getsize(os.path.join(out, stats["shard"])) != stats["bytes"]:
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return stats
+
+
 def write_shard(job: ShardJob) -> dict:
     """Convert one shard; returns its stats. Skips the work when the stats file exists."""
     stats_path = os.path.join(job.out, f"{job.name}.json")
-    if os.path.exists(stats_path):
-        with open(stats_path, encoding="utf-8") as fh:
-            stats = json.load(fh)
+    stats = _finished_stats(job.out, stats_path)
+    if stats is not None:
         stats["skipped"] = True
         return stats
     preset = Preset.from_dict(job.preset)
@@ -228,7 +240,9 @@ def write_shard(job: ShardJob) -> dict:
     tmp_path = os.path.join(job.out, f".{job.name}.tar.tmp-{os.getpid()}")
     failures, classes, samples = [], Counter(), 0
     try:
-        with tarfile.open(tmp_path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        # PAX, not USTAR: a key longer than ~90 characters (file names of folder datasets)
+        # needs a long-name header; short names give the same bytes in both formats.
+        with tarfile.open(tmp_path, "w", format=tarfile.PAX_FORMAT) as tar:
             for record in job.records:
                 try:
                     members = convert_sample(record, preset, job.missing_audio, cropper)
@@ -356,8 +370,16 @@ def build_shards(records: list[Record], out: str, preset: Preset, *, classes: li
     jobs = plan_shards(records, out, preset, shard_size=shard_size, seed=seed,
                        missing_audio=missing_audio)
     started = time.time()
-    stats = run_jobs(write_shard, jobs, executor=executor, workers=workers,
-                     ray_address=ray_address, progress=progress)
+    try:
+        stats = run_jobs(write_shard, jobs, executor=executor, workers=workers,
+                         ray_address=ray_address, progress=progress)
+    except OSError as exc:  # disk full, permissions, ...: finished shards stay done
+        done = sum(_finished_stats(out, os.path.join(out, f"{j.name}.json")) is not None
+                   for j in jobs)
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise UserError(f"writing shards in {out} failed ({where}{exc.strerror or exc}); "
+                        f"{done} of {len(jobs)} shards are complete and kept, rerun the same "
+                        "command to finish") from None
     failures = [f for job in jobs for f in stats[job.name]["failures"]]
     with open(os.path.join(out, "failures.jsonl.tmp"), "w", encoding="utf-8") as fh:
         for failure in failures:

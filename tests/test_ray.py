@@ -15,7 +15,10 @@ def test_ray_and_local_executors_write_identical_shards(synth_dir, tmp_path):
     manifest = read_manifest(synth_dir / "manifest.jsonl")
     common = dict(classes=manifest.classes, dataset="synth", shard_size=4, workers=2)
     build_shards(manifest.records, str(tmp_path / "local"), get_preset("synth"), **common)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    except Exception as exc:  # no shared memory, no ports, ...: not the code under test
+        pytest.skip(f"a local Ray cluster cannot start here: {exc}")
     try:
         summary = build_shards(manifest.records, str(tmp_path / "ray"), get_preset("synth"),
                                executor="ray", **common)

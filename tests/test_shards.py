@@ -156,7 +156,7 @@ def test_disk_full_removes_the_temporary_tar_and_rerun_finishes(synth_dir, tmp_p
         real_add(tar, name, data)
 
     monkeypatch.setattr(shards_mod, "add_member", failing_add)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="No space left on device.*rerun the same command"):
         build(synth_dir / "manifest.jsonl", tmp_path / "out")
     out = tmp_path / "out"
     assert not [p for p in os.listdir(out) if ".tmp" in p]
@@ -183,6 +183,28 @@ def test_non_empty_foreign_folder_is_left_alone(synth_dir, tmp_path):
     with pytest.raises(UserError, match="not empty"):
         build(synth_dir / "manifest.jsonl", tmp_path, overwrite=True)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_long_keys_fit_in_the_tar(media, tmp_path):
+    """Folder datasets take keys from file names; USTAR would refuse names over 100 bytes."""
+    key = "a_very_long_clip_name_" * 6
+    write_manifest([Record(key=key, label="a", label_id=0, split="train", video=str(media.mp4))],
+                   tmp_path / "m.jsonl", classes=["a"], dataset="synth")
+    build(tmp_path / "m.jsonl", tmp_path / "out")
+    sample = next(iter(wds.WebDataset(str(tmp_path / "out/train-000000.tar"),
+                                      shardshuffle=False).decode()))
+    assert sample["__key__"] == key and sample["cls"] == 0
+    assert sample["spec.npy"].shape == (129, 126)
+
+
+def test_deleted_tar_is_rebuilt_on_rerun(synth_dir, tmp_path):
+    build(synth_dir / "manifest.jsonl", tmp_path / "out")
+    before = tar_bytes(tmp_path / "out")
+    victim = sorted((tmp_path / "out").glob("train-*.tar"))[1]
+    victim.unlink()
+    summary = build(synth_dir / "manifest.jsonl", tmp_path / "out")
+    assert summary.shards_written == 1
+    assert tar_bytes(tmp_path / "out") == before
 
 
 def run_cli(*args):
