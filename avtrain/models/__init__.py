@@ -21,10 +21,12 @@ from avprep.errors import UserError
 
 from .encoders import ENCODERS, build_encoder
 from .fusions import FUSIONS, build_fusion
+from .sequence import SEQUENCE_MODELS, build_sequence_model, input_specs
 
-MODALITIES = ("audio", "visual")
+MODALITIES = ("audio", "visual", "text")
 
-__all__ = ["AVModel", "build_model", "ENCODERS", "FUSIONS", "MODALITIES", "model_spec"]
+__all__ = ["AVModel", "build_model", "ENCODERS", "FUSIONS", "MODALITIES", "SEQUENCE_MODELS",
+           "model_spec"]
 
 
 class AVModel(nn.Module):
@@ -97,7 +99,17 @@ def model_spec(encoder: str, fusion: str, num_classes: int, modalities, trained_
 
 
 def build_model(model: str = "resnet18", fusion: str = "concat", num_classes: int = 2,
-                modalities=MODALITIES, trained_unimodal_heads: bool = False) -> AVModel:
+                modalities=("audio", "visual"), trained_unimodal_heads: bool = False, *,
+                index: dict | None = None, inputs: dict | None = None,
+                options: dict | None = None) -> nn.Module:
+    """An encoder + fusion `AVModel`, or a sequence transformer (emt, mbt, umt, ca) whose
+    per-modality inputs come from `inputs` or the shard set's `index` (index.json)."""
+    if model in SEQUENCE_MODELS:
+        return build_sequence_model(model, num_classes, modalities,
+                                    inputs or input_specs(index or {}, modalities),
+                                    trained_unimodal_heads=trained_unimodal_heads,
+                                    **(options or {}))
     if model not in ENCODERS:
-        raise UserError(f"unknown model {model!r}; choose one of: {', '.join(sorted(ENCODERS))}")
+        raise UserError(f"unknown model {model!r}; choose one of: "
+                        f"{', '.join(sorted([*ENCODERS, *SEQUENCE_MODELS]))}")
     return AVModel(model, fusion, num_classes, modalities, trained_unimodal_heads)

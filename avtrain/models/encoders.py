@@ -79,6 +79,10 @@ ENCODERS: dict[str, Callable[[str], nn.Module]] = {"resnet18": resnet18, "tiny":
 def build_encoder(name: str, modality: str) -> nn.Module:
     if name not in ENCODERS:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(sorted(ENCODERS))}")
+    if modality == "text":  # transcripts: the built-in byte-level encoder, sized by `name`
+        from .text import build_text_encoder
+
+        return build_text_encoder(name)
     if modality not in IN_CHANNELS:
         raise UserError(f"unknown modality {modality!r}; choose from: {', '.join(IN_CHANNELS)}")
     return ENCODERS[name](modality)

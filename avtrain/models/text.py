@@ -56,7 +56,8 @@ def masked_mean(x: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
 
 
 class TextEncoder(nn.Module):
-    """Byte embedding + learned positions + `layers` transformer layers (pre-norm)."""
+    """Byte embedding, a width-3 convolution (byte trigrams; also the kernel OGM's default
+    `conv` rule scales), learned positions, `layers` transformer layers (pre-norm)."""
 
     def __init__(self, dim: int = 128, layers: int = 2, heads: int = 4,
                  max_len: int = MAX_LEN, dropout: float = 0.1):
@@ -64,6 +65,7 @@ class TextEncoder(nn.Module):
         self.out_dim = dim
         self.max_len = max_len
         self.embed = nn.Embedding(VOCAB, dim, padding_idx=PAD)
+        self.ngram = nn.Conv1d(dim, dim, kernel_size=3, padding=1)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.zeros(1, max_len + 1, dim))
         nn.init.normal_(self.pos, std=0.02)
@@ -83,7 +85,8 @@ class TextEncoder(nn.Module):
         lengths = lengths.clamp(max=tokens.shape[1])
         mask = padding_mask(lengths, tokens.shape[1])
         tokens = tokens.masked_fill(mask, PAD)  # whatever sits in padding is ignored
-        x = self.embed(tokens)
+        x = self.embed(tokens)  # padding embeds to zeros, so the conv sees only real bytes
+        x = x + self.ngram(x.transpose(1, 2)).transpose(1, 2)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
         x = x + self.pos[:, :x.shape[1]]
         mask = torch.cat([torch.zeros_like(mask[:, :1]), mask], dim=1)
