@@ -24,7 +24,9 @@ class TrainConfig:
     shards: str | None = None  # folder holding index.json and the tars
     run_dir: str | None = None
     method: str = "none"  # balancing method (avtrain.balance.METHODS)
-    model: str = "resnet18"  # encoder: resnet18 | tiny
+    model: str = "resnet18"  # encoder: resnet18 | tiny; or a sequence model: emt | mbt | umt | ca
+    model_options: dict = field(default_factory=dict)  # sequence models: d_model, heads, ...
+    folds: int | None = None  # k-fold cross-validation over train+val (avtrain.folds)
     fusion: str = "concat"
     modalities: list[str] = field(default_factory=lambda: ["audio", "visual"])
     epochs: int = 30
@@ -105,11 +107,13 @@ def _coerce(name: str, value):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         return list(value)
+    if name == "model_options":
+        return parse_model_options(value)
     default = FIELDS[name].default
     kind = type(default) if default is not None and default is not dataclasses.MISSING else None
     if name in ("clip_grad", "alpha"):
         kind = float
-    elif name in ("eval_batch_size", "steps_per_epoch", "frames", "crop_columns"):
+    elif name in ("eval_batch_size", "steps_per_epoch", "frames", "crop_columns", "folds"):
         kind = int
     try:
         if kind is bool and isinstance(value, str):
@@ -119,6 +123,21 @@ def _coerce(name: str, value):
     except (TypeError, ValueError):
         raise UserError(f"setting {name!r}: expected a number, got {value!r}") from None
     return value
+
+
+def parse_model_options(value) -> dict:
+    """A mapping, or KEY=VALUE strings (repeated --model-option), values read as YAML."""
+    if isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, str):
+        value = [value]
+    out = {}
+    for item in value or ():
+        key, sep, raw = str(item).partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--model-option expects KEY=VALUE, got {item!r}")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(raw)
+    return out
 
 
 def make_config(*layers: dict) -> TrainConfig:
@@ -134,17 +153,28 @@ def make_config(*layers: dict) -> TrainConfig:
 def check(config: TrainConfig) -> None:
     """Reject settings that cannot work, with one line each (before anything is loaded)."""
     from avtrain.balance import get_method
-    from avtrain.models import ENCODERS, FUSIONS, MODALITIES
+    from avtrain.models import ENCODERS, FUSIONS, MODALITIES, SEQUENCE_MODELS
+    from avtrain.models.sequence import DEFAULTS
 
     get_method(config.method)
-    if config.model not in ENCODERS:
+    sequence = config.model in SEQUENCE_MODELS
+    if config.model not in ENCODERS and not sequence:
         raise UserError(f"unknown model {config.model!r}; choose one of: "
-                        f"{', '.join(sorted(ENCODERS))}")
-    if config.fusion not in FUSIONS:
+                        f"{', '.join(sorted([*ENCODERS, *SEQUENCE_MODELS]))}")
+    if config.fusion not in FUSIONS and not sequence:
         raise UserError(f"unknown fusion {config.fusion!r}; choose one of: {', '.join(FUSIONS)}")
     for m in config.modalities:
-        if m not in MODALITIES:
+        if m not in MODALITIES and not sequence:  # sequence models take any feature modality
             raise UserError(f"unknown modality {m!r}; choose from: {', '.join(MODALITIES)}")
+    if config.model_options and not sequence:
+        raise UserError(f"--model-option applies to the sequence models "
+                        f"({', '.join(SEQUENCE_MODELS)}), not to {config.model!r}")
+    unknown = sorted(set(config.model_options) - set(DEFAULTS))
+    if unknown:
+        raise UserError(f"unknown --model-option {unknown[0]!r}; choose from: "
+                        f"{', '.join(DEFAULTS)}")
+    if config.folds is not None and config.folds < 2:
+        raise UserError(f"--folds must be at least 2, got {config.folds}")
     if not config.modalities:
         raise UserError("--modalities needs at least one of: audio, visual")
     for name, choices in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),

@@ -177,7 +177,8 @@ def model_from_checkpoint(ckpt: dict, shards: ShardSet | None = None) -> torch.n
         check_compatible(ckpt, num_classes=shards.num_classes, classes=shards.classes)
     try:
         model = build_model(spec["model"], spec["fusion"], spec["num_classes"],
-                            spec["modalities"], spec.get("trained_unimodal_heads", False))
+                            spec["modalities"], spec.get("trained_unimodal_heads", False),
+                            inputs=spec.get("inputs"), options=spec.get("options"))
     except KeyError:
         raise UserError(f"{ckpt.get('path')}: checkpoint has no model description") from None
     load_model_state(model, ckpt)
@@ -239,7 +240,8 @@ class Trainer:
 
         _seed_everything(c.seed)
         self.model = build_model(c.model, c.fusion, self.shards.num_classes, c.modalities,
-                                 trained_unimodal_heads=method.trained_unimodal_heads)
+                                 trained_unimodal_heads=method.trained_unimodal_heads,
+                                 index=self.shards.index, options=c.model_options)
         self.spec = self.model.spec
         self.model.to(ctx.device)
         self.optimizer = build_optimizer(c, self.model.parameters())
@@ -488,7 +490,8 @@ def _fit(config: TrainConfig, ctx: D.Context, resume: str | None) -> dict:
         # rank 0 wrote best.pt; other ranks (maybe on other machines) get its weights from it
         state = load_checkpoint(os.path.join(run, "best.pt"))["model"] if ctx.main else None
         best = build_model(c.model, c.fusion, trainer.shards.num_classes, c.modalities,
-                           trainer.spec["trained_unimodal_heads"])
+                           trainer.spec["trained_unimodal_heads"], index=trainer.shards.index,
+                           options=c.model_options)
         best.load_state_dict(D.broadcast_object(state, ctx))
         best.to(ctx.device)
         summary["linear_probe"] = linear_probe(
