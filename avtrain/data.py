@@ -328,16 +328,24 @@ def _slice_for(rank: int, world: int):
 
 
 def _shuffle_stage(src, *, bufsize: int, seed: int, epoch: int, rank: int, salt: int):
+    """A shuffle buffer that starts yielding after `min(100, bufsize)` samples and grows by
+    one sample per yield up to `bufsize` (so the first batch does not wait for a full buffer).
+    """
     worker, _ = _worker()
     rng = random.Random(wds.utils.make_seed(seed, epoch, rank, worker, salt, 17))
+    initial = min(100, bufsize)
+    src = iter(src)
     buf: list = []
     for sample in src:
+        buf.append(sample)
         if len(buf) < bufsize:
-            buf.append(sample)
-            continue
-        i = rng.randrange(len(buf))
-        buf[i], sample = sample, buf[i]
-        yield sample
+            nxt = next(src, None)
+            if nxt is not None:
+                buf.append(nxt)
+        if len(buf) >= initial:
+            i = rng.randrange(len(buf))
+            buf[i], buf[-1] = buf[-1], buf[i]
+            yield buf.pop()
     rng.shuffle(buf)
     yield from buf
 

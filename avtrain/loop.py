@@ -228,11 +228,11 @@ class Trainer:
         c = config
         if not c.run_dir:
             raise UserError("no run directory given (--run-dir)")
+        check_decode_device(c.decode_device)
         self.shards = open_shards(c.shards)
         self.shards.require("train", c.batch_size, ctx.world)
         self.shards.require(c.val_split)
         self.has_test = self.shards.samples(c.test_split) > 0
-        check_decode_device(c.decode_device)
         self.opts = _data_options(c.to_dict(), self.shards, c.modalities,
                                   decode_device=c.decode_device)
         self.steps = c.steps_per_epoch or self.shards.samples("train") // (c.batch_size * ctx.world)

@@ -43,3 +43,22 @@ def synth_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")
     write_synth(out, SynthConfig(classes=3, per_class=8, seconds=1.0, size=32), workers=2)
     return out
+
+
+@pytest.fixture(scope="session")
+def train_shards(tmp_path_factory) -> Path:
+    """Shards built by avprep.shards from synth media (3 classes x 30 clips, several shards per
+    split), for the trainer tests: big enough that a linear probe can beat chance."""
+    from avprep.manifest import read_manifest
+    from avprep.presets import get_preset
+    from avprep.shards import build_shards
+    from avprep.synth import SynthConfig, write_synth
+
+    media = tmp_path_factory.mktemp("train_synth")
+    write_synth(media, SynthConfig(classes=3, per_class=30, seconds=1.0, size=32,
+                                   val_fraction=0.2, test_fraction=0.2), workers=2)
+    manifest = read_manifest(media / "manifest.jsonl")
+    out = tmp_path_factory.mktemp("train_shards")
+    build_shards(manifest.records, str(out), get_preset("synth"), classes=manifest.classes,
+                 dataset="synth", shard_size=8, workers=2)
+    return out
