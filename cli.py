@@ -217,6 +217,8 @@ def extract_audio_cmd(source, out, dataset, split, sr, workers, overwrite, **kw)
               help="Output folder for the shards.")
 @click.option("--preset", help="Preset name (default: the dataset's).")
 @click.option("--shard-size", default=1000, show_default=True, help="Samples per shard.")
+@click.option("--max-shard-bytes", help="Also cut a shard's tar into parts past this size, "
+              "e.g. 500M or 2G (parts are named NAME-001.tar, ...).")
 @click.option("--workers", default=0, help="Parallel shard writers (0 = all cores).")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
               show_default=True)
@@ -229,11 +231,11 @@ def extract_audio_cmd(source, out, dataset, split, sr, workers, overwrite, **kw)
 @click.option("--seed", default=0, show_default=True, help="Seed of the shard assignment.")
 @click.option("--overwrite", is_flag=True, help="Rebuild OUT even if it was built differently.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def build_shards_cmd(manifest, dataset, root, out, preset, shard_size, workers, executor,
-                     ray_address, splits, limit, frame_size, missing_audio, seed, overwrite,
-                     no_progress):
+def build_shards_cmd(manifest, dataset, root, out, preset, shard_size, max_shard_bytes, workers,
+                     executor, ray_address, splits, limit, frame_size, missing_audio, seed,
+                     overwrite, no_progress):
     """Convert clips to WebDataset shards (resumable: rerun the same command to finish)."""
-    from avprep.shards import build_shards, load_source
+    from avprep.shards import build_shards, load_source, parse_size
 
     loaded, chosen = load_source(manifest=manifest, dataset=dataset, root=root, preset=preset)
     if frame_size is not None:
@@ -242,7 +244,8 @@ def build_shards_cmd(manifest, dataset, root, out, preset, shard_size, workers, 
         loaded.records, out, chosen, classes=loaded.classes, dataset=loaded.dataset,
         shard_size=shard_size, workers=workers, executor=executor, ray_address=ray_address,
         splits=splits.split(",") if splits else None, limit=limit,
-        missing_audio=missing_audio, overwrite=overwrite, seed=seed, progress=not no_progress)
+        missing_audio=missing_audio, overwrite=overwrite, seed=seed, progress=not no_progress,
+        max_shard_bytes=parse_size(max_shard_bytes) if max_shard_bytes else None)
     click.echo(summary.describe())
 
 
@@ -323,7 +326,13 @@ def _fit_options(f):
                      "[default: none]"),
         click.option("--fusion", help="sum, concat, film, gated, bilinear, attention "
                      "[default: concat]"),
-        click.option("--model", help="Encoders: resnet18 or tiny [default: resnet18]"),
+        click.option("--model", help="Encoders: resnet18 or tiny; or a sequence transformer: "
+                     "emt, mbt, umt, ca [default: resnet18]"),
+        click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE",
+                     help="Sequence model option, repeatable: d_model, heads, layers, bottleneck,"
+                     " ff, dropout, ... [defaults: 768, 8, 3, 12, 1024, 0.1]"),
+        click.option("--folds", type=int, help="k-fold cross-validation over train+val: k runs "
+                     "in RUN/fold*, mean ± std in RUN/cv.md (rerun to resume)"),
         click.option("--modalities", help="Comma list, e.g. audio or audio,visual "
                      "[default: audio,visual]"),
         click.option("--epochs", type=int, help="[default: 30]"),
@@ -374,9 +383,17 @@ def fit(config_file, print_config, resume, **flags):
     """Train an audio-visual classifier on a shard folder (also under torchrun for DDP)."""
     from avtrain.config import cli_config, to_yaml
 
-    config = cli_config({k: v for k, v in flags.items() if v is not None}, config_file, resume)
+    config = cli_config({k: v for k, v in flags.items() if v is not None and v != ()},
+                        config_file, resume)
     if print_config:
         click.echo(to_yaml(config), nl=False)
+        return
+    if config.folds:
+        from avtrain.folds import cross_validate, markdown
+
+        summary = cross_validate(config)
+        if _rank0():
+            click.echo(markdown(summary), nl=False)
         return
     from avtrain.loop import fit as run_fit
 
@@ -400,7 +417,7 @@ def _rank0() -> bool:
 
 
 def _metrics_table(m: dict, split: str) -> str:
-    cols = ["acc"] + sorted(k for k in m if k.startswith("acc_")) + ["macro_f1"]
+    cols = ["acc"] + sorted(k for k in m if k.startswith("acc_")) + ["macro_f1", "weighted_f1"]
     head = f"{'split':<8}{'n':>7}" + "".join(f"{c:>12}" for c in cols)
     row = f"{split:<8}{m.get('n', 0):>7}" + "".join(
         f"{m[c]:>12.4f}" if isinstance(m.get(c), float) else f"{'-':>12}" for c in cols)
