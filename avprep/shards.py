@@ -47,6 +47,7 @@ class ShardJob:
     out: str
     preset: dict
     missing_audio: str = "drop"
+    max_bytes: int | None = None  # cut the shard's tar into parts past this size
 
     @property
     def name(self) -> str:
@@ -77,6 +78,20 @@ class BuildSummary:
         else:
             lines.append("  no failures")
         return "\n".join(lines)
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from `123`, `500K`, `500M`, `2G` (powers of 1024; a trailing B is allowed)."""
+    value = str(text).strip().upper().removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(value[-1:], 1)
+    number = value[:-1] if scale > 1 else value
+    try:
+        size = int(float(number) * scale)
+    except ValueError:
+        raise UserError(f"not a size: {text!r} (examples: 500M, 2G, 1000000)") from None
+    if size < 1:
+        raise UserError(f"a size must be positive, got {text!r}")
+    return size
 
 
 # --- planning -------------------------------------------------------------------------------
@@ -209,21 +224,95 @@ def _write_json_atomic(path: str, data) -> None:
     os.replace(tmp, path)
 
 
+def tar_parts(stats: dict) -> list[dict]:
+    """The tars of one shard, `[{url, samples, bytes, classes}]`: one, or several when
+    `--max-shard-bytes` cut it (stats written before parts existed have no "parts")."""
+    if stats.get("parts"):
+        return stats["parts"]
+    return [{"url": stats["shard"], "samples": stats["samples"], "bytes": stats["bytes"],
+             "classes": stats["classes"]}]
+
+
 def _finished_stats(out: str, stats_path: str) -> dict | None:
     """The stats of a shard that is done, or None when it must be (re)written: no stats, or
     stats whose tar is gone or has another size (a user deleted or damaged it)."""
     try:
         with open(stats_path, encoding="utf-8") as fh:
             stats = json.load(fh)
-        if os.path.getsize(os.path.join(out, stats["shard"])) != stats["bytes"]:
-            return None
+        for part in tar_parts(stats):
+            if os.path.getsize(os.path.join(out, part["url"])) != part["bytes"]:
+                return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return stats
 
 
+def _member_bytes(members: dict[str, bytes]) -> int:
+    """Bytes the members take in a tar: a 512-byte header each, data padded to 512."""
+    return sum(512 + -(-len(data) // 512) * 512 for data in members.values())
+
+
+class _ShardTars:
+    """Writes one shard's samples to `NAME.tar` — and, past `max_bytes`, on to `NAME-001.tar`,
+    `NAME-002.tar`, ... — under temporary names; `commit()` renames them into place."""
+
+    def __init__(self, out: str, name: str, max_bytes: int | None = None):
+        self.out, self.name, self.max_bytes = out, name, max_bytes
+        self.parts: list[dict] = []
+        self.tmps: list[str] = []
+        self.tar: tarfile.TarFile | None = None
+        self.size = 0
+
+    def _next(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+        n = len(self.parts)
+        url = f"{self.name}.tar" if n == 0 else f"{self.name}-{n:03d}.tar"
+        tmp = os.path.join(self.out, f".{url}.tmp-{os.getpid()}")
+        self.tmps.append(tmp)
+        # PAX, not USTAR: a key longer than ~90 characters (file names of folder datasets)
+        # needs a long-name header; short names give the same bytes in both formats.
+        self.tar = tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT)
+        self.parts.append({"url": url, "samples": 0, "bytes": 0, "classes": Counter()})
+        self.size = 0
+
+    def add(self, key: str, label_id: int, members: dict[str, bytes]) -> None:
+        size = _member_bytes(members)
+        if self.tar is None or (self.max_bytes and self.parts[-1]["samples"]
+                                and self.size + size > self.max_bytes):
+            self._next()
+        for suffix, data in members.items():
+            add_member(self.tar, f"{key}.{suffix}", data)
+        self.size += size
+        self.parts[-1]["samples"] += 1
+        self.parts[-1]["classes"][str(label_id)] += 1
+
+    def commit(self) -> list[dict]:
+        if self.tar is None:
+            self._next()  # every sample failed: an empty tar keeps the shard's name
+        self.tar.close()
+        for tmp, part in zip(self.tmps, self.parts):
+            final = os.path.join(self.out, part["url"])
+            os.replace(tmp, final)
+            part["bytes"] = os.path.getsize(final)
+            part["classes"] = {k: part["classes"][k] for k in sorted(part["classes"], key=int)}
+        self.tmps = []
+        return self.parts
+
+    def discard(self) -> None:
+        """Disk full, kill, ...: never leave a half tar around."""
+        if self.tar is not None:
+            try:
+                self.tar.close()
+            except OSError:
+                pass
+        for tmp in self.tmps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
 def write_shard(job: ShardJob) -> dict:
-    """Convert one shard; returns its stats. Skips the work when the stats file exists."""
+    """Convert one shard; returns its stats. Skips the work when the shard is already done."""
     stats_path = os.path.join(job.out, f"{job.name}.json")
     stats = _finished_stats(job.out, stats_path)
     if stats is not None:
@@ -236,36 +325,33 @@ def write_shard(job: ShardJob) -> dict:
 
         cropper = FaceCropper(size=preset.face_size)
     started = time.time()
-    tar_path = os.path.join(job.out, f"{job.name}.tar")
-    tmp_path = os.path.join(job.out, f".{job.name}.tar.tmp-{os.getpid()}")
-    failures, classes, samples = [], Counter(), 0
+    failures = []
+    tars = _ShardTars(job.out, job.name, job.max_bytes)
     try:
-        # PAX, not USTAR: a key longer than ~90 characters (file names of folder datasets)
-        # needs a long-name header; short names give the same bytes in both formats.
-        with tarfile.open(tmp_path, "w", format=tarfile.PAX_FORMAT) as tar:
-            for record in job.records:
-                try:
-                    members = convert_sample(record, preset, job.missing_audio, cropper)
-                except MediaError as exc:
-                    failures.append({"key": record.key, "path": exc.path or record.video,
-                                     "stage": exc.stage, "error": str(exc)})
-                    continue
-                except Exception as exc:  # one odd clip must not lose the shard
-                    failures.append({"key": record.key, "path": record.video,
-                                     "stage": "convert", "error": f"{type(exc).__name__}: {exc}"})
-                    continue
-                for suffix, data in members.items():
-                    add_member(tar, f"{record.key}.{suffix}", data)
-                samples += 1
-                classes[str(record.label_id)] += 1
-        os.replace(tmp_path, tar_path)
+        for record in job.records:
+            try:
+                members = convert_sample(record, preset, job.missing_audio, cropper)
+            except MediaError as exc:
+                failures.append({"key": record.key, "path": exc.path or record.video,
+                                 "stage": exc.stage, "error": str(exc)})
+                continue
+            except Exception as exc:  # one odd clip must not lose the shard
+                failures.append({"key": record.key, "path": record.video,
+                                 "stage": "convert", "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            tars.add(record.key, record.label_id, members)
+        parts = tars.commit()
     except BaseException:
-        if os.path.exists(tmp_path):  # disk full, kill, ...: never leave a half tar around
-            os.remove(tmp_path)
+        tars.discard()
         raise
-    stats = {"shard": f"{job.name}.tar", "split": job.split, "samples": samples,
-             "bytes": os.path.getsize(tar_path), "classes": dict(sorted(classes.items())),
-             "failures": failures, "seconds": round(time.time() - started, 3)}
+    classes = Counter()
+    for part in parts:
+        classes.update(part["classes"])
+    stats = {"shard": parts[0]["url"], "split": job.split,
+             "samples": sum(p["samples"] for p in parts),
+             "bytes": sum(p["bytes"] for p in parts),
+             "classes": {k: classes[k] for k in sorted(classes, key=int)},
+             "parts": parts, "failures": failures, "seconds": round(time.time() - started, 3)}
     _write_json_atomic(stats_path, stats)
     return stats
 
@@ -332,8 +418,7 @@ def _index(out: str, jobs: list[ShardJob], stats: dict[str, dict], meta: dict) -
                 class_counts[int(label)] += n
         splits[split] = {
             "samples": sum(s["samples"] for s in shards),
-            "shards": [{"url": s["shard"], "samples": s["samples"], "bytes": s["bytes"],
-                        "classes": s["classes"]} for s in shards],
+            "shards": [part for s in shards for part in tar_parts(s)],
             "class_counts": class_counts,
         }
     return {"format": FORMAT, "format_version": FORMAT_VERSION, **meta,
@@ -346,8 +431,14 @@ def build_shards(records: list[Record], out: str, preset: Preset, *, classes: li
                  executor: str = "local", ray_address: str | None = None,
                  splits: list[str] | None = None, limit: int | None = None,
                  missing_audio: str = "drop", overwrite: bool = False, seed: int = 0,
-                 progress: bool = False, extra_args: dict | None = None) -> BuildSummary:
-    """Write (or finish writing) the shard set for `records` under `out`."""
+                 progress: bool = False, extra_args: dict | None = None,
+                 max_shard_bytes: int | None = None) -> BuildSummary:
+    """Write (or finish writing) the shard set for `records` under `out`.
+
+    `shard_size` samples per planned shard; `max_shard_bytes` also cuts a shard's tar into
+    `-001`, `-002`, ... parts once it would pass that size (each part is listed in index.json
+    as a shard). Rerunning with the same arguments finishes an interrupted build.
+    """
     from .executors import run_jobs
 
     if missing_audio not in MISSING_AUDIO:
@@ -363,12 +454,18 @@ def build_shards(records: list[Record], out: str, preset: Preset, *, classes: li
         records = [r for split in SPLITS for r in [x for x in records if x.split == split][:limit]]
     if not records:
         raise UserError("no records left to convert (check --splits / --limit)")
+    if max_shard_bytes is not None and max_shard_bytes < 1:
+        raise UserError(f"--max-shard-bytes must be positive, got {max_shard_bytes}")
     args = {"preset": preset.to_dict(), "shard_size": shard_size, "seed": seed,
             "missing_audio": missing_audio, "splits": splits, "limit": limit,
             "samples": len(records), **(extra_args or {})}
+    if max_shard_bytes is not None:  # only when set: older shard sets keep resuming
+        args["max_shard_bytes"] = max_shard_bytes
     _prepare_out(out, _fingerprint(records, args), args, overwrite)
     jobs = plan_shards(records, out, preset, shard_size=shard_size, seed=seed,
                        missing_audio=missing_audio)
+    for job in jobs:
+        job.max_bytes = max_shard_bytes
     started = time.time()
     try:
         stats = run_jobs(write_shard, jobs, executor=executor, workers=workers,

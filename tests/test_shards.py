@@ -207,6 +207,29 @@ def test_deleted_tar_is_rebuilt_on_rerun(synth_dir, tmp_path):
     assert tar_bytes(tmp_path / "out") == before
 
 
+def test_max_shard_bytes_cuts_parts_that_index_and_verify_see(synth_dir, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("build-shards", "--manifest", str(synth_dir / "manifest.jsonl"), "-o",
+                     str(out), "--shard-size", "6", "--max-shard-bytes", "100K", "--workers", "1",
+                     "--no-progress")
+    assert result.returncode == 0, result.stderr
+    index = json.loads((out / "index.json").read_text())
+    shards = index["splits"]["train"]["shards"]
+    assert any(s["url"].endswith("-001.tar") for s in shards)  # some shard was cut
+    assert max(s["samples"] for s in shards) > 1  # ... into parts of several samples
+    for s in shards:
+        assert (out / s["url"]).stat().st_size == s["bytes"]
+        assert s["bytes"] <= 100 * 1024 + 10240  # the cap + tarfile's end-of-archive padding
+    assert sum(s["samples"] for s in shards) == index["splits"]["train"]["samples"]
+    whole = tmp_path / "whole"
+    build(synth_dir / "manifest.jsonl", whole, shard_size=6)
+    assert keys_in(out) == keys_in(whole)
+    assert run_cli("verify", str(out)).returncode == 0
+    assert "not a size" in one_line_error(run_cli(
+        "build-shards", "--manifest", str(synth_dir / "manifest.jsonl"), "-o", str(out),
+        "--max-shard-bytes", "lots"))
+
+
 def run_cli(*args):
     return subprocess.run([str(BIN / "avprep"), *args], capture_output=True, text=True)
 
