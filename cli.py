@@ -326,7 +326,13 @@ def _fit_options(f):
                      "[default: none]"),
         click.option("--fusion", help="sum, concat, film, gated, bilinear, attention "
                      "[default: concat]"),
-        click.option("--model", help="Encoders: resnet18 or tiny [default: resnet18]"),
+        click.option("--model", help="Encoders: resnet18 or tiny; or a sequence transformer: "
+                     "emt, mbt, umt, ca [default: resnet18]"),
+        click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE",
+                     help="Sequence model option, repeatable: d_model, heads, layers, bottleneck,"
+                     " ff, dropout, ... [defaults: 768, 8, 3, 12, 1024, 0.1]"),
+        click.option("--folds", type=int, help="k-fold cross-validation over train+val: k runs "
+                     "in RUN/fold*, mean ± std in RUN/cv.md (rerun to resume)"),
         click.option("--modalities", help="Comma list, e.g. audio or audio,visual "
                      "[default: audio,visual]"),
         click.option("--epochs", type=int, help="[default: 30]"),
@@ -377,9 +383,17 @@ def fit(config_file, print_config, resume, **flags):
     """Train an audio-visual classifier on a shard folder (also under torchrun for DDP)."""
     from avtrain.config import cli_config, to_yaml
 
-    config = cli_config({k: v for k, v in flags.items() if v is not None}, config_file, resume)
+    config = cli_config({k: v for k, v in flags.items() if v is not None and v != ()},
+                        config_file, resume)
     if print_config:
         click.echo(to_yaml(config), nl=False)
+        return
+    if config.folds:
+        from avtrain.folds import cross_validate, markdown
+
+        summary = cross_validate(config)
+        if _rank0():
+            click.echo(markdown(summary), nl=False)
         return
     from avtrain.loop import fit as run_fit
 
@@ -403,7 +417,7 @@ def _rank0() -> bool:
 
 
 def _metrics_table(m: dict, split: str) -> str:
-    cols = ["acc"] + sorted(k for k in m if k.startswith("acc_")) + ["macro_f1"]
+    cols = ["acc"] + sorted(k for k in m if k.startswith("acc_")) + ["macro_f1", "weighted_f1"]
     head = f"{'split':<8}{'n':>7}" + "".join(f"{c:>12}" for c in cols)
     row = f"{split:<8}{m.get('n', 0):>7}" + "".join(
         f"{m[c]:>12.4f}" if isinstance(m.get(c), float) else f"{'-':>12}" for c in cols)
