@@ -6,7 +6,11 @@
     for batch in eval_loader(shards, "test", opts, batch_size=64): ...
 
 A batch is a dict: "audio" [B, 1, F, T] float32, "visual" [B, T, 3, H, W] float32 (ImageNet
-normalised), "label" [B] long, "key" list of str.
+normalised), "label" [B] long, "key" list of str. Sequences are right-padded with zeros and come
+with their lengths: "text" [B, L] long UTF-8 byte ids of the `{key}.txt` transcript (0 = pad)
+and "text_len" [B]; a modality the index lists under `features` (avprep import-features) is
+read from `{key}.{modality}.npy` as [B, T, D] float32 with "{modality}_len" [B] (0 where the
+clip lacks it), instead of the spectrogram or frames.
 
 Train: shards resampled with a seed shared by every rank and worker, so the shard stream is
 the same everywhere and each (rank, worker) takes its own slice of it (split by node, then by
@@ -124,6 +128,7 @@ class DataOptions:
     frames: int = 1
     crop_columns: int | None = None
     decode_device: str = "cpu"  # "cuda": JPEG bytes travel to the main process, decoded there
+    features: tuple[str, ...] = ()  # modalities read from {key}.{modality}.npy sequences
 
     @classmethod
     def for_shards(cls, shards: ShardSet, *, modalities=("audio", "visual"), image_size=224,
@@ -134,8 +139,9 @@ class DataOptions:
         missing = [m for m in modalities if m not in shards.modalities]
         if missing:
             raise UserError(f"{shards.root}: these shards hold no {missing[0]!r} modality")
+        features = tuple(m for m in modalities if m in (shards.index.get("features") or {}))
         return cls(tuple(modalities), int(image_size), int(frames),
-                   int(crop) if crop else None, decode_device)
+                   int(crop) if crop else None, decode_device, features)
 
 
 def _crop_draw(rng: np.random.Generator) -> np.ndarray:
@@ -225,13 +231,24 @@ def decode_sample(sample: dict, opts: DataOptions, rng: np.random.Generator | No
     if "cls" not in sample:
         raise ValueError(f"sample {key} has no .cls member")
     out = {"key": key, "label": int(bytes(sample["cls"]).decode("ascii").strip())}
-    if "audio" in opts.modalities:
+    for m in opts.features:  # precomputed [time, dim] sequences
+        if f"{m}.npy" not in sample:
+            raise ValueError(f"sample {key} has no .{m}.npy member")
+        seq = np.load(io.BytesIO(sample[f"{m}.npy"]), allow_pickle=False)
+        seq = np.asarray(seq, dtype=np.float32).reshape(-1, seq.shape[-1])
+        out[m], out[f"{m}_len"] = torch.from_numpy(seq), seq.shape[0]
+    if "text" in opts.modalities and "text" not in opts.features:  # the raw transcript
+        from avtrain.models.text import encode_text
+
+        ids = encode_text(bytes(sample.get("txt", b"")).decode("utf-8", errors="replace"))
+        out["text"], out["text_len"] = ids, int(ids.numel())
+    if "audio" in opts.modalities and "audio" not in opts.features:
         if "spec.npy" not in sample:
             raise ValueError(f"sample {key} has no .spec.npy member")
         spec = np.load(io.BytesIO(sample["spec.npy"]), allow_pickle=False)
         spec = crop_spectrogram(np.asarray(spec, dtype=np.float32), opts.crop_columns, rng)
         out["audio"] = torch.from_numpy(np.ascontiguousarray(spec)).unsqueeze(0)
-    if "visual" in opts.modalities:
+    if "visual" in opts.modalities and "visual" not in opts.features:
         names = sorted((int(m.group(1)), k) for k in sample if (m := FRAME_MEMBER.match(k)))
         chosen = [names[i][1] for i in pick_frames(len(names), opts.frames, rng)]
         draw = _crop_draw(rng) if rng is not None else None
@@ -253,18 +270,26 @@ def decode_sample(sample: dict, opts: DataOptions, rng: np.random.Generator | No
 def collate(samples: list[dict]) -> dict:
     batch = {"key": [s["key"] for s in samples],
              "label": torch.tensor([s["label"] for s in samples], dtype=torch.long)}
-    if "audio" in samples[0]:
+    if "audio" in samples[0] and "audio_len" not in samples[0]:
         specs = [s["audio"] for s in samples]
         width = max(x.shape[-1] for x in specs)
         if any(x.shape[-1] != width for x in specs):  # variable-length clips: pad with silence
             specs = [torch.nn.functional.pad(x, (0, width - x.shape[-1]), value=float(x.min()))
                      for x in specs]
         batch["audio"] = torch.stack(specs)
-    if "visual" in samples[0]:
+    if "visual" in samples[0] and "visual_len" not in samples[0]:
         batch["visual"] = torch.stack([s["visual"] for s in samples])
     if "visual_jpeg" in samples[0]:
         batch["visual_jpeg"] = [s["visual_jpeg"] for s in samples]
         batch["visual_draw"] = [s["visual_draw"] for s in samples]
+    for name in [k for k in samples[0] if f"{k}_len" in samples[0]]:  # variable-length
+        seqs = [s[name] for s in samples]
+        size = max(1, max(x.shape[0] for x in seqs))
+        padded = seqs[0].new_zeros((len(seqs), size, *seqs[0].shape[1:]))
+        for i, x in enumerate(seqs):
+            padded[i, :x.shape[0]] = x
+        batch[name] = padded
+        batch[f"{name}_len"] = torch.tensor([x.shape[0] for x in seqs], dtype=torch.long)
     return batch
 
 
@@ -272,9 +297,9 @@ def to_device(batch: dict, device: torch.device, opts: DataOptions) -> dict:
     """Move a batch to the device; with `decode_device="cuda"` decode its JPEGs there."""
     out = dict(batch)
     non_blocking = device.type == "cuda"
-    for name in ("audio", "visual", "label"):
-        if name in out:
-            out[name] = out[name].to(device, non_blocking=non_blocking)
+    for name, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[name] = value.to(device, non_blocking=non_blocking)
     if "visual_jpeg" in out:
         from torchvision.io import ImageReadMode, decode_jpeg
 
