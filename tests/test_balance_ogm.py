@@ -348,3 +348,79 @@ def test_single_modality_is_a_user_error(method):
     model = ToyAV(("audio",))
     with pytest.raises(UserError, match="at least two"):
         build_balancer(method, model, {}, modalities=model.modalities)
+
+
+# --- through the real trainer -----------------------------------------------------------------
+
+
+def build_test_shards(synth_dir, out):
+    """The conftest synth clips as a shard set (avprep build-shards, preset synth)."""
+    from avprep.manifest import read_manifest
+    from avprep.presets import get_preset
+    from avprep.shards import build_shards
+
+    manifest = read_manifest(synth_dir / "manifest.jsonl")
+    build_shards(manifest.records, str(out), get_preset("synth"), classes=manifest.classes,
+                 dataset="synth", shard_size=50, workers=1)
+    return out
+
+
+def trainer_config(shards, run, method, **changes):
+    return {"shards": str(shards), "run_dir": str(run), "method": method, "model": "tiny",
+            "fusion": "concat", "epochs": 2, "batch_size": 4, "optimizer": "sgd", "lr": 0.05,
+            "scheduler": "none", "image_size": 32, "workers": 0, "device": "cpu", "seed": 0,
+            "progress": False, "tensorboard": False, "log_every": 1, **changes}
+
+
+def step_records(run):
+    import json
+
+    with open(run / "metrics.jsonl", encoding="utf-8") as f:
+        return [r for r in map(json.loads, f) if r.get("kind") == "step"]
+
+
+@pytest.fixture(scope="module")
+def shards(synth_dir, tmp_path_factory):
+    return build_test_shards(synth_dir, tmp_path_factory.mktemp("balance-shards"))
+
+
+def test_trainer_logs_and_applies_ogm_ge_only_inside_the_window(shards, tmp_path):
+    from avtrain.loop import fit
+
+    run = tmp_path / "run"
+    fit(trainer_config(shards, run, "ogm_ge", alpha=0.8, modulation_start=1,
+                       modulation_end=1))
+    records = step_records(run)
+    assert {r["epoch"] for r in records} == {0, 1}
+    for r in records:
+        assert r["score_audio"] > 0 and r["score_visual"] > 0
+        assert r["rho_visual"] == pytest.approx(r["score_visual"] / r["score_audio"], rel=1e-5)
+        coeffs = (r["coeff_audio"], r["coeff_visual"])
+        if r["epoch"] == 0:
+            assert coeffs == (1.0, 1.0)
+        else:  # the released two-modality rule always slows exactly one modality
+            assert min(coeffs) < 1.0 and max(coeffs) == 1.0
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--method", "ogm_ge", "--alpha", "-1"], "--alpha must be 0 or more"),
+    (["--method", "ogm", "--modulation-start", "3", "--modulation-end", "2"],
+     "--modulation-end"),
+    (["--method", "ogm", "--modalities", "audio"], "at least two"),
+])
+def test_cli_bad_balancing_options_are_one_line(shards, tmp_path, args, match):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    avtrain = Path(sys.executable).with_name("avtrain")
+    run = tmp_path / "run"
+    proc = subprocess.run([str(avtrain), "fit", "--shards", str(shards), "--run-dir", str(run),
+                           "--model", "tiny", "--epochs", "1", "--batch-size", "4",
+                           "--workers", "0", "--device", "cpu", "--no-progress", *args],
+                          capture_output=True, text=True, timeout=120)
+    out = (proc.stdout + proc.stderr).strip()
+    assert proc.returncode == 2, out
+    assert match in out and "Traceback" not in out
+    assert len(out.splitlines()) == 1
+    assert not run.exists()  # nothing written for a run that cannot start

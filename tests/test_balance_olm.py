@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from test_balance_ogm import build_test_shards, step_records, trainer_config
 from torch import nn
 
 from avprep.errors import UserError
@@ -253,3 +254,63 @@ def test_step_reads_nothing_back_to_the_host():
         bal.before_optimizer_step(logits, labels, epoch=0, step=0)
     bal.after_optimizer_step()
     assert bal.step_metrics()["w_audio"].dim() == 0
+
+
+# --- through the real trainer -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shards(synth_dir, tmp_path_factory):
+    return build_test_shards(synth_dir, tmp_path_factory.mktemp("olm-shards"))
+
+
+def test_trainer_runs_olm_com_and_resumes_with_its_state(shards, tmp_path):
+    from avtrain.checkpoint import load_checkpoint
+    from avtrain.loop import fit
+
+    run = tmp_path / "run"
+    config = trainer_config(shards, run, "olm_com", olm_lr=0.01)
+    fit(config)
+    records = step_records(run)
+    for i, r in enumerate(records):  # val losses from the first held-out batch on
+        names = ("w", "r", "loss", "val_loss") if i else ("w", "r", "loss")
+        assert {f"{p}_{b}" for p in names for b in BRANCHES} <= set(r)
+    first = [r for r in records if r["epoch"] == 0]
+    assert all(r[f"r_{b}"] == pytest.approx(1 / 3) for r in first for b in BRANCHES)
+    saved = load_checkpoint(str(run / "last.pt"))["balancer"]
+    assert saved["method"] == "olm_com" and saved["have_initial"]
+    later = [r for r in records if r["epoch"] == 1]
+    assert later
+    for r in later:  # from epoch 1 on the rule runs on the first epoch's mean losses
+        def vec(prefix, r=r):
+            return torch.tensor([r[f"{prefix}_{b}"] for b in BRANCHES])
+        expect = olm_ratios("olm_com", vec("loss"), saved["init_train"], vec("val_loss"),
+                            saved["init_val"])
+        assert vec("r").tolist() == pytest.approx(expect.tolist(), rel=1e-4)
+    first_losses = torch.tensor([[r[f"loss_{b}"] for b in BRANCHES] for r in first])
+    if len(first) == 3:  # every step of epoch 0 was logged: the initial loss is their mean
+        torch.testing.assert_close(saved["init_train"], first_losses.mean(0))
+    assert not torch.equal(saved["weights"], torch.ones(3))
+    fit({**config, "epochs": 3}, resume=str(run))
+    resumed = load_checkpoint(str(run / "last.pt"))["balancer"]
+    for key in ("init_train", "init_val"):
+        assert torch.equal(resumed[key], saved[key]), key
+    step = next(r for r in step_records(run) if r["epoch"] == 2)
+    # the first resumed step used the checkpoint's weights (w is logged before its update)
+    assert [step[f"w_{b}"] for b in BRANCHES] == pytest.approx(saved["weights"].tolist())
+
+
+def test_olm_com_without_a_val_split_is_a_user_error(synth_dir, shards, tmp_path):
+    from avprep.manifest import read_manifest
+    from avprep.presets import get_preset
+    from avprep.shards import build_shards
+    from avtrain.loop import fit
+
+    manifest = read_manifest(synth_dir / "manifest.jsonl")
+    out = tmp_path / "no-val"
+    build_shards(manifest.records, str(out), get_preset("synth"), classes=manifest.classes,
+                 dataset="synth", splits=["train", "test"], workers=1)
+    with pytest.raises(UserError, match="val"):
+        fit(trainer_config(out, tmp_path / "run", "olm_com"))
+    with pytest.raises(UserError, match="never the test split"):
+        fit(trainer_config(shards, tmp_path / "run2", "olm_com", val_split="test"))
