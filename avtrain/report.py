@@ -15,6 +15,8 @@ from avprep.errors import UserError
 METHOD_COLOURS = {"none": "#555555", "ogm": "#1f77b4", "ogm_ge": "#2ca02c", "olm": "#d62728",
                   "olm_com": "#9467bd"}
 EXTRA_COLOURS = ["#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
+MODALITY_COLOURS = {"audio": "#ff7f0e", "visual": "#1f77b4", "text": "#8c564b",
+                    "fused": "#7f7f7f"}
 STEP_BOOKKEEPING = {"kind", "epoch", "step", "loss", "lr", "time"}
 
 
@@ -210,7 +212,9 @@ def _plot_balancing(runs, out_dir, plt) -> list[str]:
             for i, key in enumerate(members):
                 points = [(s["step"], s[key]) for s in run.steps if key in s]
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, lw=1, color=EXTRA_COLOURS[i % len(EXTRA_COLOURS)], label=key)
+                colour = MODALITY_COLOURS.get(key.rsplit("_", 1)[-1],
+                                              EXTRA_COLOURS[i % len(EXTRA_COLOURS)])
+                ax.plot(xs, ys, lw=1, color=colour, label=key)
             ax.set_ylabel(group)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, loc="best")
