@@ -460,13 +460,13 @@ def _fit(config: TrainConfig, ctx: D.Context, resume: str | None) -> dict:
                 trainer.best = {"epoch": epoch, "acc": val["acc"], "val": record["val"],
                                 "test": record["test"]}
             wall = trainer.wall_before + time.time() - started
-            if ctx.main:
-                log.write(record, step=trainer.step)
+            if ctx.main:  # checkpoint first: an epoch in the log always has its last.pt
                 state = trainer._state(epoch, {"val": record["val"], "test": record["test"]},
                                        wall)
-                save_checkpoint(os.path.join(run, "last.pt"), state)
                 if improved:
                     save_checkpoint(os.path.join(run, "best.pt"), state)
+                save_checkpoint(os.path.join(run, "last.pt"), state)
+                log.write(record, step=trainer.step)
             D.barrier(ctx)
     except KeyboardInterrupt:
         if ctx.main:
@@ -482,7 +482,7 @@ def _fit(config: TrainConfig, ctx: D.Context, resume: str | None) -> dict:
         "best_epoch": trainer.best["epoch"], "val": trainer.best["val"],
         "test": trainer.best["test"],
         "wall_time": round(trainer.wall_before + time.time() - started, 3),
-        "weights_digest": digests[0], "replicas_in_sync": len(set(digests)) == 1,
+        "replica_digests": digests, "replicas_in_sync": len(set(digests)) == 1,
     }
     if c.linear_probe:
         from .probe import linear_probe
