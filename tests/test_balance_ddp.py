@@ -3,13 +3,16 @@ match one process that sees both halves of every batch."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_balance_ogm import ToyAV
+from test_balance_ogm import ToyAV, build_test_shards, step_records
 from torch.nn.parallel import DistributedDataParallel
 
 from avtrain.balance import build_balancer
@@ -121,3 +124,34 @@ def test_methods_really_acted(ddp_results):
         assert not torch.equal(weights, torch.ones(3))
         assert torch.equal(r0[method]["balancer"]["init_train"],
                            ddp_results[1][method]["balancer"]["init_train"])
+
+
+# --- the real trainer under torchrun ----------------------------------------------------------
+
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+AVTRAIN = os.path.join(os.path.dirname(sys.executable), "avtrain")
+
+
+@pytest.fixture(scope="module")
+def shards(synth_dir, tmp_path_factory):
+    return build_test_shards(synth_dir, tmp_path_factory.mktemp("ddp-shards"))
+
+
+@pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
+@pytest.mark.parametrize("method,logged", [("ogm_ge", "coeff_audio"), ("olm_com", "w_fused")])
+def test_torchrun_replicas_stay_in_sync(shards, tmp_path, method, logged):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node", "2", AVTRAIN, "fit",
+         "--shards", str(shards), "--run-dir", str(run), "--method", method, "--model", "tiny",
+         "--epochs", "2", "--batch-size", "4", "--steps-per-epoch", "3", "--lr", "0.05",
+         "--image-size", "32", "--workers", "0", "--device", "cpu", "--no-progress",
+         "--log-every", "1", "--alpha", "0.8", "--olm-lr", "0.05"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["replicas_in_sync"]
+    steps = step_records(run)
+    assert len(steps) == 6 and all(logged in r for r in steps)
