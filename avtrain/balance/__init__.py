@@ -1,6 +1,11 @@
 """Balancing methods, chosen by name from a registry.
 
 Adding a method is one module with a `Balancer` subclass plus one `register` line here.
+
+Methods: `none` (CE on the fused logits), `ogm`, `ogm_ge` (ogm.py), `olm`, `olm_com` (olm.py).
+Their rules are reusable on their own: `ogm_scores(logits, labels, modalities)`,
+`ogm_coefficients(scores, alpha)`, `modulated_parameters(encoder, "conv"|"encoder")` and
+`olm_ratios(rule, train_now, train_init, val_now, val_init)`.
 """
 
 from __future__ import annotations
