@@ -324,6 +324,8 @@ def write_shard(job: ShardJob) -> dict:
         from .faces import FaceCropper
 
         cropper = FaceCropper(size=preset.face_size)
+    from .executors import report_sample
+
     started = time.time()
     failures = []
     tars = _ShardTars(job.out, job.name, job.max_bytes)
@@ -334,12 +336,15 @@ def write_shard(job: ShardJob) -> dict:
             except MediaError as exc:
                 failures.append({"key": record.key, "path": exc.path or record.video,
                                  "stage": exc.stage, "error": str(exc)})
+                report_sample(job.name, False)
                 continue
             except Exception as exc:  # one odd clip must not lose the shard
                 failures.append({"key": record.key, "path": record.video,
                                  "stage": "convert", "error": f"{type(exc).__name__}: {exc}"})
+                report_sample(job.name, False)
                 continue
             tars.add(record.key, record.label_id, members)
+            report_sample(job.name, True)
         parts = tars.commit()
     except BaseException:
         tars.discard()

@@ -80,6 +80,34 @@ def test_counts_failures_and_index(mixed_manifest, tmp_path):
     assert "4 sample(s) failed" in summary.describe()
 
 
+def test_progress_counts_every_sample_and_failure_once(mixed_manifest, tmp_path):
+    """Per-sample reports from pool workers plus per-shard top-ups add up exactly."""
+    n = sum(1 for line in open(mixed_manifest) if '"key"' in line)
+    result = run_cli("build-shards", "--manifest", str(mixed_manifest), "-o",
+                     str(tmp_path / "out"), "--shard-size", "4", "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    final = [ln for ln in result.stderr.replace("\r", "\n").splitlines() if "build-shards" in ln]
+    assert final and f"{n}/{n}" in final[-1] and "failed=4" in final[-1]
+    rerun = run_cli("build-shards", "--manifest", str(mixed_manifest), "-o",
+                    str(tmp_path / "out"), "--shard-size", "4", "--workers", "2")
+    final = [ln for ln in rerun.stderr.replace("\r", "\n").splitlines() if "build-shards" in ln]
+    assert f"{n}/{n}" in final[-1] and "failed=4" in final[-1]  # skipped shards count too
+
+
+def test_progress_ignores_late_reports():
+    from types import SimpleNamespace
+
+    from avprep.executors import _Progress
+
+    job = SimpleNamespace(name="train-000000", records=[1, 2, 3])
+    bar = _Progress([job], progress=True)
+    bar.sample(job.name, True)
+    bar.sample(job.name, False)
+    bar.shard(job, {"failures": [{"key": "b"}, {"key": "c"}]})
+    bar.sample(job.name, False)  # arrives after the shard's result: already counted
+    assert bar.bar.n == 3 and bar.failed == 2
+
+
 def test_shard_read_back_with_plain_webdataset(synth_dir, tmp_path):
     build(synth_dir / "manifest.jsonl", tmp_path / "out")
     manifest = read_manifest(synth_dir / "manifest.jsonl")
