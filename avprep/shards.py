@@ -176,18 +176,26 @@ def convert_sample(record: Record, preset: Preset, missing_audio: str = "drop",
     meta.pop("audio", None)
     meta["source"] = os.path.basename(source)
     if clip is not None:
-        meta["duration"] = clip.info.duration
+        duration = (clip.audio_info or clip.info).duration if not want_frames else \
+            clip.info.duration
+        if record.start is not None or record.end is not None:  # a segment (AVE, VGGSound)
+            begin = record.start or 0.0
+            end = record.end if duration is None else min(record.end or duration, duration)
+            duration = None if end is None else max(0.0, end - begin)
+        meta["duration"] = None if duration is None else round(duration, 6)
     if clip is None or clip.audio is None:
         if missing_audio == "drop":
             raise MediaError(f"{source}: no audio stream", path=source, stage="no_audio")
         spec = preset.silent_spectrogram()
         meta["audio"] = "silence"
+        meta["has_audio"] = False
     else:
         if clip.audio.size < MIN_AUDIO_SECONDS * preset.sample_rate:
             raise MediaError(f"{source}: audio shorter than {MIN_AUDIO_SECONDS} s", path=source,
                              stage="too_short")
         spec = preset.spectrogram_of(clip.audio)
         meta["audio"] = "decoded"
+        meta["has_audio"] = True
     if not jpegs:
         raise MediaError(f"{source}: no frames", path=source, stage="no_video")
     if face_cropper is not None:

@@ -125,6 +125,7 @@ def test_shard_read_back_with_plain_webdataset(synth_dir, tmp_path):
         assert all(f.shape == (64, 64, 3) and f.dtype == np.uint8 for f in frames)
         meta = sample["json"]
         assert meta["key"] == key and meta["n_frames"] == 2 and meta["audio"] == "decoded"
+        assert meta["has_audio"] is True and abs(meta["duration"] - 1.0) < 0.1
         seen += 1
     assert seen == len(manifest.records)
 
@@ -136,8 +137,20 @@ def test_missing_audio_silence_keeps_the_clip(media, tmp_path):
     build(tmp_path / "m.jsonl", tmp_path / "out", missing_audio="silence")
     sample = next(iter(wds.WebDataset(str(tmp_path / "out/train-000000.tar"),
                                       shardshuffle=False).decode()))
-    assert sample["json"]["audio"] == "silence"
+    assert sample["json"]["audio"] == "silence" and sample["json"]["has_audio"] is False
     assert sample["spec.npy"].shape == (129, 126)
+
+
+def test_segment_duration_is_the_segment(media, tmp_path):
+    records = [Record(key="seg", label="a", label_id=0, split="train", video=str(media.mp4),
+                      start=0.5, end=1.5)]
+    write_manifest(records, tmp_path / "m.jsonl", classes=["a"], dataset="synth")
+    build(tmp_path / "m.jsonl", tmp_path / "out")
+    sample = next(iter(wds.WebDataset(str(tmp_path / "out/train-000000.tar"),
+                                      shardshuffle=False).decode()))
+    assert abs(sample["json"]["duration"] - 1.0) < 1e-6
+    frames = [k for k in sample if k.endswith(".jpg")]
+    assert sample["json"]["n_frames"] == len(frames) >= 2
 
 
 def test_same_input_same_bytes(synth_dir, tmp_path):
@@ -147,11 +160,11 @@ def test_same_input_same_bytes(synth_dir, tmp_path):
     assert a and a == b
 
 
-def test_kill_then_rerun_gives_the_same_shards(synth_dir, tmp_path):
+def test_kill_then_rerun_gives_the_same_shards(mixed_manifest, tmp_path):
     reference = tmp_path / "reference"
-    build(synth_dir / "manifest.jsonl", reference, shard_size=3)
+    build(mixed_manifest, reference, shard_size=3)
     out = tmp_path / "killed"
-    cmd = [str(BIN / "avprep"), "build-shards", "--manifest", str(synth_dir / "manifest.jsonl"),
+    cmd = [str(BIN / "avprep"), "build-shards", "--manifest", str(mixed_manifest),
            "-o", str(out), "--shard-size", "3", "--workers", "1", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
@@ -163,13 +176,15 @@ def test_kill_then_rerun_gives_the_same_shards(synth_dir, tmp_path):
     for tar in out.glob("*.tar"):  # every final-named tar is complete and readable
         with tarfile.open(tar) as fh:
             names = fh.getnames()
-        assert names and all(n.split(".", 1)[0] for n in names)
+        assert all(n.split(".", 1)[0] for n in names)
     rerun = subprocess.run(cmd, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert "already done" in rerun.stdout
     assert tar_bytes(out) == tar_bytes(reference)
     assert keys_in(out) == keys_in(reference)
     assert not [p for p in os.listdir(out) if ".tmp" in p]
+    failed = [json.loads(line)["key"] for line in (out / "failures.jsonl").open()]
+    assert sorted(failed) == ["bad_empty", "bad_no_audio", "bad_not_media", "bad_truncated"]
 
 
 def test_disk_full_removes_the_temporary_tar_and_rerun_finishes(synth_dir, tmp_path,
