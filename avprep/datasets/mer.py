@@ -21,6 +21,7 @@ from .base import Options, Scan, find_file, index_videos, require_dir
 EXPECTED = "a MER 2023 root with video/ and train-label.csv (or label-6way.npz)"
 LABEL_CSVS = ("train-label.csv", "train_label.csv", "label-6way.csv")
 TEST_CSVS = ("test-label.csv", "test1-label.csv", "test_label.csv")
+TRANSCRIPT_CSVS = ("transcription.csv", "transcriptions.csv", "transcript.csv")
 
 
 def read_label_csv(path: str) -> list[tuple[str, str, float | None, str]]:
@@ -92,7 +93,7 @@ def read_label_npz(path: str, trust_pickle: bool, classes: list[str]
 
 
 def _transcripts(root: str) -> dict[str, str]:
-    path = find_file(root, ("transcription.csv", "transcriptions.csv", "transcript.csv"))
+    path = find_file(root, TRANSCRIPT_CSVS)
     if path is None:
         return {}
     with open(path, newline="", encoding="utf-8-sig") as fh:
@@ -149,5 +150,10 @@ def scan(root: str, defaults: dict, options: Options) -> Scan:
                             video=videos.get(name), extra=extra)
             (result.records if record.video else result.missing).append(record)
     listed = {str(r.extra["clip"]) for r in result.records + result.missing}
+    unknown = sorted(set(texts) - listed)
+    if unknown:  # a transcript naming no labelled clip: said, not fatal, nothing else lost
+        result.notes.append(f"{find_file(root, TRANSCRIPT_CSVS)}: {len(unknown)} transcript(s) "
+                            f"name clips without a label, ignored (e.g. "
+                            f"{', '.join(unknown[:3])})")
     result.unlisted = sorted(p for stem, p in videos.items() if stem not in listed)
     return result
