@@ -142,6 +142,20 @@ def test_one_epoch_with_balancing(name, method):
         assert moved, m
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("fusion_layer", [0, 1])
+def test_fused_loss_reaches_every_parameter(name, fusion_layer):
+    """A baseline trains on the fused logits only: every parameter but the measuring heads must
+    get a gradient (or it never trains, and DDP stops on unused parameters)."""
+    torch.manual_seed(0)
+    model = tiny(name, layers=2, fusion_layer=fusion_layer)
+    out = model(make_batch(torch.Generator().manual_seed(5)))
+    F.cross_entropy(out["fused"], torch.tensor([0, 1, 2, 1])).backward()
+    idle = [n for n, p in model.named_parameters()
+            if p.grad is None and not n.startswith("aux_heads.")]
+    assert idle == []
+
+
 def test_ogm_default_conv_rule_finds_kernels():
     model = tiny("emt")
     balancer = build_balancer("ogm", model, {}, modalities=model.modalities)

@@ -34,8 +34,10 @@ stack. Generalisations to N modalities (the released code has exactly two):
   [cls_m; mean of the other modalities' cls] (the released [cls_v; cls_a] for two);
 - mbt: from layer `fusion_layer` on, each modality's layer runs on [x_m; bottleneck] and the
   bottleneck updates are averaged over modalities (Nagrani et al. 2021);
-- umt: collection (bottleneck <- each modality, updates averaged) then propagation
-  (each modality <- bottleneck), every layer;
+- umt: propagation (each modality <- bottleneck) then collection (bottleneck <- each
+  modality, updates averaged), every layer; the released code collects first, which leaves
+  the last propagation layer outside the fused logits (untrained by a fused-only loss, and an
+  unused-parameter error under DDP);
 - ca: each modality cross-attends to the concatenation of all the others; all modalities
   update at once from the previous layer's outputs (the released code updates visual first).
 """
@@ -476,8 +478,8 @@ class MBT(SequenceModel):
 
 
 class UMT(SequenceModel):
-    """Unified multimodal transformer: each layer, the bottleneck collects from every
-    modality (cross-attention, updates averaged), then propagates back to each."""
+    """Unified multimodal transformer: each layer, the bottleneck propagates to every
+    modality, then collects from each (cross-attention, updates averaged)."""
 
     name = "umt"
 
@@ -494,11 +496,11 @@ class UMT(SequenceModel):
     def mix(self, xs, masks):
         neck = self._bottleneck(next(iter(xs.values())).shape[0])
         for i in range(self.n_layers):
+            xs = {m: self.encoders[m].layers[i](xs[m], neck, masks[m], None)
+                  for m in self.modalities}
             reads = [self.fusion.collect[m][i](neck, xs[m], None, masks[m])
                      for m in self.modalities]
             neck = neck + torch.stack(reads).mean(dim=0)
-            xs = {m: self.encoders[m].layers[i](xs[m], neck, masks[m], None)
-                  for m in self.modalities}
         return xs, neck, _no_mask(neck)
 
 
