@@ -36,10 +36,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torchvision.transforms.v2.functional as TF
 import webdataset as wds
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from avprep.errors import UserError
 
+# torchvision is imported above, not lazily: forked loader workers (new ones every epoch)
+# inherit it instead of each paying its import, which takes seconds.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FRAME_MEMBER = re.compile(r"^f(\d+)\.jpg$")
@@ -181,8 +185,6 @@ def transform_frames(images: list[torch.Tensor], size: int, draw: np.ndarray | N
     Train (`draw` given): one random resized crop and flip for all frames of a clip, so the
     clip stays consistent in time. Eval: short side to `size`, centre crop.
     """
-    import torchvision.transforms.v2.functional as TF
-
     out = []
     for img in images:
         h, w = img.shape[-2:]
@@ -256,8 +258,6 @@ def decode_sample(sample: dict, opts: DataOptions, rng: np.random.Generator | No
         if opts.decode_device == "cuda":
             out["visual_jpeg"], out["visual_draw"] = jpegs, draw
         elif jpegs:
-            from torchvision.io import ImageReadMode, decode_jpeg
-
             images = [decode_jpeg(j, mode=ImageReadMode.RGB) for j in jpegs]
             out["visual"] = transform_frames(images, opts.image_size, draw)
         else:  # a clip without frames: black frames, so eval still counts it
@@ -301,8 +301,6 @@ def to_device(batch: dict, device: torch.device, opts: DataOptions) -> dict:
         if isinstance(value, torch.Tensor):
             out[name] = value.to(device, non_blocking=non_blocking)
     if "visual_jpeg" in out:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         clips = out.pop("visual_jpeg")
         draws = out.pop("visual_draw")
         flat = [j for clip in clips for j in clip]
