@@ -176,7 +176,7 @@ def check(config: TrainConfig) -> None:
     if config.folds is not None and config.folds < 2:
         raise UserError(f"--folds must be at least 2, got {config.folds}")
     if not config.modalities:
-        raise UserError("--modalities needs at least one of: audio, visual")
+        raise UserError("--modalities needs at least one of: audio, visual, text")
     for name, choices in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),
                           ("decode_device", ("cpu", "cuda")), ("device", ("auto", "cpu", "cuda")),
                           ("modulate", ("conv", "encoder")),
