@@ -35,6 +35,17 @@ def media(tmp_path_factory) -> SimpleNamespace:
     return m
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine run far faster on one thread than on two."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory) -> Path:
     """A small synthetic dataset (real mp4s + manifest.jsonl), shared by tests that need one."""

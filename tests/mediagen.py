@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from avprep.ffmpeg_bin import find_ffmpeg
 
@@ -54,3 +57,11 @@ def truncate(src, dst, fraction: float = 0.4) -> Path:
     data = Path(src).read_bytes()
     Path(dst).write_bytes(data[: int(len(data) * fraction)])
     return Path(dst)
+
+
+def astronaut_path() -> Path:
+    """A real face that ships inside the scikit-image wheel (dev extra)."""
+    spec = importlib.util.find_spec("skimage")
+    if spec is None:
+        pytest.skip("scikit-image (dev extra) ships the astronaut portrait")
+    return Path(spec.submodule_search_locations[0]) / "data" / "astronaut.png"

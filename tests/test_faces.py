@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -10,18 +9,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from mediagen import ffmpeg, make_video
+from mediagen import astronaut_path, ffmpeg, make_video
 
 from avprep.faces import FaceCropper, cascade_path, centre_crop, detect_largest, square_crop
 from avprep.frames import extract_frames
 from avprep.manifest import Record
-
-
-def astronaut_path() -> Path:
-    spec = importlib.util.find_spec("skimage")
-    if spec is None:
-        pytest.skip("scikit-image (dev extra) ships the astronaut portrait")
-    return Path(spec.submodule_search_locations[0]) / "data" / "astronaut.png"
 
 
 @pytest.fixture(scope="module")

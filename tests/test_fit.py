@@ -18,12 +18,7 @@ from cli import avtrain
 FUSIONS = ["sum", "concat", "film", "gated", "bilinear", "attention"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared 2-core machine: oversubscribed threads are 30x slower
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(shards, run, **kw):

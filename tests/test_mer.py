@@ -5,7 +5,6 @@ feature shards -> k-fold cross-validation with mean ± std."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -14,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
-from mediagen import ffmpeg
+from mediagen import astronaut_path, ffmpeg
 
 from avprep.datasets import scan_dataset
 from avprep.features import import_features
@@ -35,19 +33,8 @@ TINY_SEQ = ["--model-option", "d_model=16", "--model-option", "heads=2", "--mode
             "--model-option", "text_dim=8", "--model-option", "text_layers=1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-def astronaut_path() -> Path:
-    spec = importlib.util.find_spec("skimage")
-    if spec is None:
-        pytest.skip("scikit-image (dev extra) ships the astronaut portrait")
-    return Path(spec.submodule_search_locations[0]) / "data" / "astronaut.png"
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,7 @@ from avtrain.models import FUSIONS, build_model
 ALL_FUSIONS = ["sum", "concat", "film", "gated", "bilinear", "attention"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine is shared: no thread oversubscription
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def batch(b=4, t=2, size=32, seed=0):

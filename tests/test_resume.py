@@ -21,12 +21,7 @@ from cli import avtrain
 AVTRAIN = os.path.join(os.path.dirname(sys.executable), "avtrain")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SETTINGS = {"model": "tiny", "fusion": "gated", "epochs": 3, "batch_size": 8, "lr": 0.05,

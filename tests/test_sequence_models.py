@@ -26,13 +26,7 @@ TINY = {"d_model": 32, "heads": 4, "layers": 1, "bottleneck": 3, "ff": 64, "text
 SENTENCES = ["I am so happy today", "leave me alone", "", "what?! no way"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: thread hand-offs cost more than the maths on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(name, **kw):
