@@ -189,8 +189,9 @@ def _build_command(video, audio, *, fps, short_side, sample_rate, start, end, hw
         if short_side:
             stream = stream.filter("scale", w=short_side, h=short_side,
                                    force_original_aspect_ratio="increase")
+        limit = {"t": seek["t"]} if "t" in seek else {}  # no frame from past the segment's end
         outputs.append(ffmpeg.output(stream, "pipe:1", format="image2pipe", vcodec="ppm",
-                                     pix_fmt="rgb24"))
+                                     pix_fmt="rgb24", **limit))
     if want_audio:
         source = inputs[-1]["a:0"]
         outputs.append(ffmpeg.output(source, "pipe:3", format="f32le", acodec="pcm_f32le",
