@@ -132,3 +132,11 @@ def test_ffmpeg_resolution_order(monkeypatch, tmp_path):
             ffmpeg_bin.find_ffmpeg()
     finally:
         ffmpeg_bin.find_ffmpeg.cache_clear()
+
+
+@pytest.mark.parametrize("start,end,fps,expected", [(0.5, 1.5, 2, 2), (0.3, 2.0, 1, 2),
+                                                    (0.3, 2.0, 2, 4), (0.0, 1.0, 1, 1)])
+def test_segment_frame_count_is_ceil_of_duration_times_fps(media, start, end, fps, expected):
+    # also for segments whose ends fall between two video frames (25 fps: 0.5 s, 0.3 s)
+    clip = decode_clip(media.mp4, fps=fps, short_side=0, sample_rate=None, start=start, end=end)
+    assert clip.n_frames == expected
