@@ -61,7 +61,7 @@ def doctor():
 @click.option("--audio-snr", default=None, type=float,
               help="Audio cue to noise ratio in dB (higher = easier).  [default: 6]")
 @click.option("--visual-snr", default=None, type=float,
-              help="Visual cue to noise ratio in dB (higher = easier).  [default: -2]")
+              help="Visual cue to noise ratio in dB (higher = easier).  [default: 2]")
 @click.option("--audio-reliability", default=None, type=float,
               help="Fraction of clips whose audio cue names the true class.  [default: 0.8]")
 @click.option("--visual-reliability", default=None, type=float,

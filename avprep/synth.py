@@ -50,7 +50,7 @@ class SynthConfig:
     fps: int = 10
     sample_rate: int = 16000
     audio_snr: float = 6.0
-    visual_snr: float = -2.0
+    visual_snr: float = 2.0
     audio_reliability: float = 0.8
     visual_reliability: float = 0.8
     seed: int = 0
