@@ -10,6 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import demo  # noqa: E402
+import pytest  # noqa: E402
+
+from avprep.errors import UserError  # noqa: E402
 
 
 def test_quick_demo_end_to_end_and_rerun(tmp_path, capsys):
@@ -37,3 +40,22 @@ def test_quick_demo_end_to_end_and_rerun(tmp_path, capsys):
     again = capsys.readouterr().out
     assert "reusing the synthetic videos" in again and "0 written" in again
     assert again.count("reusing finished run") == len(demo.RUNS)
+
+
+def test_changed_settings_rebuild_only_what_the_demo_owns(tmp_path):
+    out = tmp_path / "demo"
+    demo.start_afresh_if_changed(str(out), {"size": demo.QUICK})
+    (out / "runs" / "none").mkdir(parents=True)
+    demo.start_afresh_if_changed(str(out), {"size": demo.QUICK})  # same settings: kept
+    assert (out / "runs" / "none").is_dir()
+    demo.start_afresh_if_changed(str(out), {"size": demo.FULL})  # changed: rebuilt
+    assert not (out / "runs").exists()
+    assert json.loads((out / "demo.json").read_text()) == {"size": demo.FULL}
+
+
+def test_a_folder_the_demo_did_not_write_is_left_alone(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.txt").write_text("precious")
+    with pytest.raises(UserError, match="did not write"):
+        demo.start_afresh_if_changed(str(tmp_path), {"size": demo.QUICK})
+    assert (tmp_path / "data" / "mine.txt").read_text() == "precious"
