@@ -95,9 +95,12 @@ def collect_runs(paths: list[str]) -> tuple[list[Run], list[tuple[str, str]]]:
 
 
 def colours_for(runs: list[Run]) -> dict[str, str]:
+    """A method keeps its colour; a second run of the same method (a unimodal reference, another
+    seed) gets a spare one, so no two lines on a figure look alike."""
     colours, spare = {}, iter(EXTRA_COLOURS * 4)
     for run in runs:
-        colours[run.name] = METHOD_COLOURS.get(run.method) or next(spare)
+        colour = METHOD_COLOURS.get(run.method)
+        colours[run.name] = colour if colour and colour not in colours.values() else next(spare)
     return colours
 
 

@@ -59,3 +59,14 @@ def test_a_folder_the_demo_did_not_write_is_left_alone(tmp_path):
     with pytest.raises(UserError, match="did not write"):
         demo.start_afresh_if_changed(str(tmp_path), {"size": demo.QUICK})
     assert (tmp_path / "data" / "mine.txt").read_text() == "precious"
+
+
+def test_every_run_on_a_figure_gets_its_own_colour():
+    from avtrain.report import METHOD_COLOURS, Run, colours_for
+
+    runs = [Run("a", name, {"method": method}) for name, method in
+            [("none", "none"), ("olm", "olm"), ("visual_only", "none"), ("audio_only", "none"),
+             ("mystery", "agm")]]
+    colours = colours_for(runs)
+    assert colours["none"] == METHOD_COLOURS["none"] and colours["olm"] == METHOD_COLOURS["olm"]
+    assert len(set(colours.values())) == len(runs)

@@ -20,7 +20,8 @@ def test_readme_has_tested_walkthrough():
     blocks = readme_blocks(README.read_text())
     commands = "\n".join(blocks)
     for needed in ("avprep synth", "avprep build-shards", "avprep inspect", "avprep verify",
-                   "avtrain fit", "avtrain eval", "avtrain report"):
+                   "avtrain fit", "avtrain eval", "avtrain report", "avprep extract-frames",
+                   "avprep extract-audio", "--print-config", "--config", "--resume"):
         assert needed in commands
 
 
