@@ -194,6 +194,7 @@ def machine() -> str:
 
 
 def main(argv=None) -> int:
+    load_at_start = os.getloadavg()[0]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", help="folder for clips/shards/seed files (default: a temp dir)")
     ap.add_argument("--clips", type=int, default=96)
@@ -245,8 +246,9 @@ def main(argv=None) -> int:
     lines = [
         f"# Loader benchmark ({args.date})",
         "",
-        f"Machine: {machine()}. Shared with other jobs, so only ratios measured side by side "
-        "in this run mean anything; the fastest of the interleaved rounds is kept.",
+        f"Machine: {machine()}; load average {load_at_start:.2f} when it started (other jobs "
+        "slow both loaders alike), so only ratios measured side by side in this run mean "
+        "anything; the fastest of the interleaved rounds is kept.",
         "",
         f"Data: {len(items)} synth train clips (H.264 256x256, 3 s) as `cremad`-preset shards "
         f"(spectrogram {spec_shape}, 1 fps JPEG frames at 256 px); batch {args.batch_size}, "
