@@ -318,7 +318,7 @@ def report(rows, rss_short, rss_long, args, n, load_before, load_after) -> list[
         "",
         f"Date: {dt.date.today().isoformat()}. Machine: {machine()}.",
         f"Load average (1 min) before/after: {load_before[0]:.1f} / {load_after[0]:.1f} "
-        "(the machine is shared; only ratios measured in the same run are meaningful).",
+        "(other jobs slow every pipeline alike; only ratios measured in the same run are meaningful).",
         f"Command: `python benchmarks/prep.py --clips {args.clips} --long-seconds "
         f"{args.long_seconds:g} --workers {n} --rounds {args.rounds}`",
         "",
