@@ -289,7 +289,8 @@ def write_report(run_dirs: list[str], out_dir: str, classes: list[str] | None = 
     figures.append(_plot_loss(runs, colours, out_dir, plt))
     balance_figures = _plot_balancing(runs, out_dir, plt)
     rows = final_rows(runs)
-    best = max(runs, key=lambda r: (r.summary.get("test") or {}).get("acc") or -1.0)
+    # the best run is chosen on val, as each run's best epoch is: never by its test score
+    best = max(runs, key=lambda r: (r.summary.get("val") or {}).get("acc") or -1.0)
     confusion = _plot_confusion(best, classes or run_classes(best), out_dir, plt)
 
     lines = [f"# Run report ({runs[0].dataset or 'unknown dataset'})", "",
@@ -300,10 +301,13 @@ def write_report(run_dirs: list[str], out_dir: str, classes: list[str] | None = 
         lines += ["## Skipped", ""] + [f"- `{p}`: {why}" for p, why in skipped] + [""]
     lines += ["## Accuracy and loss", ""]
     lines += [f"![{f}]({f})" for f in figures if f] + [""]
-    if balance_figures:
+    silent = [r.name for r in runs if r.method not in ("none", "?") and not balancing_keys(r)]
+    if balance_figures or silent:
         lines += ["## Balancing signal", ""] + [f"![{f}]({f})" for f in balance_figures] + [""]
+        lines += [f"- `{name}` logged no step records (fewer steps than its `--log-every`)"
+                  for name in silent] + ([""] if silent else [])
     if confusion:
-        lines += [f"## Confusion matrix of the best run ({best.name})", "",
+        lines += [f"## Confusion matrix of the best run on val ({best.name}), test split", "",
                   f"![{confusion}]({confusion})", ""]
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines))

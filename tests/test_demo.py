@@ -26,15 +26,26 @@ def test_quick_demo_end_to_end_and_rerun(tmp_path, capsys):
         assert (out / "report" / figure).stat().st_size > 5000
         assert f"]({figure})" in report
     # each run's row in report.md and in the printed table carries its summary.json numbers
+    table = [line for line in report.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in table[0].strip("|").split("|")]
     for name, _ in demo.RUNS:
         summary = json.loads((out / "runs" / name / "summary.json").read_text())
+        epochs = {e["epoch"]: e for e in map(json.loads, open(out / "runs" / name / "metrics.jsonl"))
+                  if e["kind"] == "epoch"}
+        best = epochs[summary["best_epoch"]]
+        assert best["test"]["acc"] == summary["test"]["acc"]  # summary = the best-val epoch
+        line = next(row for row in table if row.startswith(f"| {name} |"))
+        row = dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+        assert row["best_epoch"] == str(summary["best_epoch"])
+        for column, value in [("test_acc", best["test"]["acc"]),
+                              ("test_macro_f1", best["test"]["macro_f1"]),
+                              ("test_acc_visual", best["test"]["acc_visual"]),
+                              ("probe_visual", summary["linear_probe"]["visual"]["test_acc"])]:
+            assert row[column] == f"{value:.3f}", (name, column)
+        if "audio" in summary["modalities"]:
+            assert row["test_acc_audio"] == f"{best['test']['acc_audio']:.3f}"
         test_acc = f"{summary['test']['acc']:.3f}"
-        row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
-        assert test_acc in row
         assert any(line.startswith(name) and test_acc in line for line in printed.splitlines())
-        last_epoch = [json.loads(x) for x in open(out / "runs" / name / "metrics.jsonl")
-                      if '"kind": "epoch"' in x][-1]
-        assert last_epoch["test"]["acc"] == summary["test"]["acc"]  # one epoch: best is last
     # a rerun reuses everything
     assert demo.main(["--out", str(out), "--quick", "--workers", "2"]) == 0
     again = capsys.readouterr().out

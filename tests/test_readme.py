@@ -32,6 +32,13 @@ def test_readme_commands_run(tmp_path):
         result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env,
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, f"README block failed:\n{block}\n{result.stderr[-3000:]}"
+    # what the walk-through promises its report holds
+    report = (tmp_path / "reports" / "first" / "report.md").read_text()
+    for figure in ("accuracy_fused.png", "accuracy_audio.png", "accuracy_visual.png",
+                   "balance_ogm_ge.png", "confusion_best.png"):
+        assert f"]({figure})" in report and (tmp_path / "reports" / "first" / figure).is_file()
+    header = next(line for line in report.splitlines() if line.startswith("| run |"))
+    assert "probe_visual" in header and "test_acc_visual" in header
 
 
 def untested_commands(text: str) -> list[str]:
