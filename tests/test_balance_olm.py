@@ -312,5 +312,19 @@ def test_olm_com_without_a_val_split_is_a_user_error(synth_dir, shards, tmp_path
                  dataset="synth", splits=["train", "test"], workers=1)
     with pytest.raises(UserError, match="val"):
         fit(trainer_config(out, tmp_path / "run", "olm_com"))
+    # the same from the command line: one line, exit 2, no run folder
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    avtrain = Path(sys.executable).with_name("avtrain")
+    proc = subprocess.run([str(avtrain), "fit", "--shards", str(out), "--run-dir",
+                           str(tmp_path / "cli-run"), "--method", "olm_com", "--model", "tiny",
+                           "--epochs", "1", "--batch-size", "4", "--workers", "0", "--no-progress"],
+                          capture_output=True, text=True, timeout=120)
+    said = (proc.stdout + proc.stderr).strip()
+    assert proc.returncode == 2 and len(said.splitlines()) == 1, said
+    assert said.startswith("Error:") and "val" in said and "Traceback" not in said
+    assert not (tmp_path / "cli-run").exists()
     with pytest.raises(UserError, match="never the test split"):
         fit(trainer_config(shards, tmp_path / "run2", "olm_com", val_split="test"))
