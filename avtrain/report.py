@@ -70,12 +70,26 @@ def load_run(path: str) -> Run:
     return run
 
 
+def expand_cross_validation(paths: list[str]) -> list[str]:
+    """A `--folds k` run directory (RUN/cv.json, RUN/fold0..) stands for its fold runs."""
+    expanded = []
+    for path in paths:
+        folds = sorted((name for name in (os.listdir(path) if os.path.isdir(path) else [])
+                        if name.startswith("fold") and name[4:].isdigit()),
+                       key=lambda name: int(name[4:]))
+        if folds and not os.path.isfile(os.path.join(path, "metrics.jsonl")):
+            expanded += [os.path.join(path, name) for name in folds]
+        else:
+            expanded.append(path)
+    return expanded
+
+
 def collect_runs(paths: list[str]) -> tuple[list[Run], list[tuple[str, str]]]:
     """Load every run that can be compared with the first good one; the rest are skipped
     with a reason (not a run, unfinished, another dataset)."""
     runs: list[Run] = []
     skipped: list[tuple[str, str]] = []
-    for path in paths:
+    for path in expand_cross_validation(paths):
         try:
             run = load_run(path)
         except UserError as exc:
@@ -297,6 +311,11 @@ def write_report(run_dirs: list[str], out_dir: str, classes: list[str] | None = 
              f"{len(runs)} run(s). Test metrics are those of each run's best-validation epoch;",
              "`probe_*` is a linear classifier fitted on the frozen encoder's train features.",
              "", markdown_table(rows), ""]
+    for path in run_dirs:  # k-fold runs: their mean ± std as `fit --folds` wrote it
+        cv_md = os.path.join(path, "cv.md")
+        if os.path.isfile(cv_md):
+            with open(cv_md, encoding="utf-8") as fh:
+                lines += [f"## Cross-validation: `{path}`", "", fh.read().strip(), ""]
     if skipped:
         lines += ["## Skipped", ""] + [f"- `{p}`: {why}" for p, why in skipped] + [""]
     lines += ["## Accuracy and loss", ""]

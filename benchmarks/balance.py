@@ -12,6 +12,8 @@ overhead  Step time of each method / step time of `none`, same model and batch, 
     .venv/bin/python benchmarks/balance.py                 # both, writes RESULTS-balance.md
     .venv/bin/python benchmarks/balance.py --part overhead --device cuda
     .venv/bin/python benchmarks/balance.py --data /tmp/synth-bench   # reuse prepared shards
+    .venv/bin/python benchmarks/balance.py --part quality --methods ogm_ge --alphas 0.1,0.8,2
+                                                           # an alpha sweep
 """
 
 from __future__ import annotations
@@ -147,13 +149,13 @@ def build_shards_for(manifest: str, out: str, *, workers: int) -> None:
 
 def run_config(shards: str, run_dir: str, method: str, seed: int, *, epochs: int,
                modalities=("audio", "visual"), workers: int = 1, batch_size: int = 32,
-               lr: float = 0.05, image_size: int = 64) -> dict:
+               lr: float = 0.05, image_size: int = 64, alpha: float = 0.8) -> dict:
     return {"shards": shards, "run_dir": run_dir, "method": method, "model": "tiny",
             "fusion": "concat", "modalities": list(modalities), "epochs": epochs,
             "batch_size": batch_size, "optimizer": "sgd", "lr": lr, "scheduler": "none",
             "image_size": image_size, "workers": workers, "device": "cpu", "seed": seed,
             "progress": False, "tensorboard": False, "linear_probe": True, "log_every": 10,
-            "alpha": 0.8, "modulation_start": 0, "modulation_end": epochs}
+            "alpha": alpha, "modulation_start": 0, "modulation_end": epochs}
 
 
 def test_accs(summary: dict) -> dict:
@@ -167,19 +169,33 @@ def test_accs(summary: dict) -> dict:
     return out
 
 
-def quality(shards: str, runs_root: str, *, seeds, epochs: int, workers: int) -> dict:
+def quality_rows(methods=METHODS, alphas=(0.8,), references: bool = True) -> list[tuple]:
+    """(label, method, modalities, alpha) of each row; OGM rows once per alpha (a sweep)."""
+    rows = []
+    for m in methods:
+        ogm = m.startswith("ogm")
+        for a in (alphas if ogm else alphas[:1]):
+            label = f"{m} (α {a:g})" if ogm and len(alphas) > 1 else m
+            rows.append((label, m, ("audio", "visual"), a))
+    if references:
+        rows += [("audio only", "none", ("audio",), alphas[0]),
+                 ("visual only", "none", ("visual",), alphas[0])]
+    return rows
+
+
+def quality(shards: str, runs_root: str, *, seeds, epochs: int, workers: int,
+            rows: list[tuple] | None = None) -> dict:
     from avtrain.loop import fit
 
-    rows = [(m, m, ("audio", "visual")) for m in METHODS]
-    rows += [("audio only", "none", ("audio",)), ("visual only", "none", ("visual",))]
     results: dict = {}
-    for label, method, mods in rows:
+    for label, method, mods, alpha in rows or quality_rows():
         results[label] = []
         for seed in seeds:
-            run = os.path.join(runs_root, f"{label.replace(' ', '_')}-s{seed}")
+            slug = "".join(c if c.isalnum() or c in "._" else "_" for c in label)
+            run = os.path.join(runs_root, f"{slug}-s{seed}")
             t0 = time.time()
             summary = fit(run_config(shards, run, method, seed, epochs=epochs,
-                                     modalities=mods, workers=workers))
+                                     modalities=mods, workers=workers, alpha=alpha))
             accs = test_accs(summary)
             accs["wall_s"] = time.time() - t0
             results[label].append(accs)
@@ -246,6 +262,12 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--resnet-batch", type=int, default=64)
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="quality: comma list of methods to train")
+    p.add_argument("--alphas", default="0.8",
+                   help="quality: comma list of OGM alphas; several give one row per alpha")
+    p.add_argument("--no-references", action="store_true",
+                   help="quality: skip the audio-only and visual-only rows")
     p.add_argument("--json", help="also write the raw figures here")
     p.add_argument("--md", help="write the tables as markdown here")
     args = p.parse_args(argv)
@@ -265,9 +287,15 @@ def main(argv=None) -> int:
     if args.part in ("all", "quality"):
         root = args.data or tempfile.mkdtemp(prefix="avbalance-bench-")
         shards = prepare_data(root, per_class=args.per_class, classes=6, workers=2)
+        methods = [m for m in args.methods.split(",") if m]
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            p.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+        rows = quality_rows(methods, [float(a) for a in args.alphas.split(",")],
+                            references=not args.no_references)
         out["quality"] = quality(shards, os.path.join(root, "runs"),
                                  seeds=list(range(args.seeds)), epochs=args.epochs,
-                                 workers=args.workers)
+                                 workers=args.workers, rows=rows)
         out["quality_setup"] = {"epochs": args.epochs, "per_class": args.per_class,
                                 "seeds": args.seeds, "shards": shards}
         print(quality_table(out["quality"]), flush=True)

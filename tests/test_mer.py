@@ -208,6 +208,12 @@ def test_cross_validation_cli_reports_mean_and_std(feature_shards, tmp_path):
     assert again.exit_code == 0, again.output
     assert stamps == [os.path.getmtime(run / f"fold{i}" / "summary.json") for i in range(3)]
     assert json.loads((run / "cv.json").read_text())["stats"] == cv["stats"]
+    # the report takes the k-fold run directory as its folds, with the mean ± std table
+    out = CliRunner().invoke(avtrain, ["report", str(run), "-o", str(tmp_path / "report")])
+    assert out.exit_code == 0 and "3 runs" in out.output, out.output
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert all(f"| fold{i} |" in report for i in range(3))
+    assert "## Cross-validation" in report and (run / "cv.md").read_text().strip() in report
 
 
 def test_summarize_folds_by_hand():
