@@ -320,6 +320,9 @@ def _fit_options(f):
         click.option("--print-config", is_flag=True, help="Print the merged settings and exit."),
         click.option("--resume", type=click.Path(),
                      help="Continue the run in this directory from its last.pt."),
+        click.option("--overwrite", is_flag=True,
+                     help="Start afresh in a --run-dir that already holds a run (its metrics "
+                     "and checkpoints are removed)."),
         click.option("--shards", type=click.Path(), help="Shard folder (with index.json)."),
         click.option("--run-dir", type=click.Path(file_okay=False), help="Output run folder."),
         click.option("--method", help="Balancing method: none, ogm, ogm_ge, olm, olm_com, ... "
@@ -379,7 +382,7 @@ def _fit_options(f):
 
 @avtrain.command()
 @_fit_options
-def fit(config_file, print_config, resume, **flags):
+def fit(config_file, print_config, resume, overwrite, **flags):
     """Train an audio-visual classifier on a shard folder (also under torchrun for DDP)."""
     from avtrain.config import cli_config, to_yaml
 
@@ -391,13 +394,13 @@ def fit(config_file, print_config, resume, **flags):
     if config.folds:
         from avtrain.folds import cross_validate, markdown
 
-        summary = cross_validate(config)
+        summary = cross_validate(config, resume=not overwrite)
         if _rank0():
             click.echo(markdown(summary), nl=False)
         return
     from avtrain.loop import fit as run_fit
 
-    summary = run_fit(config, resume=resume)
+    summary = run_fit(config, resume=resume, overwrite=overwrite)
     if _rank0():
         test, val = summary.get("test") or {}, summary.get("val") or {}
         click.echo(f"run {summary['run_dir']}: best epoch {summary['best_epoch']} "

@@ -238,7 +238,9 @@ def cross_validate(config: TrainConfig, *, resume: bool = True) -> dict:
             part = config.replace(shards=folder, run_dir=fold_run, folds=None,
                                   val_split="val", test_split="test")
             last = os.path.join(fold_run, "last.pt")
-            result = fit(part, resume=fold_run if resume and os.path.isfile(last) else None)
+            carry_on = resume and os.path.isfile(last)
+            # a fold with nothing to continue from is started afresh, whatever it holds
+            result = fit(part, resume=fold_run if carry_on else None, overwrite=not carry_on)
         results.append({"fold": i, "best_epoch": result.get("best_epoch"),
                         "val": result.get("val"), "test": result.get("test")})
     summary = {"k": k, "run_dir": run, "method": config.method, "model": config.model,

@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 
 import numpy as np
@@ -412,15 +413,45 @@ def _epoch_metrics(result: dict | None) -> dict | None:
     return {k: v for k, v in result.items() if k not in ("split",)}
 
 
-def fit(config: TrainConfig | dict, *, resume: str | None = None) -> dict:
+RUN_FILES = ("metrics.jsonl", "summary.json", "last.pt", "best.pt", "config.yaml", "tb")
+
+
+def check_run_dir(run_dir: str, *, resume: str | None, overwrite: bool) -> list[str]:
+    """A new run never lands silently on an old one: that would append to its metrics.jsonl and
+    replace its checkpoints. Returns what `overwrite` will remove."""
+    if resume or not os.path.isdir(run_dir):
+        return []
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(run_dir, name))]
+    if found and not overwrite and any(n != "config.yaml" for n in found):
+        raise UserError(f"{run_dir} already holds a run ({', '.join(found)}); continue it with "
+                        f"--resume {run_dir}, or start it again with --overwrite")
+    return found
+
+
+def _clear_run_dir(run_dir: str, names: list[str]) -> None:
+    for name in names:
+        path = os.path.join(run_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def fit(config: TrainConfig | dict, *, resume: str | None = None,
+        overwrite: bool = False) -> dict:
     """Train one run; returns the summary (also written to RUN/summary.json on rank 0).
 
     `resume`: a run directory (its last.pt) or a checkpoint to continue from; the config given
-    must describe the same model (the CLI reads RUN/config.yaml for that).
+    must describe the same model (the CLI reads RUN/config.yaml for that). A run directory that
+    already holds a run is refused unless `resume` or `overwrite` says what to do with it.
     """
     config = config if isinstance(config, TrainConfig) else make_config(config)
+    stale = check_run_dir(config.run_dir, resume=resume, overwrite=overwrite)
     ctx = D.setup(config.device)
     try:
+        if ctx.main and stale:
+            _clear_run_dir(config.run_dir, stale)
+        D.barrier(ctx)
         return _fit(config, ctx, resume)
     finally:
         D.teardown(ctx)

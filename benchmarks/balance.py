@@ -195,7 +195,8 @@ def quality(shards: str, runs_root: str, *, seeds, epochs: int, workers: int,
             run = os.path.join(runs_root, f"{slug}-s{seed}")
             t0 = time.time()
             summary = fit(run_config(shards, run, method, seed, epochs=epochs,
-                                     modalities=mods, workers=workers, alpha=alpha))
+                                     modalities=mods, workers=workers, alpha=alpha),
+                          overwrite=True)
             accs = test_accs(summary)
             accs["wall_s"] = time.time() - t0
             results[label].append(accs)

@@ -102,7 +102,7 @@ def train(shards: str, out: str, size: dict, workers: int) -> list[str]:
             "log_every": 2, "progress": True, "seed": 0, **settings,
         })
         say(f"training {name} ({'resuming' if resume else 'new'}) -> {run_dir}")
-        fit(config, resume=resume)
+        fit(config, resume=resume, overwrite=resume is None)  # the demo owns its runs
     return run_dirs
 
 

@@ -184,3 +184,20 @@ def test_checkpoint_of_another_model_or_class_list_is_refused(train_shards, tmp_
     one_line_error(["fit", "--resume", str(run), "--fusion", "gated", "--no-progress",
                     "--epochs", "2"], "fusion='concat' checkpoint")
     one_line_error(["fit", "--resume", str(tmp_path / "no_run")], "nothing to resume")
+
+
+def test_a_run_directory_holding_a_run_is_never_overwritten_silently(train_shards, tmp_path):
+    run = tmp_path / "run"
+    first = fit(tiny(train_shards, run, steps_per_epoch=1))
+    best_before = (run / "best.pt").read_bytes()
+    args = ["fit", "--shards", str(train_shards), "--run-dir", str(run), "--model", "tiny",
+            "--image-size", "32", "--workers", "0", "--no-progress", "--epochs", "1",
+            "--batch-size", "8", "--steps-per-epoch", "1", "--seed", "1"]
+    one_line_error(args, "already holds a run")
+    assert (run / "best.pt").read_bytes() == best_before  # nothing of the old run was touched
+    assert json.loads((run / "summary.json").read_text())["best_epoch"] == first["best_epoch"]
+    out = CliRunner().invoke(avtrain, args + ["--overwrite"])
+    assert out.exit_code == 0, out.output
+    kinds = [r["kind"] for r in records(run)]
+    assert kinds.count("start") == 1 and kinds.count("epoch") == 1  # only the new run's log
+    assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == 1
