@@ -37,7 +37,14 @@ import numpy as np
 from . import __version__
 from .errors import UserError
 from .manifest import SPLITS, Record, safe_key, validate
-from .shards import _fingerprint, _index, _npy_bytes, _prepare_out, _write_json_atomic, add_member
+from .shards import (
+    add_member,
+    build_fingerprint,
+    make_index,
+    npy_bytes,
+    prepare_shard_dir,
+    write_json_atomic,
+)
 
 DTYPES = ("float16", "float32")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -246,7 +253,7 @@ def feature_members(record: dict, paths: dict, dims: dict, dtype: str) -> dict[s
                 array = load_feature(path, dim, dtype)
             except (OSError, ValueError) as exc:
                 raise ValueError(f"{path}: {exc}") from None
-        members[f"{m}.npy"] = _npy_bytes(array)
+        members[f"{m}.npy"] = npy_bytes(array)
         lengths[m] = int(array.shape[0])
     meta = {k: v for k, v in record.items() if k not in ("video", "audio")}
     meta["lengths"] = lengths
@@ -292,7 +299,7 @@ def write_feature_shard(job: FeatureJob) -> dict:
     stats = {"shard": f"{job.name}.tar", "split": job.split, "samples": samples,
              "bytes": os.path.getsize(tar_path), "classes": dict(sorted(classes.items())),
              "failures": failures, "seconds": round(time.time() - started, 3)}
-    _write_json_atomic(stats_path, stats)
+    write_json_atomic(stats_path, stats)
     return stats
 
 
@@ -354,7 +361,7 @@ def import_features(records: list[Record], folders: dict[str, str], out: str, *,
     args = {"features": {m: os.path.abspath(f) for m, f in folders.items()}, "dims": dims,
             "dtype": dtype, "keep_missing": keep_missing, "shard_size": shard_size,
             "seed": seed, "samples": len(items)}
-    _prepare_out(out, _fingerprint([r for r, _ in items], args), args, overwrite)
+    prepare_shard_dir(out, build_fingerprint([r for r, _ in items], args), args, overwrite)
     jobs = []
     for split in SPLITS:
         members = [(r.to_dict(), paths) for r, paths in items if r.split == split]
@@ -382,10 +389,10 @@ def import_features(records: list[Record], folders: dict[str, str], out: str, *,
             "features": features, "keep_missing": keep_missing,
             "preset": {"name": "features"}, "tool_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "args": args}
-    index = _index(out, jobs, stats, meta)
+    index = make_index(out, jobs, stats, meta)
     index["failures"] = len(failures)
     index["missing"] = len(missing)
-    _write_json_atomic(os.path.join(out, "index.json"), index)
+    write_json_atomic(os.path.join(out, "index.json"), index)
     skipped = sum(bool(stats[j.name].get("skipped")) for j in jobs)
     return ImportSummary(out=out, index=index, failures=failures, missing=missing,
                          shards_written=len(jobs) - skipped, shards_skipped=skipped,

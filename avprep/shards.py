@@ -115,7 +115,8 @@ def plan_shards(records: list[Record], out: str, preset: Preset, *, shard_size: 
 # --- one sample -----------------------------------------------------------------------------
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
+def npy_bytes(array: np.ndarray) -> bytes:
+    """Arrays travel inside tars as .npy bytes, which load without pickle."""
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
@@ -200,7 +201,7 @@ def convert_sample(record: Record, preset: Preset, missing_audio: str = "drop",
         raise MediaError(f"{source}: no frames", path=source, stage="no_video")
     if face_cropper is not None:
         meta["face_ratio"] = round(faces_found / len(jpegs), 4)
-    members = {"spec.npy": _npy_bytes(spec.astype(np.float16)),
+    members = {"spec.npy": npy_bytes(spec.astype(np.float16)),
                "cls": str(record.label_id).encode("ascii"),
                "json": json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")}
     for i, data in enumerate(jpegs):
@@ -225,7 +226,9 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_json_atomic(path: str, data) -> None:
+def write_json_atomic(path: str, data) -> None:
+    """Written under a temporary name and renamed: a reader or a resumed build never sees half
+    a file, which is what lets a stats file mark its shard as done."""
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(data, fh, indent=1, sort_keys=True)
@@ -365,21 +368,23 @@ def write_shard(job: ShardJob) -> dict:
              "bytes": sum(p["bytes"] for p in parts),
              "classes": {k: classes[k] for k in sorted(classes, key=int)},
              "parts": parts, "failures": failures, "seconds": round(time.time() - started, 3)}
-    _write_json_atomic(stats_path, stats)
+    write_json_atomic(stats_path, stats)
     return stats
 
 
 # --- the whole build ------------------------------------------------------------------------
 
 
-def _fingerprint(records: list[Record], args: dict) -> str:
+def build_fingerprint(records: list[Record], args: dict) -> str:
+    """What decides a shard set's bytes; a rerun against OUT with another one is refused."""
     digest = hashlib.sha256(json.dumps(args, sort_keys=True).encode())
     for r in records:
         digest.update(json.dumps(r.to_dict(), sort_keys=True).encode())
     return digest.hexdigest()
 
 
-def _prepare_out(out: str, fingerprint: str, args: dict, overwrite: bool) -> None:
+def prepare_shard_dir(out: str, fingerprint: str, args: dict, overwrite: bool) -> None:
+    """Make OUT ready for a (resumed) build without ever deleting what a build did not write."""
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise UserError(f"the parent folder of {out} does not exist")
@@ -407,7 +412,7 @@ def _prepare_out(out: str, fingerprint: str, args: dict, overwrite: bool) -> Non
     for name in os.listdir(out):  # left by a killed run; its shard has no stats, so it is redone
         if ".tmp-" in name:
             os.remove(os.path.join(out, name))
-    _write_json_atomic(build_path, {"fingerprint": fingerprint, "args": args})
+    write_json_atomic(build_path, {"fingerprint": fingerprint, "args": args})
 
 
 def remove_shard_set(out: str) -> None:
@@ -418,7 +423,8 @@ def remove_shard_set(out: str) -> None:
             os.remove(os.path.join(out, name))
 
 
-def _index(out: str, jobs: list[ShardJob], stats: dict[str, dict], meta: dict) -> dict:
+def make_index(out: str, jobs: list[ShardJob], stats: dict[str, dict], meta: dict) -> dict:
+    """index.json from the per-shard stats: the one file a reader needs to plan its epochs."""
     splits = {}
     num_classes = len(meta["classes"])
     for split in SPLITS:
@@ -474,7 +480,7 @@ def build_shards(records: list[Record], out: str, preset: Preset, *, classes: li
             "samples": len(records), **(extra_args or {})}
     if max_shard_bytes is not None:  # only when set: older shard sets keep resuming
         args["max_shard_bytes"] = max_shard_bytes
-    _prepare_out(out, _fingerprint(records, args), args, overwrite)
+    prepare_shard_dir(out, build_fingerprint(records, args), args, overwrite)
     jobs = plan_shards(records, out, preset, shard_size=shard_size, seed=seed,
                        missing_audio=missing_audio)
     for job in jobs:
@@ -501,8 +507,8 @@ def build_shards(records: list[Record], out: str, preset: Preset, *, classes: li
     meta = {"dataset": dataset, "classes": list(classes), "modalities": modalities,
             "preset": preset.to_dict(), "tool_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "args": args}
-    index = _index(out, jobs, stats, meta)
-    _write_json_atomic(os.path.join(out, "index.json"), index)
+    index = make_index(out, jobs, stats, meta)
+    write_json_atomic(os.path.join(out, "index.json"), index)
     skipped = sum(bool(stats[j.name].get("skipped")) for j in jobs)
     return BuildSummary(out=out, index=index, failures=failures,
                         shards_written=len(jobs) - skipped, shards_skipped=skipped,

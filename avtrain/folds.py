@@ -33,7 +33,7 @@ import numpy as np
 
 from avprep.errors import UserError
 from avprep.manifest import hash_fraction
-from avprep.shards import _write_json_atomic, add_member
+from avprep.shards import add_member, write_json_atomic
 
 from .config import TrainConfig, to_yaml
 from .data import open_shards
@@ -129,7 +129,7 @@ def make_folds(shards_path: str, k: int, out: str) -> list[str]:
         os.replace(tmp[i], final)
         parts.append(final)
     folders = [_fold_set(shards, parts, counts, i, out) for i in range(k)]
-    _write_json_atomic(done_path, {"source": source, "counts": [dict(c) for c in counts]})
+    write_json_atomic(done_path, {"source": source, "counts": [dict(c) for c in counts]})
     return folders
 
 
@@ -158,7 +158,7 @@ def _fold_set(shards, parts: list[str], counts: list[Counter], i: int, out: str)
                 dict(entry.get("classes") or {}))
     index = {**shards.index, "splits": splits,
              "cv": {"k": len(parts), "fold": i, "source": os.path.abspath(shards.root)}}
-    _write_json_atomic(os.path.join(folder, "index.json"), index)
+    write_json_atomic(os.path.join(folder, "index.json"), index)
     return folder
 
 
@@ -247,7 +247,7 @@ def cross_validate(config: TrainConfig, *, resume: bool = True) -> dict:
                "modalities": list(config.modalities), "folds": results,
                "stats": summarize_folds(results)}
     if os.environ.get("RANK", "0") == "0":
-        _write_json_atomic(os.path.join(run, "cv.json"), summary)
+        write_json_atomic(os.path.join(run, "cv.json"), summary)
         with open(os.path.join(run, "cv.md"), "w", encoding="utf-8") as fh:
             fh.write(markdown(summary))
     return summary
