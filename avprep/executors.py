@@ -134,7 +134,12 @@ def run_ray(fn: Callable, jobs: list, workers: int = 0, address: str | None = No
     started_here = not ray.is_initialized()
     if started_here:
         if address:
-            ray.init(address=address, log_to_driver=False)
+            try:
+                ray.init(address=address, log_to_driver=False)
+            except ConnectionError as exc:  # no cluster there: a user mistake, not a crash
+                raise UserError(f"no Ray cluster at --ray-address {address}: "
+                                f"{str(exc).splitlines()[0]} (start one with `ray start "
+                                "--head`, or leave --ray-address out for a local Ray)") from None
         else:
             ray.init(num_cpus=workers or os.cpu_count(), include_dashboard=False,
                      log_to_driver=False)

@@ -28,3 +28,19 @@ def test_ray_and_local_executors_write_identical_shards(synth_dir, tmp_path):
     local = {p.name: p.read_bytes() for p in (tmp_path / "local").glob("*.tar")}
     remote = {p.name: p.read_bytes() for p in (tmp_path / "ray").glob("*.tar")}
     assert local and local == remote
+
+
+def test_no_cluster_at_the_address_is_one_line(synth_dir, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from cli import avprep
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = CliRunner().invoke(avprep, ["build-shards", "--manifest",
+                                      str(synth_dir / "manifest.jsonl"), "-o",
+                                      str(tmp_path / "shards"), "--executor", "ray",
+                                      "--ray-address", "auto", "--no-progress"])
+    assert out.exit_code == 2, out.output
+    errors = [line for line in out.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "no Ray cluster at --ray-address auto" in errors[0]
+    assert "Traceback" not in out.output
