@@ -22,6 +22,7 @@ from avprep.errors import MediaError, UserError
 FULL = {"per_class": 100, "epochs": 10, "image_size": 64, "batch_size": 32}
 QUICK = {"per_class": 6, "epochs": 1, "image_size": 32, "batch_size": 8}
 SETTINGS_FILE = "demo.json"
+BARS = sys.stderr.isatty()  # progress bars on a terminal; a log file gets the [demo] lines only
 BUILT = ("data", "shards", "runs", "report")  # what the demo writes under --out
 
 RUNS = [  # (run name, settings): the three methods and the reference that shows the gap
@@ -64,7 +65,7 @@ def make_data(out: str, config, workers: int) -> str:
     if os.path.isfile(os.path.join(data, "manifest.jsonl")):
         say(f"reusing the synthetic videos in {data}")
         return data
-    summary = write_synth(data, config, workers=workers, overwrite=True, progress=True)
+    summary = write_synth(data, config, workers=workers, overwrite=True, progress=BARS)
     say(summary.describe().replace("\n", "; "))
     return data
 
@@ -78,7 +79,7 @@ def make_shards(data: str, out: str, workers: int) -> str:
     manifest = read_manifest(os.path.join(data, "manifest.jsonl"))
     summary = build_shards(manifest.records, shards, get_preset("synth"),
                            classes=manifest.classes, dataset="synth", shard_size=64,
-                           workers=workers, overwrite=True, progress=True)
+                           workers=workers, overwrite=True, progress=BARS)
     say(summary.describe().splitlines()[0])
     return shards
 
@@ -99,10 +100,12 @@ def train(shards: str, out: str, size: dict, workers: int) -> list[str]:
             "shards": shards, "run_dir": run_dir, "model": "tiny", "fusion": "concat",
             "epochs": size["epochs"], "batch_size": size["batch_size"], "lr": 0.05,
             "image_size": size["image_size"], "workers": workers, "linear_probe": True,
-            "log_every": 2, "progress": True, "seed": 0, **settings,
+            "log_every": 2, "progress": BARS, "seed": 0, **settings,
         })
         say(f"training {name} ({'resuming' if resume else 'new'}) -> {run_dir}")
-        fit(config, resume=resume, overwrite=resume is None)  # the demo owns its runs
+        summary = fit(config, resume=resume, overwrite=resume is None)  # the demo owns its runs
+        say(f"{name}: test acc {(summary.get('test') or {}).get('acc', float('nan')):.3f} "
+            f"(best val epoch {summary['best_epoch']}, {summary['wall_time']:.0f} s)")
     return run_dirs
 
 
