@@ -261,6 +261,32 @@ def test_ge_noise_depends_only_on_seed_and_step():
     assert not torch.allclose(a, noise_of(config_seed=12))
 
 
+def test_ge_noise_is_the_same_whatever_the_thread_count(monkeypatch):
+    """Ranks with different thread counts must add the same noise, or replicas drift; each
+    piece has its own seed, so pieces do not repeat one another."""
+    from avtrain.balance import ogm
+
+    monkeypatch.setattr(ogm, "NOISE_CHUNK", 1000)
+    threads = torch.get_num_threads()
+    draws = []
+    try:
+        for n_threads in (1, 2, 3):
+            torch.set_num_threads(n_threads)
+            out = torch.empty(4500)
+            ogm.draw_unit_noise(out, seed=7)
+            draws.append(out)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], draws[2])
+    pieces = draws[0][:4000].view(4, 1000)
+    assert all(not torch.allclose(pieces[0], pieces[i]) for i in range(1, 4))
+    assert abs(float(draws[0].mean())) < 5 / math.sqrt(4500)
+    assert abs(float(draws[0].std()) - 1) < 5 / math.sqrt(2 * 4500)
+    other = torch.empty(4500)
+    ogm.draw_unit_noise(other, seed=8)
+    assert not torch.allclose(other, draws[0])
+
+
 def test_ogm_without_ge_adds_no_noise():
     torch.manual_seed(0)
     model = ToyAV(classes=2)
