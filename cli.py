@@ -428,7 +428,8 @@ def _metrics_table(m: dict, split: str) -> str:
 
 
 def _probe_table(p: dict) -> str:
-    lines = [f"linear probe (L2 chosen on val; chance {p['chance']:.3f})",
+    fitted = f"fitted on {p['train_samples']} train samples; " if "train_samples" in p else ""
+    lines = [f"linear probe ({fitted}L2 chosen on val; chance {p['chance']:.3f})",
              f"{'features':<10}{'val acc':>10}{'test acc':>10}"]
     for name, r in p.items():
         if isinstance(r, dict):

@@ -80,6 +80,16 @@ def gather_objects(obj, ctx: Context) -> list:
     return out
 
 
+def gather_objects_to_main(obj, ctx: Context) -> list | None:
+    """Every rank's `obj`, in rank order, on rank 0 only (None elsewhere): what only rank 0
+    works on need not be held by every rank."""
+    if not ctx.distributed:
+        return [obj]
+    out = [None] * ctx.world if ctx.main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def broadcast_object(obj, ctx: Context):
     if not ctx.distributed:
         return obj

@@ -18,13 +18,15 @@ from .checkpoint import bare_model
 from .data import DataOptions, ShardSet, eval_loader, to_device
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
+PROBE_MAX_TRAIN = 30_000  # train samples the probe is fitted on at most (seeded subset)
 
 
 @torch.no_grad()
 def extract_features(model, shards: ShardSet, split: str, opts: DataOptions, *,
                      batch_size: int, ctx: D.Context | None = None, workers: int = 2,
                      amp: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """{modality: [N, D] float32} and labels [N] of one split, gathered on every rank."""
+    """{modality: [N, D] float32} and labels [N] of one split, gathered on rank 0 (other ranks
+    get (None, None))."""
     ctx = ctx or D.Context()
     bare = bare_model(model)
     was_training = bare.training
@@ -47,7 +49,10 @@ def extract_features(model, shards: ShardSet, split: str, opts: DataOptions, *,
         bare.train()
     local = {"keys": keys, "labels": np.concatenate(labels) if labels else np.zeros(0, int),
              "feats": {m: np.concatenate(v) for m, v in feats.items()}}
-    parts = [p for p in D.gather_objects(local, ctx) if len(p["keys"])]
+    gathered = D.gather_objects_to_main(local, ctx)
+    if gathered is None:
+        return None, None
+    parts = [p for p in gathered if len(p["keys"])]
     order_keys = [k for p in parts for k in p["keys"]]
     order = np.argsort(np.array(order_keys))  # a fixed order whatever the reader split was
     y = np.concatenate([p["labels"] for p in parts])[order]
@@ -95,28 +100,46 @@ def probe_features(train, val, test, num_classes: int) -> dict:
             "l2": l2}
 
 
+def subsample(x: dict[str, np.ndarray], y: np.ndarray, limit: int | None, seed: int
+              ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """At most `limit` samples, drawn without replacement in a seeded, fixed order: a probe on
+    a few tens of thousands of samples ranks encoders as well as one on a million."""
+    if limit is None or len(y) <= limit:
+        return x, y
+    keep = np.sort(np.random.default_rng(seed).choice(len(y), size=limit, replace=False))
+    return {m: v[keep] for m, v in x.items()}, y[keep]
+
+
 def linear_probe(model, shards: ShardSet, opts: DataOptions, *, batch_size: int = 64,
                  ctx: D.Context | None = None, workers: int = 2, amp: bool = True,
                  train_split: str = "train", val_split: str = "val", test_split: str = "test",
-                 seed: int = 0) -> dict:
-    """{modality: {"test_acc", "val_acc", "train_acc", "l2"}, "fused": ..., "chance": 1/C}."""
+                 seed: int = 0, max_train: int | None = PROBE_MAX_TRAIN) -> dict:
+    """{modality: {"test_acc", "val_acc", "train_acc", "l2"}, "fused": ..., "chance": 1/C,
+    "train_samples": n}. Features are gathered and the probes fitted on rank 0 only; every
+    rank returns rank 0's result."""
+    ctx = ctx or D.Context()
     torch.manual_seed(seed)
     splits = {}
     for name in (train_split, val_split, test_split):
         shards.require(name)
         splits[name] = extract_features(model, shards, name, opts, batch_size=batch_size,
                                         ctx=ctx, workers=workers, amp=amp)
-    modalities = list(splits[train_split][0])
-    result: dict = {}
-    views = {m: (lambda feats, m=m: feats[m]) for m in modalities}
-    if len(modalities) > 1:
-        views["fused"] = lambda feats: np.concatenate([feats[m] for m in modalities], axis=1)
-    for name, view in views.items():
-        result[name] = probe_features(
-            *[(view(splits[s][0]), splits[s][1]) for s in (train_split, val_split, test_split)],
-            shards.num_classes)
-    result["chance"] = 1.0 / shards.num_classes
-    return result
+    result: dict | None = None
+    if ctx.main:
+        splits[train_split] = subsample(*splits[train_split], max_train, seed)
+        modalities = list(splits[train_split][0])
+        result = {}
+        views = {m: (lambda feats, m=m: feats[m]) for m in modalities}
+        if len(modalities) > 1:
+            views["fused"] = lambda feats: np.concatenate([feats[m] for m in modalities], axis=1)
+        for name, view in views.items():
+            result[name] = probe_features(
+                *[(view(splits[s][0]), splits[s][1]) for s in (train_split, val_split,
+                                                                test_split)],
+                shards.num_classes)
+        result["chance"] = 1.0 / shards.num_classes
+        result["train_samples"] = int(len(splits[train_split][1]))
+    return D.broadcast_object(result, ctx)
 
 
 def probe_checkpoint(ckpt_path: str, shards_path: str, *, test_split: str = "test",

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from avtrain.loop import evaluate_checkpoint, fit
+from avtrain.probe import probe_checkpoint
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 AVTRAIN = os.path.join(os.path.dirname(sys.executable), "avtrain")
@@ -76,3 +77,19 @@ def test_two_gloo_processes_match_one(train_shards, tmp_path):
     for key in ("n", "acc", "acc_audio", "acc_visual", "macro_f1", "confusion"):
         assert ddp["test"][key] == local[key], key
     assert ddp["test"]["loss"] == pytest.approx(local["loss"], rel=1e-5)
+
+    # the linear probe under 2 ranks (features gathered on rank 0, fitted there, broadcast)
+    # gives the one-process probe of the same checkpoint
+    out = torchrun(["eval", "--ckpt", str(ddp_run / "best.pt"), "--shards", str(train_shards),
+                    "--linear-probe", "--json", "--workers", "0", "--device", "cpu"])
+    ddp_probe = json.loads(out)
+    torch.set_num_threads(1)
+    try:
+        local_probe = probe_checkpoint(str(ddp_run / "best.pt"), str(train_shards), workers=0,
+                                       device="cpu")
+    finally:
+        torch.set_num_threads(before)
+    assert ddp_probe["train_samples"] == local_probe["train_samples"] > 0
+    for view in ("audio", "visual", "fused"):
+        for key in ("val_acc", "test_acc", "l2"):
+            assert ddp_probe[view][key] == pytest.approx(local_probe[view][key]), (view, key)

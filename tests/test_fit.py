@@ -118,6 +118,8 @@ def test_linear_probe_beats_chance(train_shards, tmp_path):
                        linear_probe=True))
     probe = summary["linear_probe"]
     assert probe["chance"] == pytest.approx(1 / 3)
+    assert probe["train_samples"] == json.loads((train_shards / "index.json").read_text()
+                                                )["splits"]["train"]["samples"]
     assert set(probe) >= {"audio", "visual", "fused"}
     # the synth audio cue is easy: the frozen audio encoder's features separate the classes
     assert probe["audio"]["test_acc"] >= 0.6
@@ -201,3 +203,19 @@ def test_a_run_directory_holding_a_run_is_never_overwritten_silently(train_shard
     kinds = [r["kind"] for r in records(run)]
     assert kinds.count("start") == 1 and kinds.count("epoch") == 1  # only the new run's log
     assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == 1
+
+
+def test_probe_train_subset_is_seeded_and_bounded():
+    import numpy as np
+
+    from avtrain.probe import subsample
+
+    x = {"audio": np.arange(100, dtype=np.float32).reshape(50, 2)}
+    y = np.arange(50)
+    xs, ys = subsample(x, y, 20, seed=3)
+    again_x, again_y = subsample(x, y, 20, seed=3)
+    assert len(ys) == 20 and len(set(ys.tolist())) == 20 and list(ys) == sorted(ys)
+    assert np.array_equal(ys, again_y) and np.array_equal(xs["audio"], again_x["audio"])
+    assert np.array_equal(xs["audio"][:, 0], ys * 2)  # features stay with their labels
+    assert not np.array_equal(ys, subsample(x, y, 20, seed=4)[1])
+    assert subsample(x, y, None, seed=3)[1] is y and subsample(x, y, 50, seed=3)[1] is y
