@@ -183,6 +183,30 @@ def test_ave_annotations_only_root_in_parent_folder(ave_root, tmp_path):
     assert {r.split for r in m.records} <= {"train", "val", "test"}
 
 
+# The 28 categories exactly as AVE's Annotations.txt spells them, in the order AVE code indexes
+# them (Tian et al., ECCV 2018); a name that differs by a word makes every such line an error.
+AVE_CATEGORIES = [
+    "Church bell", "Male speech, man speaking", "Bark", "Fixed-wing aircraft, airplane",
+    "Race car, auto racing", "Female speech, woman speaking", "Helicopter", "Violin, fiddle",
+    "Flute", "Ukulele", "Frying (food)", "Truck", "Shofar", "Motorcycle", "Acoustic guitar",
+    "Train horn", "Clock", "Banjo", "Goat", "Baby cry, infant cry", "Bus", "Chainsaw", "Cat",
+    "Horse", "Toilet flush", "Rodents, rats, mice", "Accordion", "Mandolin",
+]
+
+
+def test_ave_reads_every_official_category_with_the_usual_ids(tmp_path, clips):
+    root = tmp_path / "AVE_Dataset"
+    lines = []
+    for i, category in enumerate(AVE_CATEGORIES):
+        put(clips["mp4"], root / "AVE" / f"vid{i:07d}.mp4")
+        lines.append(f"{category}&vid{i:07d}&good&0&10")
+    (root / "Annotations.txt").write_text(AVE_HEADER + "\n".join(lines) + "\n")
+    loaded = load_dataset("ave", root)
+    assert loaded.classes == AVE_CATEGORIES
+    by_video = {r.extra["video_id"]: r for r in loaded.records}
+    assert [by_video[f"vid{i:07d}"].label_id for i in range(28)] == list(range(28))
+
+
 def test_ave_malformed_line_and_unknown_category(ave_root):
     (ave_root / "valSet.txt").write_text(AVE_HEADER + "Banjo&vid0000002&bad&0\n")
     with pytest.raises(UserError, match=r"valSet.txt:2: expected Category&VideoID"):
