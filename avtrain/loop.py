@@ -422,7 +422,7 @@ def check_run_dir(run_dir: str, *, resume: str | None, overwrite: bool) -> list[
     if resume or not os.path.isdir(run_dir):
         return []
     found = [name for name in RUN_FILES if os.path.exists(os.path.join(run_dir, name))]
-    if found and not overwrite and any(n != "config.yaml" for n in found):
+    if not overwrite and any(name != "config.yaml" for name in found):
         raise UserError(f"{run_dir} already holds a run ({', '.join(found)}); continue it with "
                         f"--resume {run_dir}, or start it again with --overwrite")
     return found
