@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import tempfile
 
 import numpy as np
@@ -101,12 +102,23 @@ def load_checkpoint(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure here means "not our checkpoint"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: not a readable avbalance checkpoint ({first[:160]})") from None
+        raise UserError(f"{path}: not an avbalance checkpoint ({_load_failure(exc)}); "
+                        "nothing in it was executed") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path}: not an avbalance checkpoint")
     state["path"] = path
     return state
+
+
+def _load_failure(exc: Exception) -> str:
+    """What torch.load's refusal means, in a few words: its own message is a multi-line
+    how-to for unpickling, which must not be shown (or followed) for a downloaded file."""
+    text = str(exc)
+    needs_code = re.search(r"(?:Unsupported global|Unsupported class): GLOBAL ([\w.]+)", text)
+    if needs_code:
+        return (f"it holds pickled Python objects ({needs_code.group(1)}) that only code could "
+                "rebuild")
+    return f"torch cannot read it as a checkpoint file: {type(exc).__name__}"
 
 
 def check_compatible(ckpt: dict, *, num_classes: int | None = None,

@@ -198,6 +198,16 @@ def check(config: TrainConfig) -> None:
         raise UserError("--workers must be 0 or more")
 
 
+def require_run_paths(config: TrainConfig) -> None:
+    """A run needs shards to read and a folder to write; say which is missing, as click would
+    for a required option (they are optional flags because --config or --resume can give them)."""
+    for name, what in (("shards", "the shard folder to train on"),
+                       ("run_dir", "the folder for this run's checkpoints and logs")):
+        if not getattr(config, name):
+            raise UserError(f"Missing option '--{name.replace('_', '-')}' ({what}; or give it in "
+                            "--config)")
+
+
 def to_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 

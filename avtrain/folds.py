@@ -35,7 +35,7 @@ from avprep.errors import UserError
 from avprep.manifest import hash_fraction
 from avprep.shards import add_member, write_json_atomic
 
-from .config import TrainConfig, to_yaml
+from .config import TrainConfig, require_run_paths, to_yaml
 from .data import open_shards
 
 POOL = ("train", "val")
@@ -213,10 +213,7 @@ def cross_validate(config: TrainConfig, *, resume: bool = True) -> dict:
     k = int(config.folds or 0)
     if k < 2:
         raise UserError(f"--folds must be at least 2, got {config.folds}")
-    if not config.run_dir:
-        raise UserError("no run directory given (--run-dir)")
-    if not config.shards:
-        raise UserError("no shard folder given (--shards)")
+    require_run_paths(config)
     run = config.run_dir
     data_dir = os.path.join(run, "folds")
     if os.environ.get("RANK", "0") == "0":

@@ -36,7 +36,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import TrainConfig, make_config, resolve_alpha, to_yaml
+from .config import TrainConfig, make_config, require_run_paths, resolve_alpha, to_yaml
 from .data import (
     DataOptions,
     ShardSet,
@@ -227,8 +227,6 @@ class Trainer:
     def __init__(self, config: TrainConfig, ctx: D.Context, resume: str | None):
         self.config, self.ctx = config, ctx
         c = config
-        if not c.run_dir:
-            raise UserError("no run directory given (--run-dir)")
         check_decode_device(c.decode_device)
         self.shards = open_shards(c.shards)
         self.shards.require("train", c.batch_size, ctx.world)
@@ -446,6 +444,7 @@ def fit(config: TrainConfig | dict, *, resume: str | None = None,
     already holds a run is refused unless `resume` or `overwrite` says what to do with it.
     """
     config = config if isinstance(config, TrainConfig) else make_config(config)
+    require_run_paths(config)
     stale = check_run_dir(config.run_dir, resume=resume, overwrite=overwrite)
     ctx = D.setup(config.device)
     try:

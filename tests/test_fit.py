@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from fractions import Fraction
 
 import pytest
 import torch
@@ -143,6 +144,8 @@ def test_bad_input_is_one_line(train_shards, tmp_path):
     base = ["fit", "--run-dir", str(tmp_path / "r"), "--model", "tiny", "--image-size", "32",
             "--workers", "0", "--no-progress", "--epochs", "1", "--batch-size", "8"]
     one_line_error(base + ["--shards", str(tmp_path)], "no index.json")
+    one_line_error(["fit"], "Missing option '--shards'")
+    one_line_error(["fit", "--shards", str(train_shards)], "Missing option '--run-dir'")
     one_line_error(base + ["--shards", str(train_shards), "--batch-size", "1000"],
                    "larger than the 'train' split")
     one_line_error(base + ["--shards", str(train_shards), "--method", "magic"],
@@ -161,7 +164,12 @@ def test_bad_input_is_one_line(train_shards, tmp_path):
                    "checkpoint not found")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     one_line_error(["eval", "--ckpt", str(tmp_path / "junk.pt"), "--shards", str(train_shards)],
-                   "not a readable avbalance checkpoint")
+                   "not an avbalance checkpoint (torch cannot read it")
+    # a pickled object needs code to rebuild: refused in one complete sentence, never run
+    torch.save({"format": Fraction(1, 3)}, tmp_path / "pkl.pt")
+    one_line_error(["eval", "--ckpt", str(tmp_path / "pkl.pt"), "--shards", str(train_shards)],
+                   "holds pickled Python objects (fractions.Fraction) that only code could "
+                   "rebuild); nothing in it was executed")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
