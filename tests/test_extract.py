@@ -6,9 +6,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -17,6 +14,7 @@ import numpy as np
 import pytest
 import soundfile
 from click.testing import CliRunner
+from held import start_held, wait_until_held
 from mediagen import make_video, make_wav, truncate
 
 from avprep.datasets import load_dataset
@@ -26,7 +24,6 @@ from avprep.manifest import Record, write_manifest
 from avprep.media import decode_clip
 from cli import avprep
 
-REPO = Path(__file__).resolve().parent.parent
 # (class, name, seconds, input fps, size)
 CLIPS = [("a", "long", 2.5, 25, (160, 120)), ("a", "short", 1.4, 30, (160, 120)),
          ("b", "one", 1.0, 25, (160, 120)), ("b", "odd", 1.6, 25, (317, 203))]
@@ -133,6 +130,31 @@ def reference_run(records, out: Path) -> Path:
     return out
 
 
+# Three clips done; the fourth has written its first frame and is about to write the second.
+HOLD_IN_FOURTH_CLIP = """
+from avprep import media
+
+_decode_clip = media.decode_clip
+clips = [0]
+
+
+def decode_then_hold(*args, on_frame=None, **kwargs):
+    clips[0] += 1
+    if clips[0] == 4:
+        save = on_frame
+
+        def on_frame(i, rgb):
+            if i == 1:
+                hold()
+            save(i, rgb)
+
+    return _decode_clip(*args, on_frame=on_frame, **kwargs)
+
+
+media.decode_clip = decode_then_hold
+"""
+
+
 def test_killed_run_leaves_no_partial_clip_and_rerun_matches(tmp_path, dataset):
     root, _m, _ = dataset
     records = [Record(key=f"clip{i:02d}", label="a", label_id=0, split="train",
@@ -140,27 +162,15 @@ def test_killed_run_leaves_no_partial_clip_and_rerun_matches(tmp_path, dataset):
     manifest = tmp_path / "m.jsonl"
     write_manifest(records, manifest, classes=["a"], dataset="folder")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-c", "from cli import avprep; avprep()", "extract-frames",
-           str(manifest), "-o", str(out), "--workers", "1", "--size", "48", "--fps", "2"]
-    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    killed = False
-    try:
-        while proc.poll() is None and time.monotonic() < deadline:
-            if out.is_dir() and any(not p.name.startswith(".") and p.is_dir()
-                                    for p in out.iterdir()):
-                os.killpg(proc.pid, signal.SIGKILL)  # a crash, mid-run
-                killed = True
-                break
-            time.sleep(0.005)
-    finally:
-        if proc.poll() is None and not killed:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert killed, "the run finished before it could be interrupted"
+    proc = start_held(HOLD_IN_FOURTH_CLIP, "avprep", [
+        "extract-frames", str(manifest), "-o", str(out), "--workers", "1", "--size", "48",
+        "--fps", "2"])
+    wait_until_held(proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # a crash, mid-clip (ffmpeg included)
+    proc.wait()
+    assert len(jpgs(out / ".partial" / "clip03")) == 1  # the fourth clip was half written
     done = [p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    assert 0 < len(done) < len(records)
+    assert sorted(p.name for p in done) == ["clip00", "clip01", "clip02"]
     per_clip = len(jpgs(reference_run(records[:1], tmp_path / "one") / records[0].key))
     assert all(len(jpgs(p)) == per_clip for p in done), "a half-written clip has a final name"
     # an older crash's leftovers under .partial are cleared too

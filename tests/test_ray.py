@@ -36,6 +36,9 @@ def test_no_cluster_at_the_address_is_one_line(synth_dir, tmp_path, monkeypatch)
     from cli import avprep
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # "auto" looks for RAY_TMPDIR/ray/ray_current_cluster: point it at an empty folder, so a
+    # local Ray started meanwhile by another test process on this machine is not found
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
     out = CliRunner().invoke(avprep, ["build-shards", "--manifest",
                                       str(synth_dir / "manifest.jsonl"), "-o",
                                       str(tmp_path / "shards"), "--executor", "ray",

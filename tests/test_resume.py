@@ -4,22 +4,16 @@ and end exactly where an uninterrupted run with the same seed ends (CPU)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from click.testing import CliRunner
+from held import start_held, wait_until_held
 
 from avtrain.checkpoint import load_checkpoint
 from avtrain.loop import fit
 from cli import avtrain
-
-AVTRAIN = os.path.join(os.path.dirname(sys.executable), "avtrain")
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -35,15 +29,21 @@ def epochs_of(run):
     return recs, [r for r in recs if r["kind"] == "epoch"]
 
 
-def wait_for_epoch(run, proc, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            return
-        path = run / "metrics.jsonl"
-        if path.exists() and '"kind": "epoch"' in path.read_text():
-            return
-        time.sleep(0.02)
+# Hold the run inside epoch 1, right after step 8 was logged (epoch 1 runs steps 7-12).
+HOLD_MID_EPOCH_1 = """
+from avtrain import loop
+
+_log_step = loop.Trainer._log_step
+
+
+def log_then_hold(self, *args, **kwargs):
+    _log_step(self, *args, **kwargs)
+    if self.step == 8:
+        hold()
+
+
+loop.Trainer._log_step = log_then_hold
+"""
 
 
 def test_interrupt_then_resume_equals_uninterrupted(train_shards, tmp_path):
@@ -51,18 +51,20 @@ def test_interrupt_then_resume_equals_uninterrupted(train_shards, tmp_path):
                 "progress": False})
 
     run = tmp_path / "interrupted"
-    args = [AVTRAIN, "fit", "--shards", str(train_shards), "--run-dir", str(run), "--no-progress"]
+    args = ["fit", "--shards", str(train_shards), "--run-dir", str(run), "--no-progress"]
     for key, value in SETTINGS.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    wait_for_epoch(run, proc)
+    proc = start_held(HOLD_MID_EPOCH_1, "avtrain", args)
+    wait_until_held(proc)  # provably mid-epoch 1, after step 8
     proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]  # interrupted, not finished
     assert "Interrupted." in err and "Traceback" not in err
     ckpt = load_checkpoint(str(run / "last.pt"))  # usable after Ctrl-C
-    assert ckpt["epoch"] in (0, 1)
+    assert ckpt["epoch"] == 0 and ckpt["step"] == 6
+    recs, _ = epochs_of(run)
+    assert {k: recs[-1][k] for k in ("kind", "epoch", "step")} == \
+        {"kind": "interrupted", "epoch": 1, "step": 8}
     assert not (run / "summary.json").exists()
 
     out = CliRunner().invoke(avtrain, ["fit", "--resume", str(run)])

@@ -10,12 +10,12 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import webdataset as wds
+from held import start_held, wait_until_held
 
 from avprep import shards as shards_mod
 from avprep.errors import UserError
@@ -160,24 +160,42 @@ def test_same_input_same_bytes(synth_dir, tmp_path):
     assert a and a == b
 
 
+# Seven samples reported: with 3 per shard, the build is inside its third shard.
+HOLD_AT_SEVENTH_SAMPLE = """
+from avprep import executors
+
+_report = executors.report_sample
+reported = [0]
+
+
+def report_then_hold(name, ok):
+    _report(name, ok)
+    reported[0] += 1
+    if reported[0] == 7:
+        hold()
+
+
+executors.report_sample = report_then_hold
+"""
+
+
 def test_kill_then_rerun_gives_the_same_shards(mixed_manifest, tmp_path):
     reference = tmp_path / "reference"
     build(mixed_manifest, reference, shard_size=3)
     out = tmp_path / "killed"
-    cmd = [str(BIN / "avprep"), "build-shards", "--manifest", str(mixed_manifest),
-           "-o", str(out), "--shard-size", "3", "--workers", "1", "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline and len(list(out.glob("train-*.json"))) < 2:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    args = ["build-shards", "--manifest", str(mixed_manifest), "-o", str(out),
+            "--shard-size", "3", "--workers", "1", "--no-progress"]
+    proc = start_held(HOLD_AT_SEVENTH_SAMPLE, "avprep", args)
+    wait_until_held(proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # a crash, mid-shard
     proc.wait()
     assert not (out / "index.json").exists()  # it really was stopped mid-run
+    assert len(list(out.glob("*-*.json"))) == 2  # two shards done, the third under way
     for tar in out.glob("*.tar"):  # every final-named tar is complete and readable
         with tarfile.open(tar) as fh:
             names = fh.getnames()
         assert all(n.split(".", 1)[0] for n in names)
-    rerun = subprocess.run(cmd, capture_output=True, text=True)
+    rerun = subprocess.run([str(BIN / "avprep"), *args], capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert "already done" in rerun.stdout
     assert tar_bytes(out) == tar_bytes(reference)

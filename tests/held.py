@@ -1,0 +1,50 @@
+"""Stop a child process at a known point, then signal it: no sleeping, no polling for files.
+
+`start_held(patch, argv)` runs the avprep/avtrain CLI in a new Python process after `patch`
+(test code) has wrapped some library function so that, at the chosen moment, it calls
+`hold()`: that prints a marker line and blocks reading stdin, which the test never writes.
+`wait_until_held(proc)` reads the child's stdout up to the marker, so when it returns the child
+is provably inside that call; a SIGINT then raises KeyboardInterrupt right there (the blocked
+read is interrupted), and a SIGKILL of the process group kills it there.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+MARKER = "AVBALANCE-TEST-HELD"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_PRELUDE = f'''
+import sys
+
+
+def hold():
+    """Block this process until the test kills or interrupts it."""
+    print({MARKER!r}, flush=True)
+    sys.stdin.readline()
+    raise SystemExit("held process released without a signal")
+'''
+
+
+def start_held(patch: str, group: str, argv: list[str], env: dict | None = None
+               ) -> subprocess.Popen:
+    """`python -c PRELUDE+patch+run CLI group` with argv; stdout/stdin are pipes, new session."""
+    code = _PRELUDE + textwrap.dedent(patch) + f"\nfrom cli import {group}\n{group}()\n"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *argv], cwd=REPO, start_new_session=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def wait_until_held(proc: subprocess.Popen) -> None:
+    """Read the child's stdout until the marker; fail if it ends without reaching it."""
+    for line in proc.stdout:
+        if line.strip() == MARKER:
+            return
+    proc.wait()
+    raise AssertionError(f"the process ended (exit {proc.returncode}) before reaching its "
+                         f"hold point: {proc.stderr.read()[-2000:]}")
