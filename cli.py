@@ -81,16 +81,28 @@ def synth(out, overwrite, workers, **options):
 # --- avprep: datasets (manifest, extract-frames, extract-audio) ---------------------------
 
 
-def _dataset_options(f):
-    """Options shared by every command that reads a dataset root."""
+def _source_options(manifest: bool = True):
+    """How every command names what it reads: `--dataset NAME --root DIR` (with the dataset
+    options below) or, where a manifest makes sense, `--manifest FILE`."""
     options = [
+        click.option("--dataset", help="Dataset adapter: cremad, ave, vggsound, "
+                     "kinetics_sounds, mer, folder, synth (with --root)."),
+        click.option("--root", type=click.Path(file_okay=False),
+                     help="The dataset's root folder (with --dataset)."),
+    ]
+    if manifest:
+        options.append(click.option("--manifest", type=click.Path(dir_okay=False),
+                                    help="A manifest.jsonl instead of --dataset/--root."))
+    options += [
         click.option("--split-file", multiple=True, type=click.Path(dir_okay=False),
                      help="List file(s) fixing each clip's split, e.g. OGM-GE's train.csv and "
                           "test.csv (split from a column or the file name). Repeatable."),
-        click.option("--val-fraction", default=0.1, show_default=True,
-                     help="Share of train groups carved out as val when there is no val."),
-        click.option("--test-fraction", default=0.1, show_default=True,
-                     help="Test share of a hash split (datasets without an official test)."),
+        click.option("--val-fraction", type=float,
+                     help="Share of train groups carved out as val when there is no val; 0 "
+                          "carves none.  [default: 0.1]"),
+        click.option("--test-fraction", type=float,
+                     help="Test share of a hash split (datasets without an official test).  "
+                          "[default: 0.1]"),
         click.option("--classes-file", type=click.Path(dir_okay=False),
                      help="Pin the class list (one per line)."),
         click.option("--frames-dir", type=click.Path(file_okay=False),
@@ -102,35 +114,59 @@ def _dataset_options(f):
         click.option("--trust-pickle", is_flag=True,
                      help="MER: read the official pickled label-6way.npz."),
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
 
 
-def _options_dict(kw: dict) -> dict:
-    return {"split_file": kw.pop("split_file"), "val_fraction": kw.pop("val_fraction"),
-            "test_fraction": kw.pop("test_fraction"), "classes_file": kw.pop("classes_file"),
-            "frames_dir": kw.pop("frames_dir"), "audio_dir": kw.pop("audio_dir"),
-            "csv": kw.pop("csv_path"), "trust_pickle": kw.pop("trust_pickle")}
+DATASET_OPTIONS = ("split_file", "val_fraction", "test_fraction", "classes_file", "frames_dir",
+                   "audio_dir", "csv_path", "trust_pickle")
+
+
+def _source(kw: dict) -> dict:
+    """Pop the source options out of a command's keyword arguments: read_source's arguments."""
+    out = {name: kw.pop(name, None) for name in ("manifest", "dataset", "root")}
+    for name in DATASET_OPTIONS:
+        value = kw.pop(name)
+        out["csv" if name == "csv_path" else name] = value
+    return out
+
+
+def _deprecated(old: str, new: str) -> None:
+    click.echo(f"Warning: `{old}` is deprecated; use `{new}`.", err=True)
 
 
 @avprep.command()
-@click.argument("dataset")
-@click.argument("root", type=click.Path())
+@click.argument("legacy", nargs=-1, metavar="")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Manifest to write (JSONL).")
 @click.option("--missing-file", type=click.Path(dir_okay=False),
               help="Where to list clips that are listed but missing  [default: OUTPUT.missing.txt]")
-@_dataset_options
-def manifest(dataset, root, output, missing_file, **kw):
-    """Read a dataset ROOT (cremad, ave, vggsound, kinetics_sounds, mer, folder, synth) and
-    write its manifest, with a summary of clips per split and class."""
+@_source_options(manifest=False)
+def manifest(legacy, output, missing_file, **kw):
+    """Read a dataset (--dataset NAME --root DIR: cremad, ave, vggsound, kinetics_sounds, mer,
+    folder, synth) and write its manifest, with a summary of clips per split and class."""
     import os
 
     from avprep.datasets import scan_dataset
     from avprep.manifest import write_manifest
+    from avprep.sources import given_options
 
-    scan = scan_dataset(dataset, root, **_options_dict(kw))
+    source = _source(kw)
+    if legacy:  # the old spelling: avprep manifest DATASET ROOT
+        if len(legacy) != 2 or source["dataset"] or source["root"]:
+            raise UserError("unexpected arguments " + " ".join(legacy) + "; name the dataset "
+                            "with --dataset NAME --root DIR")
+        source["dataset"], source["root"] = legacy
+        _deprecated("avprep manifest DATASET ROOT", "avprep manifest --dataset DATASET --root ROOT")
+    dataset, root = source.pop("dataset"), source.pop("root")
+    if not dataset or not root:
+        raise UserError("say which dataset to read: --dataset NAME --root DIR")
+    scan = scan_dataset(dataset, root, **given_options(source))
     out_dir = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(out_dir):
         raise UserError(f"folder {out_dir} for the manifest does not exist")
@@ -153,16 +189,32 @@ def manifest(dataset, root, output, missing_file, **kw):
         click.echo(f"files not in any list: {unlisted_file}")
 
 
-def _records_for_extract(source, dataset, split, kw):
-    from avprep.frames import records_from
+def _records_for_extract(command: str, legacy_source, split, kw):
+    """Records for extract-frames/extract-audio, from --dataset/--root or --manifest (or the
+    deprecated positional SOURCE), restricted to `split`."""
+    from avprep.sources import legacy_source as from_legacy
+    from avprep.sources import read_source
 
-    return records_from(source, dataset=dataset, splits=split or None, **_options_dict(kw))
+    source = _source(kw)
+    if legacy_source:
+        if source["manifest"] or source["root"]:
+            raise UserError(f"give the source once: --manifest or --dataset/--root, not also "
+                            f"{legacy_source}")
+        source["manifest"], source["root"] = from_legacy(legacy_source, source["dataset"])
+        new = (f"--manifest {source['manifest']}" if source["manifest"]
+               else f"--dataset {source['dataset']} --root {source['root']}")
+        _deprecated(f"avprep {command} SOURCE", f"avprep {command} {new}")
+    loaded = read_source(**source)
+    if split:
+        loaded.records = [r for r in loaded.records if r.split in set(split)]
+        if not loaded.records:
+            raise UserError(f"no clips in split(s) {', '.join(sorted(set(split)))}")
+    return loaded
 
 
 @avprep.command("extract-frames")
-@click.argument("source", type=click.Path())
+@click.argument("legacy_source", required=False, metavar="", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False))
-@click.option("--dataset", help="Read SOURCE as this dataset's root (else a manifest).")
 @click.option("--split", multiple=True, help="Only these splits (repeatable).")
 @click.option("--fps", default=1.0, show_default=True,
               help="Frames per second; frame i is the one on screen at t = i/fps.")
@@ -174,13 +226,14 @@ def _records_for_extract(source, dataset, split, kw):
 @click.option("--face-size", default=112, show_default=True)
 @click.option("--workers", default=0, help="Parallel clips (0 = all cores).")
 @click.option("--overwrite", is_flag=True, help="Redo clips that are already done.")
-@_dataset_options
-def extract_frames_cmd(source, out, dataset, split, fps, size, fmt, quality, faces, face_size,
+@_source_options()
+def extract_frames_cmd(legacy_source, out, split, fps, size, fmt, quality, faces, face_size,
                        workers, overwrite, **kw):
-    """Extract frames (seed-compatible JPEG folders or HDF5); resumable and parallel."""
+    """Extract frames (seed-compatible JPEG folders or HDF5) of --dataset/--root or
+    --manifest; resumable and parallel."""
     from avprep.frames import extract_frames
 
-    m = _records_for_extract(source, dataset, split, kw)
+    m = _records_for_extract("extract-frames", legacy_source, split, kw)
     summary = extract_frames(m.records, out, fps=fps, size=size, fmt=fmt, quality=quality,
                              faces=faces, face_size=face_size, workers=workers,
                              progress=True, overwrite=overwrite)
@@ -188,19 +241,19 @@ def extract_frames_cmd(source, out, dataset, split, fps, size, fmt, quality, fac
 
 
 @avprep.command("extract-audio")
-@click.argument("source", type=click.Path())
+@click.argument("legacy_source", required=False, metavar="", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False))
-@click.option("--dataset", help="Read SOURCE as this dataset's root (else a manifest).")
 @click.option("--split", multiple=True, help="Only these splits (repeatable).")
 @click.option("--sr", default=16000, show_default=True, help="Sample rate of the mono WAVs.")
 @click.option("--workers", default=0, help="Parallel clips (0 = all cores).")
 @click.option("--overwrite", is_flag=True, help="Redo clips that are already done.")
-@_dataset_options
-def extract_audio_cmd(source, out, dataset, split, sr, workers, overwrite, **kw):
-    """Extract mono WAVs (OUT/{key}.wav); resumable and parallel."""
+@_source_options()
+def extract_audio_cmd(legacy_source, out, split, sr, workers, overwrite, **kw):
+    """Extract mono WAVs (OUT/{key}.wav) of --dataset/--root or --manifest; resumable and
+    parallel."""
     from avprep.frames import extract_audio
 
-    m = _records_for_extract(source, dataset, split, kw)
+    m = _records_for_extract("extract-audio", legacy_source, split, kw)
     summary = extract_audio(m.records, out, sample_rate=sr, workers=workers, progress=True,
                             overwrite=overwrite)
     click.echo(summary.describe())
@@ -210,9 +263,6 @@ def extract_audio_cmd(source, out, dataset, split, sr, workers, overwrite, **kw)
 
 
 @avprep.command("build-shards")
-@click.option("--manifest", type=click.Path(dir_okay=False), help="A manifest.jsonl to convert.")
-@click.option("--dataset", help="Dataset adapter name (with --root), e.g. cremad, ave, vggsound.")
-@click.option("--root", type=click.Path(file_okay=False), help="The dataset's root folder.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
               help="Output folder for the shards.")
 @click.option("--preset", help="Preset name (default: the dataset's).")
@@ -231,13 +281,15 @@ def extract_audio_cmd(source, out, dataset, split, sr, workers, overwrite, **kw)
 @click.option("--seed", default=0, show_default=True, help="Seed of the shard assignment.")
 @click.option("--overwrite", is_flag=True, help="Rebuild OUT even if it was built differently.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def build_shards_cmd(manifest, dataset, root, out, preset, shard_size, max_shard_bytes, workers,
-                     executor, ray_address, splits, limit, frame_size, missing_audio, seed,
-                     overwrite, no_progress):
-    """Convert clips to WebDataset shards (resumable: rerun the same command to finish)."""
+@_source_options()
+def build_shards_cmd(out, preset, shard_size, max_shard_bytes, workers, executor, ray_address,
+                     splits, limit, frame_size, missing_audio, seed, overwrite, no_progress,
+                     **kw):
+    """Convert the clips of --dataset/--root or --manifest to WebDataset shards (resumable:
+    rerun the same command to finish)."""
     from avprep.shards import build_shards, load_source, parse_size
 
-    loaded, chosen = load_source(manifest=manifest, dataset=dataset, root=root, preset=preset)
+    loaded, chosen = load_source(preset=preset, **_source(kw))
     if frame_size is not None:
         chosen = chosen.replace(frame_size=frame_size)
     summary = build_shards(
@@ -280,8 +332,6 @@ def verify_cmd(out):
 
 
 @avprep.command("import-features")
-@click.option("--manifest", required=True, type=click.Path(dir_okay=False),
-              help="manifest.jsonl giving labels and splits of the clips.")
 @click.option("--feature", "features", multiple=True, required=True, metavar="MODALITY=DIR",
               help="A folder of {clip}.npy arrays [time, dim]; repeat per modality.")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
@@ -295,13 +345,15 @@ def verify_cmd(out):
 @click.option("--seed", default=0, show_default=True, help="Seed of the shard assignment.")
 @click.option("--overwrite", is_flag=True, help="Rebuild OUT even if it was built differently.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def import_features_cmd(manifest, features, out, keep_missing, dtype, shard_size, workers, seed,
-                        overwrite, no_progress):
-    """Pack precomputed per-clip feature sequences into shards ({key}.{modality}.npy)."""
+@_source_options()
+def import_features_cmd(features, out, keep_missing, dtype, shard_size, workers, seed,
+                        overwrite, no_progress, **kw):
+    """Pack precomputed per-clip feature sequences into shards ({key}.{modality}.npy); labels
+    and splits come from --manifest (which may list no media paths) or --dataset/--root."""
     from avprep.features import import_features, parse_feature_args
-    from avprep.manifest import read_manifest
+    from avprep.sources import read_source
 
-    loaded = read_manifest(manifest)
+    loaded = read_source(require_media=False, **_source(kw))
     summary = import_features(
         loaded.records, parse_feature_args(features), out, classes=loaded.classes,
         dataset=loaded.dataset, keep_missing=keep_missing, dtype=dtype, shard_size=shard_size,

@@ -338,7 +338,7 @@ def import_features(records: list[Record], folders: dict[str, str], out: str, *,
         raise UserError("--shard-size must be at least 1")
     if not folders:
         raise UserError("give at least one --feature MODALITY=DIR")
-    validate(records, classes, source="manifest")
+    validate(records, classes, source="manifest", require_media=False)  # nothing is decoded
     found, dims, unreadable = {}, {}, []
     for m, folder in folders.items():
         files = scan_folder(folder)

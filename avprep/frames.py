@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import MediaError, UserError
-from .manifest import Manifest, Record, read_manifest
+from .manifest import Record
 
 PARTIAL = ".partial"
 STAGING = ".staging"
@@ -46,34 +46,6 @@ def expected_frames(duration: float, fps: float) -> int:
     """Frames sampled from a video stream lasting `duration` seconds: one at each t = i / fps
     with t < duration (the 1e-6 absorbs float error in duration * fps)."""
     return max(1, math.ceil(duration * fps - 1e-6))
-
-
-def records_from(source: str | os.PathLike, dataset: str | None = None,
-                 splits: Iterable[str] | None = None, **options) -> Manifest:
-    """Records from a manifest file, or from a dataset root read by the `dataset` adapter."""
-    source = os.fspath(source)
-    if os.path.isdir(source):
-        if not dataset:
-            hint = os.path.join(source, "manifest.jsonl")
-            if os.path.isfile(hint):
-                manifest = read_manifest(hint)
-            else:
-                raise UserError(f"{source} is a folder: pass --dataset NAME to read it as a "
-                                "dataset root, or give a manifest .jsonl file")
-        else:
-            from .datasets import load_dataset
-
-            manifest = load_dataset(dataset, source, **options)
-    elif os.path.isfile(source):
-        manifest = read_manifest(source)
-    else:
-        raise UserError(f"{source} does not exist (expected a manifest .jsonl or a dataset root)")
-    if splits:
-        wanted = set(splits)
-        manifest.records = [r for r in manifest.records if r.split in wanted]
-        if not manifest.records:
-            raise UserError(f"{source}: no clips in split(s) {', '.join(sorted(wanted))}")
-    return manifest
 
 
 @dataclass

@@ -68,9 +68,12 @@ def hash_split(group: str, val: float = 0.1, test: float = 0.1, salt: str = "avb
     return "train"
 
 
-def validate(records: list[Record], classes: list[str] | None = None, source: str = "manifest"
-             ) -> None:
-    """Raise UserError on the first problem a shard writer or trainer would trip over."""
+def validate(records: list[Record], classes: list[str] | None = None, source: str = "manifest",
+             *, require_media: bool = True) -> None:
+    """Raise UserError on the first problem a shard writer or trainer would trip over.
+
+    `require_media=False`: records may have no video/audio path (a feature-only manifest:
+    key, label, label_id, split), for steps that decode nothing (import-features)."""
     if not records:
         raise UserError(f"{source}: no records (empty manifest)")
     seen: set[str] = set()
@@ -90,7 +93,7 @@ def validate(records: list[Record], classes: list[str] | None = None, source: st
             if classes.index(r.label) != r.label_id:
                 raise UserError(f"{where}: label_id {r.label_id} does not match label "
                                 f"{r.label!r} (expected {classes.index(r.label)})")
-        if r.video is None and r.audio is None and "features" not in r.extra:
+        if require_media and r.video is None and r.audio is None and "features" not in r.extra:
             raise UserError(f"{where}: neither video nor audio path")
         if r.start is not None and r.end is not None and r.end <= r.start:
             raise UserError(f"{where}: segment end {r.end} is not after start {r.start}")
@@ -143,7 +146,8 @@ def iter_records(path: str | os.PathLike) -> Iterator[dict]:
                 raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
 
 
-def read_manifest(path: str | os.PathLike, validate_records: bool = True) -> Manifest:
+def read_manifest(path: str | os.PathLike, validate_records: bool = True, *,
+                  require_media: bool = True) -> Manifest:
     """Read a JSONL manifest; the class list comes from its `_meta` line or the labels."""
     path = os.fspath(path)
     records: list[Record] = []
@@ -168,7 +172,7 @@ def read_manifest(path: str | os.PathLike, validate_records: bool = True) -> Man
         if r.audio and not os.path.isabs(r.audio):
             r.audio = os.path.normpath(os.path.join(base, r.audio))
     if validate_records:
-        validate(records, classes, source=path)
+        validate(records, classes, source=path, require_media=require_media)
     return Manifest(records=records, classes=classes, dataset=dataset)
 
 

@@ -520,23 +520,12 @@ def load_source(manifest: str | None = None, dataset: str | None = None,
                 root: str | None = None, preset: str | None = None, **dataset_options):
     """(Manifest, Preset) from `--manifest FILE` or `--dataset NAME --root DIR`; the preset
     defaults to the dataset's YAML (or the manifest's dataset name)."""
-    from .datasets import available, dataset_defaults, load_dataset
-    from .manifest import read_manifest
+    from .datasets import available, dataset_defaults
     from .presets import PRESETS, get_preset
+    from .sources import read_source
 
-    if manifest and (dataset or root):
-        if root:
-            raise UserError("give either --manifest or --dataset/--root, not both")
-    if manifest:
-        loaded = read_manifest(manifest)
-        name = dataset or loaded.dataset
-        if dataset:
-            loaded.dataset = dataset
-    elif dataset and root:
-        loaded = load_dataset(dataset, root, **dataset_options)
-        name = dataset
-    else:
-        raise UserError("say what to convert: --manifest FILE, or --dataset NAME --root DIR")
+    loaded = read_source(manifest, dataset, root, **dataset_options)
+    name = dataset or loaded.dataset
     if preset is None:
         if name and name in available():
             preset = dataset_defaults(name).get("preset")

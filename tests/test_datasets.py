@@ -406,7 +406,8 @@ def test_registry_and_defaults():
 
 def test_cli_manifest_summary_and_missing_file(vgg_root, tmp_path):
     out = tmp_path / "vgg.jsonl"
-    result = CliRunner().invoke(avprep, ["manifest", "vggsound", str(vgg_root), "-o", str(out)])
+    result = CliRunner().invoke(avprep, ["manifest", "--dataset", "vggsound", "--root",
+                                         str(vgg_root), "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "listed but missing on disk: 1" in result.output
     assert "files on disk not in any list: 1" in result.output
@@ -418,9 +419,10 @@ def test_cli_manifest_summary_and_missing_file(vgg_root, tmp_path):
 
 def test_cli_bad_input_is_one_line(cremad_root, tmp_path):
     runner = CliRunner()
-    for args in (["manifest", "nosuch", str(cremad_root), "-o", str(tmp_path / "m.jsonl")],
-                 ["manifest", "cremad", str(cremad_root / "AudioWAV"), "-o",
-                  str(tmp_path / "m.jsonl")]):
+    for args in (["manifest", "--dataset", "nosuch", "--root", str(cremad_root), "-o",
+                  str(tmp_path / "m.jsonl")],
+                 ["manifest", "--dataset", "cremad", "--root", str(cremad_root / "AudioWAV"),
+                  "-o", str(tmp_path / "m.jsonl")]):
         result = runner.invoke(avprep, args)
         assert result.exit_code == 2
         lines = result.output.strip().splitlines()

@@ -163,7 +163,7 @@ def test_killed_run_leaves_no_partial_clip_and_rerun_matches(tmp_path, dataset):
     write_manifest(records, manifest, classes=["a"], dataset="folder")
     out = tmp_path / "out"
     proc = start_held(HOLD_IN_FOURTH_CLIP, "avprep", [
-        "extract-frames", str(manifest), "-o", str(out), "--workers", "1", "--size", "48",
+        "extract-frames", "--manifest", str(manifest), "-o", str(out), "--workers", "1", "--size", "48",
         "--fps", "2"])
     wait_until_held(proc)
     os.killpg(proc.pid, signal.SIGKILL)  # a crash, mid-clip (ffmpeg included)
@@ -248,15 +248,55 @@ def test_extract_audio_uses_the_separate_wav_when_there_is_one(tmp_path):
 def test_cli_extract_from_a_dataset_root(dataset, tmp_path):
     root, m, _durations = dataset
     runner = CliRunner()
-    result = runner.invoke(avprep, ["extract-frames", str(root), "--dataset", "folder", "-o",
-                                    str(tmp_path / "f"), "--size", "32", "--workers", "2"])
+    result = runner.invoke(avprep, ["extract-frames", "--dataset", "folder", "--root", str(root),
+                                    "-o", str(tmp_path / "f"), "--size", "32", "--workers", "2"])
     assert result.exit_code == 0, result.output
-    assert f"{len(m.records)} clips written" in result.output
+    assert f"{len(m.records)} clips written" in result.output and "Warning" not in result.output
     assert all(jpgs(tmp_path / "f" / r.key) for r in m.records)
-    result = runner.invoke(avprep, ["extract-audio", str(root), "--dataset", "folder", "-o",
-                                    str(tmp_path / "w"), "--workers", "2", "--split", "train"])
+    result = runner.invoke(avprep, ["extract-audio", "--dataset", "folder", "--root", str(root),
+                                    "-o", str(tmp_path / "w"), "--workers", "2", "--split",
+                                    "train"])
     assert result.exit_code == 0, result.output
     assert sorted(p.stem for p in (tmp_path / "w").glob("*.wav")) == sorted(
         r.key for r in m.records if r.split == "train")
+
+
+def test_old_source_spellings_work_with_one_deprecation_line(dataset, tmp_path):
+    """`manifest DATASET ROOT` and `extract-* SOURCE [--dataset D]` still run, saying once how
+    the source is named now; the results equal the new spelling's."""
+    root, m, _durations = dataset
+    runner = CliRunner()
+    old = runner.invoke(avprep, ["manifest", "folder", str(root), "-o", str(tmp_path / "a.jsonl")])
+    new = runner.invoke(avprep, ["manifest", "--dataset", "folder", "--root", str(root), "-o",
+                                 str(tmp_path / "b.jsonl")])
+    assert old.exit_code == new.exit_code == 0, old.output + new.output
+    warnings = [line for line in old.output.splitlines() if line.startswith("Warning:")]
+    assert warnings == ["Warning: `avprep manifest DATASET ROOT` is deprecated; use `avprep "
+                        "manifest --dataset DATASET --root ROOT`."]
+    assert "Warning" not in new.output
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+    result = runner.invoke(avprep, ["extract-audio", str(tmp_path / "a.jsonl"), "-o",
+                                    str(tmp_path / "w"), "--workers", "1", "--sr", "8000"])
+    assert result.exit_code == 0, result.output
+    assert f"use `avprep extract-audio --manifest {tmp_path / 'a.jsonl'}`" in result.output
+    assert len(list((tmp_path / "w").glob("*.wav"))) == len(m.records)
     result = runner.invoke(avprep, ["extract-frames", str(root), "-o", str(tmp_path / "g")])
-    assert result.exit_code == 2 and "pass --dataset NAME" in result.output
+    assert result.exit_code == 2 and "pass --dataset NAME --root" in result.output
+    assert result.output.strip().splitlines()[-1].startswith("Error:")
+
+
+def test_dataset_options_with_a_manifest_are_refused_not_ignored(dataset, tmp_path):
+    root, _m, _durations = dataset
+    runner = CliRunner()
+    runner.invoke(avprep, ["manifest", "--dataset", "folder", "--root", str(root), "-o",
+                           str(tmp_path / "m.jsonl")])
+    (tmp_path / "classes.txt").write_text("a\nb\n")
+    for command in ("extract-frames", "extract-audio", "build-shards"):
+        result = runner.invoke(avprep, [command, "--manifest", str(tmp_path / "m.jsonl"), "-o",
+                                        str(tmp_path / command), "--classes-file",
+                                        str(tmp_path / "classes.txt")])
+        assert result.exit_code == 2, result.output
+        assert result.output.strip().splitlines() == [
+            "Error: --classes-file applies when reading a dataset root (--dataset/--root); the "
+            f"manifest {tmp_path / 'm.jsonl'} already fixes splits, classes and paths"]
+        assert not (tmp_path / command).exists()

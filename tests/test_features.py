@@ -185,3 +185,30 @@ def test_parse_feature_args():
     for bad in (["audio=a", "audio=b"], ["au.dio=x"], [], ["=x"]):
         with pytest.raises(UserError):
             parse_feature_args(bad)
+
+
+def test_a_feature_only_manifest_needs_no_media_paths(feature_tree, tmp_path):
+    """Users with features extracted elsewhere (no videos) write key, label, label_id, split and
+    nothing else; import-features takes it, build-shards (which decodes) refuses it in a line."""
+    records = read_manifest(feature_tree / "manifest.jsonl").records
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"key": r.key, "label": r.label, "label_id": r.label_id,
+                                         "split": r.split}) + "\n" for r in records))
+    runner = CliRunner()
+    result = runner.invoke(avprep, ["import-features", "--manifest", str(plain), "-o",
+                                    str(tmp_path / "out"), "--workers", "1", "--no-progress",
+                                    "--feature", f"audio={feature_tree / 'audio'}"])
+    assert result.exit_code == 0, result.output
+    samples = read_back(tmp_path / "out")
+    assert sorted(samples) == sorted(r.key for r in records)
+    for r in records:
+        assert int(samples[r.key]["cls"]) == r.label_id
+        np.testing.assert_array_equal(npy(samples[r.key]["audio.npy"]).astype(np.float32),
+                                      np.load(feature_tree / "audio" / f"{r.key}.npy")
+                                      .astype(np.float16).astype(np.float32))
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert index["classes"] == CLASSES
+    refused = runner.invoke(avprep, ["build-shards", "--manifest", str(plain), "-o",
+                                     str(tmp_path / "shards"), "--preset", "synth"])
+    assert refused.exit_code == 2
+    assert refused.output.strip().splitlines()[-1].endswith("neither video nor audio path")

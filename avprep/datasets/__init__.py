@@ -33,6 +33,10 @@ __all__ = ["ADAPTERS", "Options", "Scan", "available", "dataset_defaults", "get_
            "load_dataset", "scan_dataset"]
 
 
+# options only one adapter reads: given for another dataset they would be silently ignored
+ONLY_FOR = {"csv": "vggsound", "trust_pickle": "mer"}
+
+
 def available() -> list[str]:
     return list(ADAPTERS)
 
@@ -183,6 +187,10 @@ def scan_dataset(name: str, root: str | os.PathLike, **options) -> Scan:
         opts = Options(**options)
     except TypeError as exc:
         raise UserError(f"{name}: {exc}".replace("__init__() ", "")) from None
+    for option, owner in ONLY_FOR.items():
+        if getattr(opts, option) and name != owner:
+            raise UserError(f"--{option.replace('_', '-')} is read by the {owner} adapter only, "
+                            f"not by {name}")
     defaults = dataset_defaults(name)
     scan = get_adapter(name)(os.fspath(root), defaults, opts)
     _apply_seed_data(scan, opts)

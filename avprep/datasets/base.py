@@ -41,6 +41,10 @@ class Options:
                 raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
         if self.val_fraction + self.test_fraction >= 1.0:
             raise UserError("--val-fraction plus --test-fraction must leave some clips for train")
+        for flag, path in [*(("--split-file", p) for p in self.split_file),
+                           ("--classes-file", self.classes_file), ("--csv", self.csv)]:
+            if path is not None and not os.path.isfile(path):
+                raise UserError(f"{flag} {path}: no such file")
 
 
 @dataclass
