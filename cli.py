@@ -407,6 +407,14 @@ def _fit_options(f):
         click.option("--image-size", type=int, help="Frame crop size [default: 224]"),
         click.option("--crop-columns", type=int,
                      help="Spectrogram crop in train [default: the preset's]"),
+        click.option("--eval-crop", help="Spectrogram window in eval/test: centre, or random "
+                     "(the released VGGSound test loader; seeded by --seed and the sample key) "
+                     "[default: centre]"),
+        click.option("--eval-resize", help="Frames in eval/test: crop (short side, centre "
+                     "crop) or square (Resize((224, 224)) as the released code) "
+                     "[default: crop]"),
+        click.option("--train-crop", help="Training RandomResizedCrop+flip: clip (one per clip) "
+                     "or frame (one per frame, as the released code) [default: clip]"),
         click.option("--workers", type=int, help="Loader processes per rank [default: 2]"),
         click.option("--shuffle-buffer", type=int, help="[default: 1000]"),
         click.option("--decode-device", help="cpu or cuda (JPEGs decoded on the GPU) "

@@ -2,6 +2,14 @@
 
 A preset is data: its `to_dict()` is recorded verbatim in `index.json`, and
 `Preset.from_dict` rebuilds it, so a shard set describes itself.
+
+Sources of the released recipes the presets reproduce:
+- OGM-GE: Peng et al., "Balanced Multimodal Learning via On-the-fly Gradient Modulation",
+  CVPR 2022; code GeWu-Lab/OGM-GE_CVPR2022: dataset/CramedDataset.py (CREMA-D),
+  dataset/VGGSoundDataset.py (VGGSound), data/KineticSound/process_audio.py + dataset/dataset.py
+  (Kinetics-Sounds).
+- OLM: "online logit modulation" (anonymous-gitlab/OLM): datasets/avedataset.py,
+  data/AVE/mp4_to_wav.py, data/AVE/video_preprocessing.py (AVE).
 """
 
 from __future__ import annotations
@@ -31,6 +39,18 @@ class Preset:
     face_size: int = 112
     train_frames: int = 1  # frames the trainer samples per clip by default
     train_crop_columns: int | None = None  # random crop of the time axis in training
+    # audio decoded from the file at this rate, then resampled (soxr) to sample_rate: the
+    # released code's `ffmpeg -ar 16000` WAV read back with librosa at another rate (OLM AVE)
+    decode_rate: int | None = None
+    # after the column fit: (x - mean) / (std * std_factor), e.g. OGM-GE's KS fbank
+    normalise: dict | None = None
+    # what the audio network is fed: "freq_time" [1, F, T] (the stored layout) or "time_freq"
+    # [1, T, F] (the trainer transposes; OGM-GE feeds its KS fbank as [1, 1024, 128])
+    audio_layout: str = "freq_time"
+    # the trainer's frame choice: "random" (train: random, in time order; eval: segment
+    # centres) or "segment-start" (train and eval: frames seg*i, seg = n // t, as OGM-GE's
+    # dataset/dataset.py for KS)
+    frame_pick: str = "random"
     description: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -59,12 +79,25 @@ class Preset:
         """float32 [freq, time] spectrogram of a mono waveform at `sample_rate`."""
         params = dict(self.spectrogram)
         recipe = params.pop("recipe")
-        if recipe == "log_mel":
+        if recipe in ("log_mel", "kaldi_fbank"):
             params["sr"] = self.sample_rate
         spec = audio_lib.RECIPES[recipe](self.prepare_waveform(wave), **params)
         if self.columns is not None:
             spec = audio_lib.fit_columns(spec, self.columns)
+        if self.normalise:
+            n = self.normalise
+            spec = (spec - float(n["mean"])) / (float(n["std"]) * float(n.get("std_factor", 1.0)))
         return spec.astype(np.float32)
+
+    def resample_decoded(self, wave: np.ndarray) -> np.ndarray:
+        """Audio decoded at `decode_rate or sample_rate` -> `sample_rate` (soxr, high quality)."""
+        wave = np.asarray(wave, dtype=np.float32)
+        if not self.decode_rate or self.decode_rate == self.sample_rate or wave.size == 0:
+            return wave
+        import soxr
+
+        return soxr.resample(wave, self.decode_rate, self.sample_rate, quality="HQ").astype(
+            np.float32)
 
     def silent_spectrogram(self, seconds: float | None = None) -> np.ndarray:
         """Spectrogram of silence, for clips kept with `--missing-audio silence`."""
@@ -87,24 +120,49 @@ register(Preset(
     description="OGM-GE/OLM CREMA-D: 3 s at 22,050 Hz (tiled), log|STFT| 512/353 -> 257x188; 1 fps",
 ))
 register(Preset(
-    name="vggsound", sample_rate=16000, clip_seconds=10.0, fit="pad",
-    spectrogram={"recipe": "stft_log", "n_fft": 256, "hop": 128}, fps=1.0, frame_size=256,
-    train_frames=3, train_crop_columns=626,
-    description="OGM-GE VGGSound: 10 s at 16 kHz, log|STFT| 256/128 -> 129x1251; "
-                "trainer crops 5 s (626 columns); 1 fps, 3 frames",
+    name="vggsound", sample_rate=16000, clip_seconds=10.0, fit="tile", clip_amplitude=True,
+    spectrogram={"recipe": "stft_log", "n_fft": 256, "hop": 128, "pad_mode": "reflect"},
+    fps=1.0, frame_size=256, train_frames=3, train_crop_columns=626,
+    description="OGM-GE VGGSound (dataset/VGGSoundDataset.py): 16 kHz, a short clip tiled to "
+                "10 s, clipped to [-1, 1], log(|STFT 256/128| + 1e-7) (librosa <= 0.9 reflect "
+                "padding) -> 129x1251 stored; the trainer takes a random 5 s window (626 "
+                "columns; in eval too with eval_crop: random, as released); 1 fps, 3 frames",
 ))
 register(Preset(
-    name="ks", sample_rate=16000, clip_seconds=10.0, fit="pad",
-    spectrogram={"recipe": "log_mel", "n_mels": 128, "win_ms": 25.0, "hop_ms": 10.0,
-                 "n_fft": 1024},
-    columns=1024, fps=1.0, frame_size=256, train_frames=3,
-    description="Kinetics-Sounds: 10 s at 16 kHz, 128-bin log-mel 25/10 ms -> 128x1024; 1 fps",
+    name="ks", sample_rate=16000, clip_seconds=None, fit="pad",
+    spectrogram={"recipe": "kaldi_fbank", "num_mel_bins": 128, "frame_length_ms": 25.0,
+                 "frame_shift_ms": 10.0, "window_type": "hanning", "preemphasis": 0.97,
+                 "remove_dc_offset": True, "round_to_power_of_two": True, "low_freq": 20.0,
+                 "high_freq": 0.0, "use_power": True, "subtract_waveform_mean": True},
+    columns=1024, normalise={"mean": -4.503877, "std": 5.141276, "std_factor": 2.0},
+    audio_layout="time_freq", frame_pick="segment-start",
+    fps=1.0, frame_size=256, train_frames=3,
+    description="OGM-GE Kinetics-Sounds (data/KineticSound/process_audio.py): the whole clip "
+                "at 16 kHz, mean removed, torchaudio Kaldi fbank (128 mel bins, hanning, 25/10 "
+                "ms, no dither, no energy), frames cut or zero-padded to 1024, (x + 4.503877) / "
+                "(2 x 5.141276); stored 128x1024 [freq, time], fed to the model as [1, 1024, "
+                "128] (time x freq, as released); 1 fps, 3 frames at seg*i (seg = n // 3) in "
+                "train and eval (dataset/dataset.py)",
 ))
 register(Preset(
     name="ave", sample_rate=22050, clip_seconds=3.0, fit="tile", clip_amplitude=True,
     spectrogram={"recipe": "stft_log", "n_fft": 512, "hop": 353}, fps=1.0, frame_size=256,
     train_frames=3,
-    description="OLM AVE: the CREMA-D recipe over the annotated event segment; 1 fps",
+    description="AVE per annotated event: the CREMA-D recipe (22,050 Hz, first 3 s of the "
+                "event segment tiled, log|STFT| 512/353 -> 257x188); 1 fps, 3 frames. Not "
+                "OLM's protocol (one record per video, first 3 s, one frame): use the "
+                "ave_olm dataset and the ave-olm preset for that",
+))
+register(Preset(
+    name="ave-olm", sample_rate=22050, decode_rate=16000, clip_seconds=3.0, fit="tile",
+    clip_amplitude=True,
+    spectrogram={"recipe": "stft_log", "n_fft": 512, "hop": 353, "pad_mode": "reflect"},
+    fps=1.0, frame_size=256, train_frames=1,
+    description="OLM AVE (datasets/avedataset.py): one record per video; audio as a 16 kHz "
+                "mono WAV (data/AVE/mp4_to_wav.py) read at 22,050 Hz, its first 3 s (tiled "
+                "if shorter), clipped to [-1, 1], log(|STFT 512/353| + 1e-7) (librosa 0.8.1 "
+                "reflect padding) -> 257x188; frames at 1 fps over the whole video, one "
+                "random frame per sample in training",
 ))
 register(Preset(
     name="mer", sample_rate=16000, clip_seconds=8.0, fit="pad",

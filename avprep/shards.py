@@ -166,7 +166,7 @@ def convert_sample(record: Record, preset: Preset, missing_audio: str = "drop",
         record.video if want_frames else None,
         audio=record.audio if (record.audio or not want_frames) else None,
         fps=preset.fps, short_side=preset.frame_size or None,
-        sample_rate=preset.sample_rate, start=record.start, end=record.end,
+        sample_rate=preset.decode_rate or preset.sample_rate, start=record.start, end=record.end,
         frames=want_frames, on_frame=on_frame,
     ) if (record.video or record.audio) else None
     if frames_dir:
@@ -191,10 +191,10 @@ def convert_sample(record: Record, preset: Preset, missing_audio: str = "drop",
         meta["audio"] = "silence"
         meta["has_audio"] = False
     else:
-        if clip.audio.size < MIN_AUDIO_SECONDS * preset.sample_rate:
+        if clip.audio.size < MIN_AUDIO_SECONDS * (preset.decode_rate or preset.sample_rate):
             raise MediaError(f"{source}: audio shorter than {MIN_AUDIO_SECONDS} s", path=source,
                              stage="too_short")
-        spec = preset.spectrogram_of(clip.audio)
+        spec = preset.spectrogram_of(preset.resample_decoded(clip.audio))
         meta["audio"] = "decoded"
         meta["has_audio"] = True
     if not jpegs:

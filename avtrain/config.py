@@ -44,6 +44,11 @@ class TrainConfig:
     frames: int | None = None  # frames per clip; default: the preset's train_frames
     image_size: int = 224
     crop_columns: int | None = None  # spectrogram crop; default: the preset's train_crop_columns
+    # eval/test-time transforms (avtrain.data): defaults are deterministic; the alternatives are
+    # what the released OGM-GE / OLM loaders do, for recipes that reproduce them
+    eval_crop: str = "centre"  # centre | random (VGGSound test loader; seeded by seed + key)
+    eval_resize: str = "crop"  # crop (short side + centre crop) | square (Resize((224, 224)))
+    train_crop: str = "clip"  # clip (one RandomResizedCrop+flip per clip) | frame (per frame)
     workers: int = 2  # data loader processes per rank
     shuffle_buffer: int = 1000
     decode_device: str = "cpu"  # cpu | cuda (JPEG decoding with torchvision on the GPU)
@@ -180,7 +185,10 @@ def check(config: TrainConfig) -> None:
     for name, choices in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),
                           ("decode_device", ("cpu", "cuda")), ("device", ("auto", "cpu", "cuda")),
                           ("modulate", ("conv", "encoder")),
-                          ("olm_initial", ("mean", "last-batch"))):
+                          ("olm_initial", ("mean", "last-batch")),
+                          ("eval_crop", ("centre", "random")),
+                          ("eval_resize", ("crop", "square")),
+                          ("train_crop", ("clip", "frame"))):
         if getattr(config, name) not in choices:
             raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
                             f"got {getattr(config, name)!r}")

@@ -19,6 +19,20 @@ every rank runs the same number of steps. Each epoch's stream is a function of (
 rank, worker) only, which is what makes `--resume` reproduce an uninterrupted run.
 Eval: every sample exactly once across all ranks and workers, the last partial batch kept.
 
+Transforms selectable for exactness to released code (TrainConfig fields; defaults first):
+- `eval_crop`: "centre" (the middle window of a preset's `train_crop_columns`, deterministic) or
+  "random" (OGM-GE's VGGSound test loader draws a random 5 s window at test time too,
+  GeWu-Lab/OGM-GE_CVPR2022 dataset/VGGSoundDataset.py; here drawn from (eval_seed, sample key),
+  so every eval of a run sees the same windows whatever the ranks and workers).
+- `eval_resize`: "crop" (short side to the size, centre crop) or "square"
+  (`transforms.Resize((224, 224))`, aspect ignored: the eval transform of OGM-GE's
+  dataset/CramedDataset.py, VGGSoundDataset.py, dataset.py and OLM's datasets/*.py).
+- `train_crop`: "clip" (one RandomResizedCrop + flip shared by a clip's frames) or "frame" (a
+  fresh one per frame: the released loaders call the transform on each frame).
+A preset's `audio_layout: time_freq` hands the audio net [1, T, F] (OGM-GE's KS fbank) instead
+of the stored [1, F, T]; its `frame_pick: segment-start` takes frames seg*i, seg = n // t, in
+train and eval (OGM-GE dataset/dataset.py, used for Kinetics-Sounds).
+
 Decoding handles only the member types of the shard format (`npy` without pickle, `jpg`,
 `cls`, `json`); anything else in a tar is ignored, never unpickled.
 """
@@ -32,6 +46,7 @@ import math
 import os
 import random
 import re
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,6 +64,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 FRAME_MEMBER = re.compile(r"^f(\d+)\.jpg$")
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
+EVAL_CROPS = ("centre", "random")
+EVAL_RESIZES = ("crop", "square")
+TRAIN_CROPS = ("clip", "frame")
+AUDIO_LAYOUTS = ("freq_time", "time_freq")
+FRAME_PICKS = ("random", "segment-start")
 
 
 # --- the shard set ------------------------------------------------------------------------
@@ -133,10 +153,17 @@ class DataOptions:
     crop_columns: int | None = None
     decode_device: str = "cpu"  # "cuda": JPEG bytes travel to the main process, decoded there
     features: tuple[str, ...] = ()  # modalities read from {key}.{modality}.npy sequences
+    eval_crop: str = "centre"  # centre | random (seeded by eval_seed and the sample key)
+    eval_resize: str = "crop"  # crop (short side + centre crop) | square (Resize((s, s)))
+    train_crop: str = "clip"  # clip (one crop per clip) | frame (one per frame)
+    audio_layout: str = "freq_time"  # freq_time | time_freq (from the preset)
+    frame_pick: str = "random"  # random | segment-start (from the preset)
+    eval_seed: int = 0
 
     @classmethod
     def for_shards(cls, shards: ShardSet, *, modalities=("audio", "visual"), image_size=224,
-                   frames=None, crop_columns=None, decode_device="cpu") -> DataOptions:
+                   frames=None, crop_columns=None, decode_device="cpu", eval_crop="centre",
+                   eval_resize="crop", train_crop="clip", eval_seed=0) -> DataOptions:
         """Frames and spectrogram crop default to what the shard set's preset recommends."""
         frames = frames or int(shards.preset.get("train_frames") or 1)
         crop = crop_columns or shards.preset.get("train_crop_columns")
@@ -144,8 +171,16 @@ class DataOptions:
         if missing:
             raise UserError(f"{shards.root}: these shards hold no {missing[0]!r} modality")
         features = tuple(m for m in modalities if m in (shards.index.get("features") or {}))
+        layout = shards.preset.get("audio_layout") or "freq_time"
+        pick = shards.preset.get("frame_pick") or "random"
+        for name, value, choices in (("audio_layout", layout, AUDIO_LAYOUTS),
+                                     ("frame_pick", pick, FRAME_PICKS)):
+            if value not in choices:
+                raise UserError(f"{shards.root}/index.json: preset {name} {value!r} is not one "
+                                f"of {', '.join(choices)}")
         return cls(tuple(modalities), int(image_size), int(frames),
-                   int(crop) if crop else None, decode_device, features)
+                   int(crop) if crop else None, decode_device, features, eval_crop,
+                   eval_resize, train_crop, layout, pick, int(eval_seed or 0))
 
 
 def _crop_draw(rng: np.random.Generator) -> np.ndarray:
@@ -178,21 +213,26 @@ def resolve_crop(draw: np.ndarray, height: int, width: int) -> tuple[int, int, i
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def transform_frames(images: list[torch.Tensor], size: int, draw: np.ndarray | None
-                     ) -> torch.Tensor:
+def transform_frames(images: list[torch.Tensor], size: int, draw: np.ndarray | None,
+                     eval_resize: str = "crop") -> torch.Tensor:
     """uint8 [3, H, W] frames -> float32 [T, 3, size, size], ImageNet normalised.
 
-    Train (`draw` given): one random resized crop and flip for all frames of a clip, so the
-    clip stays consistent in time. Eval: short side to `size`, centre crop.
+    Train (`draw` given): a random resized crop and flip; a draw of shape [41] is shared by all
+    frames of the clip (consistent in time), one of shape [T, 41] gives each frame its own.
+    Eval: `eval_resize` "crop" = short side to `size`, centre crop; "square" = resize to
+    size x size, aspect ignored (torchvision `Resize((size, size))`).
     """
     out = []
-    for img in images:
+    for i, img in enumerate(images):
         h, w = img.shape[-2:]
         if draw is not None:
-            top, left, ch, cw = resolve_crop(draw, h, w)
+            d = draw[i] if draw.ndim == 2 else draw
+            top, left, ch, cw = resolve_crop(d, h, w)
             img = TF.resized_crop(img, top, left, ch, cw, [size, size], antialias=True)
-            if draw[40] < 0.5:
+            if d[40] < 0.5:
                 img = TF.horizontal_flip(img)
+        elif eval_resize == "square":
+            img = TF.resize(img, [size, size], antialias=True)
         else:
             img = TF.resize(img, size, antialias=True)
             img = TF.center_crop(img, [size, size])
@@ -203,11 +243,17 @@ def transform_frames(images: list[torch.Tensor], size: int, draw: np.ndarray | N
     return (x - mean) / std
 
 
-def pick_frames(n: int, t: int, rng: np.random.Generator | None) -> list[int]:
+def pick_frames(n: int, t: int, rng: np.random.Generator | None, policy: str = "random"
+                ) -> list[int]:
     """Train: t random frames in time order (with repeats only when the clip has fewer).
-    Eval: the centres of t equal segments."""
+    Eval: the centres of t equal segments. `policy="segment-start"`: frames seg*i with
+    seg = n // t in train and eval (OGM-GE dataset/dataset.py: `t[i] = seg * i + 1` of 1-based
+    file numbers), the last frame where a clip has fewer than t."""
     if n <= 0:
         return []
+    if policy == "segment-start":
+        seg = n // t
+        return [min(n - 1, seg * i) for i in range(t)]
     if rng is None:
         return [min(n - 1, int((i + 0.5) * n / t)) for i in range(t)]
     return sorted(int(i) for i in rng.choice(n, size=t, replace=n < t))
@@ -215,8 +261,9 @@ def pick_frames(n: int, t: int, rng: np.random.Generator | None) -> list[int]:
 
 def crop_spectrogram(spec: np.ndarray, columns: int | None, rng: np.random.Generator | None
                      ) -> np.ndarray:
-    """A window of `columns` time steps: random in train, the centre in eval; padded with the
-    spectrogram's minimum (silence) when the clip is shorter."""
+    """A window of `columns` time steps: random when `rng` is given (train, or eval with
+    eval_crop random), else the centre; padded with the spectrogram's minimum (silence) when
+    the clip is shorter."""
     if not columns:
         return spec
     total = spec.shape[1]
@@ -248,18 +295,26 @@ def decode_sample(sample: dict, opts: DataOptions, rng: np.random.Generator | No
         if "spec.npy" not in sample:
             raise ValueError(f"sample {key} has no .spec.npy member")
         spec = np.load(io.BytesIO(sample["spec.npy"]), allow_pickle=False)
-        spec = crop_spectrogram(np.asarray(spec, dtype=np.float32), opts.crop_columns, rng)
+        crop_rng = rng
+        if rng is None and opts.eval_crop == "random" and opts.crop_columns:
+            crop_rng = np.random.default_rng([opts.eval_seed, zlib.crc32(key.encode("utf-8"))])
+        spec = crop_spectrogram(np.asarray(spec, dtype=np.float32), opts.crop_columns, crop_rng)
+        if opts.audio_layout == "time_freq":
+            spec = spec.T
         out["audio"] = torch.from_numpy(np.ascontiguousarray(spec)).unsqueeze(0)
     if "visual" in opts.modalities and "visual" not in opts.features:
         names = sorted((int(m.group(1)), k) for k in sample if (m := FRAME_MEMBER.match(k)))
-        chosen = [names[i][1] for i in pick_frames(len(names), opts.frames, rng)]
-        draw = _crop_draw(rng) if rng is not None else None
+        chosen = [names[i][1] for i in pick_frames(len(names), opts.frames, rng, opts.frame_pick)]
+        draw = None
+        if rng is not None:
+            draw = (np.stack([_crop_draw(rng) for _ in chosen]) if opts.train_crop == "frame"
+                    and chosen else _crop_draw(rng))
         jpegs = [torch.frombuffer(bytearray(sample[k]), dtype=torch.uint8) for k in chosen]
         if opts.decode_device == "cuda":
             out["visual_jpeg"], out["visual_draw"] = jpegs, draw
         elif jpegs:
             images = [decode_jpeg(j, mode=ImageReadMode.RGB) for j in jpegs]
-            out["visual"] = transform_frames(images, opts.image_size, draw)
+            out["visual"] = transform_frames(images, opts.image_size, draw, opts.eval_resize)
         else:  # a clip without frames: black frames, so eval still counts it
             out["visual"] = transform_frames(
                 [torch.zeros(3, opts.image_size, opts.image_size, dtype=torch.uint8)]
@@ -272,10 +327,11 @@ def collate(samples: list[dict]) -> dict:
              "label": torch.tensor([s["label"] for s in samples], dtype=torch.long)}
     if "audio" in samples[0] and "audio_len" not in samples[0]:
         specs = [s["audio"] for s in samples]
+        height = max(x.shape[-2] for x in specs)
         width = max(x.shape[-1] for x in specs)
-        if any(x.shape[-1] != width for x in specs):  # variable-length clips: pad with silence
-            specs = [torch.nn.functional.pad(x, (0, width - x.shape[-1]), value=float(x.min()))
-                     for x in specs]
+        if any(x.shape[-2:] != (height, width) for x in specs):  # variable length: pad, silence
+            specs = [torch.nn.functional.pad(x, (0, width - x.shape[-1], 0, height - x.shape[-2]),
+                                             value=float(x.min())) for x in specs]
         batch["audio"] = torch.stack(specs)
     if "visual" in samples[0] and "visual_len" not in samples[0]:
         batch["visual"] = torch.stack([s["visual"] for s in samples])
@@ -307,7 +363,8 @@ def to_device(batch: dict, device: torch.device, opts: DataOptions) -> dict:
         images = decode_jpeg(flat, mode=ImageReadMode.RGB, device=device)
         frames, i = [], 0
         for clip, draw in zip(clips, draws):
-            frames.append(transform_frames(images[i:i + len(clip)], opts.image_size, draw))
+            frames.append(transform_frames(images[i:i + len(clip)], opts.image_size, draw,
+                                           opts.eval_resize))
             i += len(clip)
         out["visual"] = torch.stack(frames)
     return out

@@ -215,7 +215,9 @@ def _data_options(cfg: dict, shards: ShardSet, modalities, image_size=None, fram
     return DataOptions.for_shards(
         shards, modalities=modalities, image_size=image_size or cfg.get("image_size") or 224,
         frames=frames or cfg.get("frames"), crop_columns=cfg.get("crop_columns"),
-        decode_device=decode_device)
+        decode_device=decode_device, eval_crop=cfg.get("eval_crop") or "centre",
+        eval_resize=cfg.get("eval_resize") or "crop", train_crop=cfg.get("train_crop") or "clip",
+        eval_seed=int(cfg.get("seed") or 0))
 
 
 # --- training -----------------------------------------------------------------------------

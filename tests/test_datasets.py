@@ -395,8 +395,8 @@ def test_synth_adapter(synth_dir):
 
 
 def test_registry_and_defaults():
-    assert set(available()) == {"cremad", "ave", "vggsound", "kinetics_sounds", "mer", "folder",
-                                "synth"}
+    assert set(available()) == {"cremad", "ave", "ave_olm", "vggsound", "kinetics_sounds", "mer",
+                                "folder", "synth"}
     assert dataset_defaults("ks")["name"] == "kinetics_sounds"
     with pytest.raises(UserError, match=r"unknown dataset 'imagenet'; choose one of: cremad"):
         load_dataset("imagenet", ".")

@@ -59,10 +59,12 @@ def test_preset_shapes(name, shape):
     assert preset.spectrogram_of(wave).shape == shape
 
 
-def test_vggsound_pads_with_silence():
-    preset = get_preset("vggsound")
-    prepared = preset.prepare_waveform(np.ones(16000, np.float32))
-    assert prepared.size == 160000 and prepared[16000:].max() == 0.0
+def test_vggsound_tiles_short_clips_as_released():
+    preset = get_preset("vggsound")  # VGGSoundDataset.py tiles, never pads with silence
+    wave = np.linspace(-2, 2, 16000, dtype=np.float32)
+    prepared = preset.prepare_waveform(wave)
+    assert prepared.size == 160000
+    np.testing.assert_array_equal(prepared[144000:], np.clip(wave, -1, 1))
 
 
 def test_fit_length_modes():

@@ -24,10 +24,10 @@ from ..errors import UserError
 from ..manifest import Manifest, Record, carve_val, read_split_files, validate
 from .base import Options, Scan, read_class_file
 
-ADAPTERS = ("cremad", "ave", "vggsound", "kinetics_sounds", "mer", "folder", "synth")
+ADAPTERS = ("cremad", "ave", "ave_olm", "vggsound", "kinetics_sounds", "mer", "folder", "synth")
 ALIASES = {"crema-d": "cremad", "crema_d": "cremad", "ks": "kinetics_sounds",
            "kinetics-sounds": "kinetics_sounds", "mer2023": "mer", "mer-multi": "mer",
-           "vgg": "vggsound"}
+           "vgg": "vggsound", "ave-olm": "ave_olm"}
 
 __all__ = ["ADAPTERS", "Options", "Scan", "available", "dataset_defaults", "get_adapter",
            "load_dataset", "scan_dataset"]
