@@ -379,8 +379,7 @@ def _fit_options(f):
         click.option("--olm-weight-decay", type=float, help="OLM coefficient Adam weight decay "
                      "[default: 0; emt/mbt/umt/ca: --weight-decay, as released]"),
         click.option("--olm-reduction", help="OLM branch CE over the batch for the network loss:"
-                     " sum (released), mean, or auto = sum with adam/adamw, mean with sgd "
-                     "[default: auto]"),
+                     " sum (released) or mean [default: sum]"),
         click.option("--olm-heldout", help="OLM-com held-out forward: train (train mode and "
                      "augmentation, as released) or eval (eval mode, no augmentation, BatchNorm "
                      "statistics never see val) [default: train]"),

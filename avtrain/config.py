@@ -65,7 +65,7 @@ class TrainConfig:
     olm_initial: str = "mean"  # mean | last-batch (the released code's)
     olm_lr: float | None = None  # OLM coefficient Adam lr; None: 1e-3 (CNNs), the network lr (emt..)
     olm_weight_decay: float | None = None  # ... its weight decay; None: 0 (CNNs), --weight-decay (emt..)
-    olm_reduction: str = "auto"  # sum | mean | auto (sum with adam/adamw, mean with sgd)
+    olm_reduction: str = "sum"  # sum (released) | mean: OLM's network CE over the batch
     olm_heldout: str = "train"  # train | eval: mode and transforms of OLM-com's held-out forward
 
     def to_dict(self) -> dict:
@@ -184,7 +184,7 @@ def check(config: TrainConfig) -> None:
                           ("decode_device", ("cpu", "cuda")), ("device", ("auto", "cpu", "cuda")),
                           ("modulate", ("conv", "encoder")),
                           ("olm_initial", ("mean", "last-batch")),
-                          ("olm_reduction", ("auto", "sum", "mean")),
+                          ("olm_reduction", ("sum", "mean")),
                           ("olm_heldout", ("train", "eval"))):
         if getattr(config, name) not in choices:
             raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "

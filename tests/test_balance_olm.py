@@ -106,7 +106,13 @@ def test_loss_is_the_sum_of_weighted_branch_ces():
         bal.weights.copy_(torch.tensor([2.0, 0.5, 1.0]))
     logits, labels = make_logits({"audio": 1.0, "visual": 2.0, "fused": -1.0})
     loss = bal.loss(logits, labels, epoch=0, step=0)
-    assert float(loss.detach()) == pytest.approx(ce(1.0, 2.0) + ce(2.0, 0.5) + ce(-1.0, 1.0), rel=1e-6)
+    per_sample = ce(1.0, 2.0) + ce(2.0, 0.5) + ce(-1.0, 1.0)
+    assert float(loss.detach()) == pytest.approx(8 * per_sample, rel=1e-6)  # summed, as released
+    bal = olm(olm_reduction="mean")
+    with torch.no_grad():
+        bal.weights.copy_(torch.tensor([2.0, 0.5, 1.0]))
+    loss = bal.loss(logits, labels, epoch=0, step=0)
+    assert float(loss.detach()) == pytest.approx(per_sample, rel=1e-6)
 
 
 @pytest.mark.parametrize("method,uniform", [("olm", 1.0), ("olm_com", 1 / 3)])

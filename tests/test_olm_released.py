@@ -299,10 +299,8 @@ def test_the_old_choices_differ_from_the_released_step():
 def test_defaults_follow_the_released_optimizers():
     from avtrain.balance.olm import coefficient_optimizer_settings, olm_reduction
 
-    assert olm_reduction({"optimizer": "adam"}) == "sum"
-    assert olm_reduction({"optimizer": "adamw"}) == "sum"
-    assert olm_reduction({"optimizer": "sgd"}) == "mean"
-    assert olm_reduction({"optimizer": "sgd", "olm_reduction": "sum"}) == "sum"
+    assert olm_reduction({}) == "sum"  # losses/loss.py: CrossEntropyLoss(reduction="sum")
+    assert olm_reduction({"olm_reduction": "mean"}) == "mean"
     # main_logits*.py: Adam([w], lr=0.001); main_trans_logits*.py: Adam([w], lr, l2)
     assert coefficient_optimizer_settings({"model": "resnet18", "lr": 1e-4,
                                            "weight_decay": 2e-4}) == (1e-3, 0.0)
@@ -313,7 +311,7 @@ def test_defaults_follow_the_released_optimizers():
 
 
 @pytest.mark.parametrize("flags,words", [
-    (["--olm-reduction", "max"], "--olm-reduction must be one of auto, sum, mean"),
+    (["--olm-reduction", "max"], "--olm-reduction must be one of sum, mean"),
     (["--olm-heldout", "test"], "--olm-heldout must be one of train, eval"),
     (["--olm-weight-decay", "-1"], "--olm-weight-decay must be 0 or more"),
     (["--olm-lr", "-0.5"], "--olm-lr must be 0 or more"),
