@@ -379,8 +379,8 @@ def _fit_options(f):
         click.option("--run-dir", type=click.Path(file_okay=False), help="Output run folder."),
         click.option("--method", help="Balancing method: none, ogm, ogm_ge, olm, olm_com, ... "
                      "[default: none]"),
-        click.option("--fusion", help="sum, concat, film, gated, bilinear, attention "
-                     "[default: concat]"),
+        click.option("--fusion", help="sum, concat, film, gated, bilinear, attention, "
+                     "bilinear_tanh, mha [default: concat]"),
         click.option("--model", help="Encoders: resnet18 or tiny; or a sequence transformer: "
                      "emt, mbt, umt, ca [default: resnet18]"),
         click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE",
@@ -432,8 +432,17 @@ def _fit_options(f):
         click.option("--modulation-start", type=int, help="First modulated epoch [default: 0]"),
         click.option("--modulation-end", type=int, help="Last modulated epoch [default: 50]"),
         click.option("--modulate", help="conv or encoder: parameters OGM scales [default: conv]"),
-        click.option("--olm-initial", help="mean or last-batch [default: mean]"),
-        click.option("--olm-lr", type=float, help="OLM coefficient learning rate [default: 1e-3]"),
+        click.option("--olm-initial", help="OLM initial losses: mean (of the first epoch) or "
+                     "last-batch (of the first epoch, as released) [default: mean]"),
+        click.option("--olm-lr", type=float, help="OLM coefficient Adam learning rate "
+                     "[default: 1e-3; emt/mbt/umt/ca: --lr, as released]"),
+        click.option("--olm-weight-decay", type=float, help="OLM coefficient Adam weight decay "
+                     "[default: 0; emt/mbt/umt/ca: --weight-decay, as released]"),
+        click.option("--olm-reduction", help="OLM branch CE over the batch for the network loss:"
+                     " sum (released) or mean [default: sum]"),
+        click.option("--olm-heldout", help="OLM-com held-out forward: train (train mode and "
+                     "augmentation, as released) or eval (eval mode, no augmentation, BatchNorm "
+                     "statistics never see val) [default: train]"),
     ]
     for opt in reversed(opts):
         f = opt(f)

@@ -67,8 +67,11 @@ class TrainConfig:
     modulation_start: int = 0
     modulation_end: int = 50
     modulate: str = "conv"  # conv | encoder: which encoder parameters OGM scales
-    olm_initial: str = "mean"  # mean | last-batch
-    olm_lr: float = 1e-3
+    olm_initial: str = "mean"  # mean | last-batch (the released code's)
+    olm_lr: float | None = None  # OLM coefficient Adam lr; None: 1e-3 (CNNs), the network lr (emt..)
+    olm_weight_decay: float | None = None  # ... its weight decay; None: 0 (CNNs), --weight-decay (emt..)
+    olm_reduction: str = "sum"  # sum (released) | mean: OLM's network CE over the batch
+    olm_heldout: str = "train"  # train | eval: mode and transforms of OLM-com's held-out forward
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -116,7 +119,7 @@ def _coerce(name: str, value):
         return parse_model_options(value)
     default = FIELDS[name].default
     kind = type(default) if default is not None and default is not dataclasses.MISSING else None
-    if name in ("clip_grad", "alpha"):
+    if name in ("clip_grad", "alpha", "olm_lr", "olm_weight_decay"):
         kind = float
     elif name in ("eval_batch_size", "steps_per_epoch", "frames", "crop_columns", "folds"):
         kind = int
@@ -188,7 +191,9 @@ def check(config: TrainConfig) -> None:
                           ("olm_initial", ("mean", "last-batch")),
                           ("eval_crop", ("centre", "random")),
                           ("eval_resize", ("crop", "square")),
-                          ("train_crop", ("clip", "frame"))):
+                          ("train_crop", ("clip", "frame")),
+                          ("olm_reduction", ("sum", "mean")),
+                          ("olm_heldout", ("train", "eval"))):
         if getattr(config, name) not in choices:
             raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
                             f"got {getattr(config, name)!r}")
@@ -204,6 +209,10 @@ def check(config: TrainConfig) -> None:
         raise UserError("--lr must be positive")
     if config.workers < 0:
         raise UserError("--workers must be 0 or more")
+    for name in ("olm_lr", "olm_weight_decay"):
+        value = getattr(config, name)
+        if value is not None and not value >= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
 
 
 def require_run_paths(config: TrainConfig) -> None:

@@ -458,18 +458,20 @@ def _loader(pipeline, workers: int, device_type: str, limit: int | None):
 def train_loader(shards: ShardSet, split: str, opts: DataOptions, *, batch_size: int,
                  steps: int, epoch: int = 0, seed: int = 0, rank: int = 0, world: int = 1,
                  workers: int = 2, shuffle_buffer: int = 1000, augment: bool = True,
-                 device_type: str = "cpu"):
+                 device_type: str = "cpu", salt: int | None = None):
     """An endless, shuffled stream of full batches, cut to `steps` per epoch; augmented unless
-    `augment=False` (the held-out val stream of OLM-com uses eval transforms)."""
+    `augment=False` (OLM-com's held-out val stream with --olm-heldout eval). `salt` gives a
+    second stream (the held-out one) its own order and augmentation draws."""
+    salt = (0 if augment else 99) if salt is None else salt
     urls = shards.urls(split)
-    salt = 0 if augment else 99  # the held-out stream (OLM-com) gets its own order
     pipeline = wds.DataPipeline(
         wds.ResampledShards(urls, seed=wds.utils.make_seed(seed, epoch, salt),
                             deterministic=True, worker_seed=_same_everywhere),
         _slice_for(rank, world),
         wds.tarfile_to_samples(handler=wds.warn_and_continue),
         _shuffle(shuffle_buffer, seed, epoch, rank, salt),
-        _decode(opts, seed if augment else None, epoch, rank),
+        _decode(opts, (seed if not salt else wds.utils.make_seed(seed, salt)) if augment
+                else None, epoch, rank),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     )
     return _loader(pipeline, workers, device_type, steps)

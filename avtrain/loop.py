@@ -312,19 +312,7 @@ class Trainer:
         for batch in bar:
             batch = to_device(batch, ctx.device, self.opts)
             labels = batch["label"]
-            with _autocast(ctx.device, c.amp):
-                logits = self.net(batch)
-            loss = self.balancer.loss(logits, labels, epoch=epoch, step=self.step)
-            aux = auxiliary_loss(self.model, logits, labels)
-            self.optimizer.zero_grad(set_to_none=True)
-            (loss + aux if aux is not None else loss).backward()
-            self.balancer.before_optimizer_step(logits, labels, epoch=epoch, step=self.step)
-            if c.clip_grad:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_grad)
-            self.optimizer.step()
-            self.balancer.after_optimizer_step()
-            if heldout is not None:
-                self._feed_heldout(heldout)
+            loss, logits = self.train_step(batch, epoch, heldout)
             loss_sum += loss.detach().float()
             correct += (logits["fused"].detach().argmax(dim=1) == labels).sum()
             seen += labels.numel()
@@ -337,6 +325,30 @@ class Trainer:
         steps_done = max(1, self.steps)
         return {"loss": totals[0] / (steps_done * ctx.world), "acc": totals[1] / max(1, totals[2])}
 
+    def train_step(self, batch: dict, epoch: int, heldout=None):
+        """One optimisation step on a batch already on the device -> (loss, logits).
+
+        `heldout`: an iterator of held-out (val) batches, for methods with `needs_heldout`; its
+        forward comes right after the training forward, with the same weights, as OLM-com's
+        released step (engine_logits_com.py). Does not advance `self.step`.
+        """
+        c = self.config
+        labels = batch["label"]
+        with _autocast(self.ctx.device, c.amp):
+            logits = self.net(batch)
+        if heldout is not None:
+            self._feed_heldout(heldout)
+        loss = self.balancer.loss(logits, labels, epoch=epoch, step=self.step)
+        aux = auxiliary_loss(self.model, logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss + aux if aux is not None else loss).backward()
+        self.balancer.before_optimizer_step(logits, labels, epoch=epoch, step=self.step)
+        if c.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_grad)
+        self.optimizer.step()
+        self.balancer.after_optimizer_step()
+        return loss, logits
+
     def _log_step(self, epoch, loss, log, bar, correct, seen) -> None:
         ctx = self.ctx
         mean_loss = D.all_reduce_sum(loss.detach().float(), ctx) / ctx.world
@@ -348,18 +360,29 @@ class Trainer:
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{float(correct) / seen:.3f}")
 
     def _heldout_loader(self, epoch: int):
+        """Endless shuffled `val` batches (never `test`). --olm-heldout train (released): with
+        the train transforms, as OLM-com's held-out fold is read with them; eval: without."""
         c, ctx = self.config, self.ctx
+        augment = c.olm_heldout == "train"
         return train_loader(self.shards, c.val_split, self.opts, batch_size=c.batch_size,
                             steps=10**12, epoch=epoch, seed=c.seed, rank=ctx.rank,
                             world=ctx.world, workers=min(1, c.workers), shuffle_buffer=100,
-                            augment=False, device_type=ctx.device.type)
+                            augment=augment, salt=98 if augment else 99,
+                            device_type=ctx.device.type)
 
     def _feed_heldout(self, heldout) -> None:
+        """The held-out forward, without grad (the released one builds a graph it never
+        backpropagates: same numbers). --olm-heldout train (released): train mode, so
+        BatchNorm uses the batch's statistics and updates its running ones (and dropout is
+        on); eval: eval mode, so val data never enters the running statistics."""
         batch = to_device(next(heldout), self.ctx.device, self.opts)
-        self.model.eval()  # BatchNorm statistics must not learn from val data
+        train_mode = self.config.olm_heldout == "train"
+        if not train_mode:
+            self.model.eval()
         with torch.no_grad(), _autocast(self.ctx.device, self.config.amp):
             logits = self.model(batch)
-        self.model.train()
+        if not train_mode:
+            self.model.train()
         self.balancer.heldout(logits, batch["label"])
 
     def sync_buffers(self) -> None:

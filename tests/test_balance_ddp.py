@@ -57,16 +57,16 @@ def train(method: str, rank: int = 0, world: int = 1) -> dict:
         for _ in range(steps):
             batch, labels = shard(data[step], rank, world)
             logits = net(batch)
+            if balancer.needs_heldout:
+                vbatch, vlabels = shard(val[step], rank, world)
+                with torch.no_grad():
+                    balancer.heldout(model(vbatch), vlabels)
             loss = balancer.loss(logits, labels, epoch=epoch, step=step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             balancer.before_optimizer_step(logits, labels, epoch=epoch, step=step)
             optimizer.step()
             balancer.after_optimizer_step()
-            if balancer.needs_heldout:
-                vbatch, vlabels = shard(val[step], rank, world)
-                with torch.no_grad():
-                    balancer.heldout(model(vbatch), vlabels)
             metrics.append({k: float(v) for k, v in balancer.step_metrics().items()})
             step += 1
         balancer.end_epoch(epoch)

@@ -106,7 +106,13 @@ def test_loss_is_the_sum_of_weighted_branch_ces():
         bal.weights.copy_(torch.tensor([2.0, 0.5, 1.0]))
     logits, labels = make_logits({"audio": 1.0, "visual": 2.0, "fused": -1.0})
     loss = bal.loss(logits, labels, epoch=0, step=0)
-    assert float(loss.detach()) == pytest.approx(ce(1.0, 2.0) + ce(2.0, 0.5) + ce(-1.0, 1.0), rel=1e-6)
+    per_sample = ce(1.0, 2.0) + ce(2.0, 0.5) + ce(-1.0, 1.0)
+    assert float(loss.detach()) == pytest.approx(8 * per_sample, rel=1e-6)  # summed, as released
+    bal = olm(olm_reduction="mean")
+    with torch.no_grad():
+        bal.weights.copy_(torch.tensor([2.0, 0.5, 1.0]))
+    loss = bal.loss(logits, labels, epoch=0, step=0)
+    assert float(loss.detach()) == pytest.approx(per_sample, rel=1e-6)
 
 
 @pytest.mark.parametrize("method,uniform", [("olm", 1.0), ("olm_com", 1 / 3)])
@@ -160,10 +166,11 @@ def test_weights_move_as_the_rule_says():
     lam = [ce(ells[b], wk) / ce(1.0, wk0) for b, wk, wk0 in zip(BRANCHES, w, w)]
     r = [v / (sum(lam) / 3) for v in lam]
     assert r[0] < 1 < r[1]
-    # hand gradient: CE part d/dw log(1 + e^{-w l}) plus the L1 part B * sign(n - t) * |l|
+    # hand gradient: CE part B * d/dw log(1 + e^{-w l}) (the released CE sums over the batch)
+    # plus the L1 part B * sign(n - t) * |l|
     norms = [wk * abs(ells[b]) for wk, b in zip(w, BRANCHES)]
     mean = sum(norms) / 3
-    grad = [-ells[b] / (1 + math.exp(wk * ells[b]))
+    grad = [-n * ells[b] / (1 + math.exp(wk * ells[b]))
             + n * math.copysign(1.0, nk - mean * rk) * abs(ells[b])
             for b, wk, nk, rk in zip(BRANCHES, w, norms, r)]
     assert bal.weights.grad.tolist() == pytest.approx(grad, rel=1e-5)

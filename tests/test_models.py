@@ -9,7 +9,8 @@ import torch
 from avprep.errors import UserError
 from avtrain.models import FUSIONS, build_model
 
-ALL_FUSIONS = ["sum", "concat", "film", "gated", "bilinear", "attention"]
+ALL_FUSIONS = ["sum", "concat", "film", "gated", "bilinear", "attention", "bilinear_tanh", "mha"]
+MIXING = ["film", "gated", "bilinear", "attention", "bilinear_tanh", "mha"]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -22,7 +23,7 @@ def batch(b=4, t=2, size=32, seed=0):
             "label": torch.arange(b) % 3}
 
 
-def test_registry_lists_the_six_fusions():
+def test_registry_lists_the_fusions():
     assert sorted(FUSIONS) == sorted(ALL_FUSIONS)
 
 
@@ -58,7 +59,7 @@ def test_concat_per_modality_logits_are_the_weight_split():
     torch.testing.assert_close(model(b)["audio"], expected)
 
 
-@pytest.mark.parametrize("fusion", ["film", "gated", "bilinear", "attention"])
+@pytest.mark.parametrize("fusion", MIXING)
 def test_auxiliary_heads_do_not_train_the_encoders(fusion):
     model = build_model("tiny", fusion, num_classes=3)
     out = model(batch())
@@ -67,13 +68,56 @@ def test_auxiliary_heads_do_not_train_the_encoders(fusion):
     assert model.heads["audio"].weight.grad is not None
 
 
-@pytest.mark.parametrize("fusion", ["film", "gated", "bilinear", "attention"])
+@pytest.mark.parametrize("fusion", ALL_FUSIONS)
 def test_trained_unimodal_heads_reach_the_encoders(fusion):
     model = build_model("tiny", fusion, num_classes=3, trained_unimodal_heads=True)
     model(batch())["visual"].sum().backward()
     grads = [p.grad for p in model.encoders["visual"].parameters()]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
     assert all(p.grad is None for p in model.encoders["audio"].parameters())
+    # the unimodal heads are their own layers, not the fusion's (OLM's o_x, o_y)
+    assert all(p.grad is None for p in model.fusion.parameters())
+    assert model.heads["visual"].weight.grad is not None
+
+
+@pytest.mark.parametrize("fusion", ["sum", "concat"])
+def test_olm_models_give_sum_and_concat_separate_unimodal_heads(fusion):
+    model = build_model("tiny", fusion, num_classes=3, trained_unimodal_heads=True).eval()
+    b = batch()
+    out, feats = model(b), model.features(b)
+    assert set(model.aux_heads) == {"audio", "visual"}
+    for m in ("audio", "visual"):
+        torch.testing.assert_close(out[m], model.aux_heads[m](feats[m]))
+    assert model.spec["trained_unimodal_heads"] is True
+    plain = build_model("tiny", fusion, num_classes=3)
+    assert len(plain.state_dict()) < len(model.state_dict())  # the extra heads are saved
+
+
+def test_olm_fusions_are_the_released_formulas():
+    """bilinear = fc(W_v v * W_a a) (no tanh); attention = fc(s0 a + s1 v), s = fc_att(mlp([a; v]))
+    (no activation, no softmax); film = fc(gamma(a) v + beta(a)); gated = fc(sigmoid(W_a a) W_v v)."""
+    b = batch()
+    for fusion in ("bilinear", "attention", "film", "gated"):
+        model = build_model("tiny", fusion, num_classes=3).eval()
+        f = model.fusion
+        feats = model.features(b)
+        a, v = feats["audio"], feats["visual"]
+        if fusion == "bilinear":
+            want = f.fc_out(f.proj_second(v) * f.proj_first(a))
+        elif fusion == "attention":
+            s = f.fc_att(f.attention_mlp(torch.cat([a, v], 1)))
+            want = f.fc_out(a * s[:, 0:1] + v * s[:, 1:2])
+        elif fusion == "film":
+            gamma, beta = f.fc(a).chunk(2, dim=1)
+            want = f.fc_out(gamma * v + beta)
+        else:
+            want = f.fc_out(torch.sigmoid(f.fc_gate(a)) * f.fc_value(v))
+        torch.testing.assert_close(model(b)["fused"], want, msg=fusion)
+    sizes = {n: tuple(p.shape) for n, p in build_model("tiny", "attention", 3).fusion
+             .named_parameters()}
+    assert sizes == {"attention_mlp.weight": (64, 128), "attention_mlp.bias": (64,),
+                     "fc_att.weight": (2, 64), "fc_att.bias": (2,),
+                     "fc_out.weight": (3, 64), "fc_out.bias": (3,)}
 
 
 @pytest.mark.parametrize("modality", ["audio", "visual"])

@@ -3,14 +3,14 @@
 The training loop drives a method through these hooks, once per step:
 
     logits = model(batch)                       # {"fused": ..., "audio": ..., "visual": ...}
+    if balancer.needs_heldout:                  # OLM-com: a `val` batch, never `test`, with
+        with torch.no_grad():                   # this step's weights (before the update)
+            balancer.heldout(model(val_batch), val_labels)
     loss = balancer.loss(logits, labels, epoch=e, step=s)
     loss.backward()
     balancer.before_optimizer_step(logits, labels, epoch=e, step=s)   # may rescale gradients
     optimizer.step()
     balancer.after_optimizer_step()             # e.g. OLM's own coefficient optimizer
-    if balancer.needs_heldout:                  # OLM-com: a `val` batch, never `test`
-        with torch.no_grad():
-            balancer.heldout(model(val_batch), val_labels)
 
 and `end_epoch(epoch)` after each epoch. `step_metrics()` returns 0-d tensors that the loop
 turns into numbers only when it logs, so no method forces a host sync per step.
@@ -48,7 +48,8 @@ class Balancer:
         """Called after the network's optimizer stepped."""
 
     def heldout(self, logits: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
-        """A held-out batch's logits (no grad), for methods with `needs_heldout`."""
+        """A held-out batch's logits (no grad), for methods with `needs_heldout`; called after
+        the training forward and before `loss()`, so the step sees this batch's losses."""
 
     def end_epoch(self, epoch: int) -> None:
         """Called once after each training epoch."""

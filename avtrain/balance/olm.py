@@ -1,22 +1,66 @@
-"""OLM and OLM-com: online logit modulation (Zong et al., IJCAI 2024).
+"""OLM and OLM-com: online logit modulation.
+
+Paper: D. Zong, C. Ding, B. Li, J. Li, K. Zheng, Q. Zhou, "Balancing Multimodal Learning via
+Online Logit Modulation", IJCAI 2024. Released code: github.com/anonymous-gitlab/OLM (commit
+c4a4244): engines/engine_logits.py and engine_logits_com.py (ResNet-18 audio-visual models),
+engines/engine_trans_logits*.py (MER transformers), losses/loss.py (CE, reduction `sum`),
+main_logits*.py / main_trans_logits*.py and scripts/run_*.sh (optimizers, batch sizes).
+No code is copied; this module follows those files step for step, and
+tests/test_olm_released.py checks it against a reference step written from them.
 
 Every branch k (each modality, then the fusion) gets a learnable scalar w_k (init 1, its own
-Adam). The network trains on sum_k CE(w_k * s_k, y). After `backward()`, a second objective
-pulls each branch's scaled logit norm n_k = w_k * ||s_k|| (per sample, logits detached)
-towards t_k = mean_k(n_k) * r_k, with the L1 distance summed over samples and branches (as
-the released code); its gradient joins the CE gradient already in w, and w's Adam steps right
-after the network's optimizer. The ratio r says which branch should speak louder:
+Adam). One step, in the released order:
+
+1. forward the training batch; (`olm_com`) forward a held-out batch with the same weights;
+2. network loss sum_k CE(w_k * s_k, y), CE summed over the batch (`olm_reduction`, below);
+3. backward;
+4. coefficient loss: n_k = w_k * ||s_k|| per sample (logits detached), target
+   t_k = mean_k(n_k) * r_k (detached); L1(n, t) summed over samples and branches; backward --
+   its gradient joins the CE gradient that step 3 left in w;
+5. the network's optimizer steps, then w's Adam.
+
+The ratio r says which branch should speak louder:
 
 - `olm`: r_k = lambda_k / mean(lambda), lambda_k = L_k(now) / L_k(initial): a branch whose
   loss fell less than the others' gets larger logits;
 - `olm_com`: with a held-out (val) batch, G_k = L_k^val(init) - L_k^val(now) (generalisation),
   O_k = (L_k^train(init) - L_k^train(now)) - G_k (over-fitting), r = softmax(G' / O') with
-  G' = max(G, 1e-6) and O' = max(O, 1e-6).
+  G' = max(G, 1e-6) and O' = max(O, 1e-6). (This r sums to 1, olm's to K: as released.)
 
-Initial losses are the mean over the first epoch (r uses now == initial, i.e. uniform, until
-then); `olm_initial="last-batch"` keeps the released code's last batch of epoch 0. In DDP the
-loss vectors are averaged over ranks before r is computed and w's gradient is averaged, so
-every rank holds the same w.
+The losses in r are the released code's: weighted CE summed over the (global) batch.
+
+Options (config keys; flags `--olm-...`):
+
+- `olm_reduction` (sum | mean, default sum): the released network loss sums CE over the
+  batch, so its gradient is batch-size times the mean's. `sum` is the released network
+  update; under the OLM recipe (Adam 1e-4, weight decay 2e-4) only it equals the released step
+  (Adam is nearly scale-free, but its L2 term is not). With SGD the sum multiplies the
+  effective learning rate by the global batch size; at the toolkit's SGD lr 1e-3 and batch 64
+  that trained better than the mean in our measurement (README), so `sum` stays the default
+  with SGD too; `mean` is for SGD runs whose lr was tuned for a mean loss or whose global
+  batch is large. Either way w's gradient is the released one: its CE part is always the
+  batch sum. In DDP the sums are global: the
+  network loss is scaled by the world size (DDP averages gradients), and w's gradient is the
+  mean over ranks of world-size-scaled local sums.
+- `olm_initial` (mean | last-batch, default mean): the released code records the initial
+  losses on every batch of epoch 0 (`iteration == 0` is the epoch index), so r is uniform for
+  the whole first epoch and the initial losses are those of the *last batch* of epoch 0:
+  `last-batch` is that. The default `mean` takes the mean over epoch 0 (r uniform until then,
+  as released) because one batch is a noisy reference, and with our resampled streams an
+  arbitrary one (DESIGN §5); set `last-batch` to reproduce the released run.
+- `olm_lr`, `olm_weight_decay` (default None): w's Adam. None means the released choice for
+  the model family: Adam(lr 1e-3, no decay) for the CNN models (main_logits*.py), Adam(lr =
+  the network's lr, weight decay = the network's) for emt/mbt/umt/ca (main_trans_logits*.py:
+  1e-4 / 2e-4 in its scripts).
+- `olm_heldout` (train | eval, default train; read by the loop): the released held-out forward
+  runs the model in train mode on batches with train transforms (BatchNorm batch statistics,
+  running statistics updated, dropout, augmentation); `eval` keeps the model in eval mode with
+  no augmentation, so val data never enters the BatchNorm running statistics. Either way the
+  batch comes from `val`, never `test` (the released code draws it from the held-out fold of
+  its 5-fold split of train+val, engine_logits_com.py / datasets/*_dataset.py).
+
+In DDP the loss vectors are averaged over ranks before r is computed and w's gradient is
+averaged, so every rank holds the same w.
 """
 
 from __future__ import annotations
@@ -31,6 +75,27 @@ from ._checks import choice, number, require_two_modalities
 from .base import Balancer
 
 CLAMP = 1e-6
+REDUCTIONS = ("sum", "mean")
+
+
+def olm_reduction(config: dict) -> str:
+    """`sum` (released, the default) or `mean`: the network loss's reduction over the batch."""
+    return choice(config, "olm_reduction", "sum", REDUCTIONS)
+
+
+def coefficient_optimizer_settings(config: dict) -> tuple[float, float]:
+    """(lr, weight decay) of w's Adam: given, else the released choice for the model family."""
+    from avtrain.models import SEQUENCE_MODELS
+
+    transformer = config.get("model") in SEQUENCE_MODELS
+    lr_default = number(config, "lr", 1e-3) if transformer else 1e-3
+    wd_default = number(config, "weight_decay", 1e-4) if transformer else 0.0
+    lr = number(config, "olm_lr", lr_default)
+    wd = number(config, "olm_weight_decay", wd_default)
+    for name, value in (("olm_lr", lr), ("olm_weight_decay", wd)):
+        if not value >= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
+    return lr, wd
 
 
 def olm_ratios(rule: str, train_now: torch.Tensor, train_init: torch.Tensor,
@@ -69,13 +134,13 @@ class OLM(Balancer):
         c = self.config
         require_two_modalities(self.name, self.modalities)
         self.initial = choice(c, "olm_initial", "mean", ("mean", "last-batch"))
-        lr = number(c, "olm_lr", 1e-3)
-        if lr < 0:
-            raise UserError(f"--olm-lr must be 0 or more, got {lr}")
+        self.reduction = olm_reduction(c)
+        self.coefficient_lr, self.coefficient_weight_decay = coefficient_optimizer_settings(c)
         self.branches = [*self.modalities, "fused"]
         k = len(self.branches)
         self.weights = torch.ones(k, device=self.device, requires_grad=True)
-        self.optimizer = torch.optim.Adam([self.weights], lr=lr)
+        self.optimizer = torch.optim.Adam([self.weights], lr=self.coefficient_lr,
+                                          weight_decay=self.coefficient_weight_decay)
         zeros = torch.zeros(k, device=self.device)
         self.have_initial = False
         self.init_train: torch.Tensor | None = None
@@ -85,6 +150,8 @@ class OLM(Balancer):
         self.last_train: torch.Tensor | None = None
         self.last_val: torch.Tensor | None = None
         self.val_now: torch.Tensor | None = None  # latest held-out losses (this rank)
+        self._batch = 0  # this rank's training batch size
+        self._val_batch = 0  # this rank's held-out batch size
         self._losses: torch.Tensor | None = None
         self._norms: torch.Tensor | None = None
         self._metrics: dict[str, torch.Tensor] = {}
@@ -92,21 +159,31 @@ class OLM(Balancer):
     # -- the step --
 
     def _branch_losses(self, logits, labels, weights) -> torch.Tensor:
-        return torch.stack([F.cross_entropy(weights[i] * logits[b].float(), labels)
+        """[K] weighted CE summed over this rank's batch (losses/loss.py's CELoss)."""
+        return torch.stack([F.cross_entropy(weights[i] * logits[b].float(), labels,
+                                            reduction="sum")
                             for i, b in enumerate(self.branches)])
 
     def loss(self, logits, labels, *, epoch, step):
         self.weights.grad = None
-        losses = self._branch_losses(logits, labels, self.weights)
-        self._losses = losses.detach()
+        n = labels.numel()
+        sums = self._branch_losses(logits, labels, self.weights)
+        self._batch = n
+        self._losses = sums.detach() / n  # per-sample means: what is logged and checkpointed
         self._norms = torch.stack([logits[b].detach().float().norm(dim=1)
                                    for b in self.branches], dim=1)  # [B, K]
-        return losses.sum()
+        if self.reduction == "mean":
+            return sums.sum() / n
+        # DDP averages the ranks' gradients; x world size makes them the global batch's sum
+        return sums.sum() * _dist.world_size()
 
     def before_optimizer_step(self, logits, labels, *, epoch, step):
         if self._losses is None or self._norms is None:
             raise RuntimeError(f"{self.name}: loss() must run before before_optimizer_step()")
-        k = len(self.branches)
+        k, world = len(self.branches), _dist.world_size()
+        grad = self.weights.grad
+        if grad is not None and self.reduction == "mean":
+            grad.mul_(self._batch * world)  # w's CE gradient is the batch sum's, as released
         val = self.val_now
         packed = self._losses if val is None else torch.cat([self._losses, val])
         packed = _dist.mean_(packed.clone())
@@ -120,18 +197,20 @@ class OLM(Balancer):
                 self.sum_val += val_now
                 self.n_val += 1
                 self.last_val = val_now
-        r = self._ratios(train_now, val_now)
+        r = self._ratios(train_now, val_now, self._batch * world,
+                         (self._val_batch or self._batch) * world)
         norms = self.weights.unsqueeze(0) * self._norms
         target = (norms.mean(dim=1, keepdim=True) * r.unsqueeze(0)).detach()
         # the released code sums over the batch; x world size keeps that sum global in DDP
-        ((norms - target).abs().sum() * _dist.world_size()).backward()
+        ((norms - target).abs().sum() * world).backward()
         _dist.mean_(self.weights.grad)
         self._metrics = self._make_metrics(r, train_now, val_now)
         self._losses = self._norms = None
 
-    def _ratios(self, train_now, val_now) -> torch.Tensor:
+    def _ratios(self, train_now, val_now, batch, val_batch) -> torch.Tensor:
+        """r from per-sample mean losses; x the global batch sizes gives the released sums."""
         init = self.init_train if self.have_initial else train_now
-        return olm_ratios("olm", train_now, init)
+        return olm_ratios("olm", train_now * batch, init * batch)
 
     def after_optimizer_step(self):
         self.optimizer.step()
@@ -225,16 +304,20 @@ class OLMCom(OLM):
                             "is empty")
 
     def heldout(self, logits, labels):
+        """This step's held-out losses, with this step's w (call before the step, as released)."""
         with torch.no_grad():
-            self.val_now = self._branch_losses(logits, labels, self.weights.detach())
+            n = labels.numel()
+            self._val_batch = n
+            self.val_now = self._branch_losses(logits, labels, self.weights.detach()) / n
 
-    def _ratios(self, train_now, val_now) -> torch.Tensor:
+    def _ratios(self, train_now, val_now, batch, val_batch) -> torch.Tensor:
         if not self.have_initial:
             # uniform, as the released code (initial == now gives softmax of equal values)
             return olm_ratios("olm_com", train_now, train_now, train_now, train_now)
         if val_now is None:  # no held-out batch seen yet in this process: G = 0
             val_now = self.init_val
-        return olm_ratios("olm_com", train_now, self.init_train, val_now, self.init_val)
+        return olm_ratios("olm_com", train_now * batch, self.init_train * batch,
+                          val_now * val_batch, self.init_val * val_batch)
 
     def _initial_val(self) -> torch.Tensor | None:
         if self.n_val:

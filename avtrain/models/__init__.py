@@ -6,8 +6,11 @@
 
 Per-modality logits follow DESIGN §5: for `sum`/`concat` they are the exact summands of the
 fused logits; for the other fusions they come from auxiliary linear heads on *detached*
-features (they measure each encoder, they do not train it) unless the model is built with
-`trained_unimodal_heads=True` (OLM), when the heads' loss reaches the encoders.
+features (they measure each encoder, they do not train it). A model built with
+`trained_unimodal_heads=True` (OLM, OLM-com) gives *every* fusion, `sum` and `concat` included,
+its own unimodal heads on the encoders' features (not detached), beside the fusion's classifier
+-- OLM's AVClassifier (`o_x`, `o_y` in its fusion_modules.py) -- so the three branches are three
+classifiers, not slices of one layer.
 A single modality (`modalities=["audio"]`) gives a unimodal model whose "fused" logits are
 that modality's logits.
 """
@@ -58,16 +61,19 @@ class AVModel(nn.Module):
                                             for m in self.modalities})
         else:
             self.fusion = build_fusion(fusion, self.modalities, dims, num_classes)
-            self.aux_heads = nn.ModuleDict() if self.fusion.decomposable else nn.ModuleDict(
-                {m: nn.Linear(dims[m], num_classes) for m in self.modalities})
+            separate = self.trained_unimodal_heads or not self.fusion.decomposable
+            self.aux_heads = nn.ModuleDict(
+                {m: nn.Linear(dims[m], num_classes) for m in self.modalities}
+                if separate else {})
 
     @property
     def heads(self) -> nn.ModuleDict:
         """modality -> linear head giving that modality's logits from its features: the
-        summands of `sum`, the auxiliary heads of non-decomposable fusions, the classifier of a
-        unimodal model. Empty for `concat`, whose per-modality logits are slices of one
-        layer's weight (see `ConcatFusion.modality_logits`)."""
-        if self.fusion is not None and self.fusion.decomposable:
+        summands of `sum`, the auxiliary heads of non-decomposable fusions, the separate trained
+        heads of an OLM model, the classifier of a unimodal model. Empty for `concat`, whose
+        per-modality logits are slices of one layer's weight (see
+        `ConcatFusion.modality_logits`)."""
+        if self.fusion is not None and self.fusion.decomposable and not self.aux_heads:
             return getattr(self.fusion, "fc", nn.ModuleDict())
         return self.aux_heads
 
@@ -82,7 +88,7 @@ class AVModel(nn.Module):
             logits = self.aux_heads[m](feats[m])
             return {"fused": logits, m: logits}
         out = {"fused": self.fusion(feats)}
-        if self.fusion.decomposable:
+        if self.fusion.decomposable and not self.aux_heads:
             out.update(self.fusion.modality_logits(feats))
         else:
             for m in self.modalities:

@@ -2,9 +2,14 @@
 
 `sum` and `concat` are *decomposable*: the fused logits are exactly the sum of per-modality
 logits (OGM-GE's weight split for concat), so `modality_logits` returns them. The others
-(`film`, `gated`, `bilinear`, `attention`) mix the modalities non-linearly; the model then adds
-auxiliary per-modality heads (see `AVModel`). Modalities are always in the model's order
-(audio first), as the seeds concatenate [audio; visual].
+(`film`, `gated`, `bilinear`, `attention`, `bilinear_tanh`, `mha`) mix the modalities
+non-linearly; the model then adds auxiliary per-modality heads (see `AVModel`). Modalities are
+always in the model's order (audio first), as the seeds concatenate [audio; visual].
+
+`film`, `gated`, `bilinear` and `attention` are the fusions of OLM's released code (Zong et
+al., IJCAI 2024; github.com/anonymous-gitlab/OLM, models/fusion_modules.py: `FiLM(x_film=True)`,
+`GatedFusion(x_gate=True)`, `Bilinear`, `Attention`, as its models/basic_model.py builds them,
+x = audio, y = visual), the first two also OGM-GE's; `bilinear_tanh` and `mha` are ours.
 """
 
 from __future__ import annotations
@@ -101,15 +106,36 @@ class GatedFusion(Fusion):
 
 
 class BilinearFusion(Fusion):
-    """Low-rank bilinear pooling (MLB): fc_out(tanh(U f_a) ⊙ tanh(V f_v)).
+    """OLM's `bilinear` (its fusion_modules.py `Bilinear`): fc_out(W_v f_v ⊙ W_a f_a).
 
+    Two affine maps to the first modality's width (512 for ResNet-18, as OLM's 512 → 512),
+    their element-wise product, a linear classifier; no non-linearity.
+    """
+
+    def __init__(self, modalities, dims, num_classes):
+        super().__init__(modalities, dims, num_classes)
+        self.first, self.second = _two(self.modalities, "bilinear")
+        width = dims[self.first]
+        self.proj_first = nn.Linear(dims[self.first], width)
+        self.proj_second = nn.Linear(dims[self.second], width)
+        self.fc_out = nn.Linear(width, num_classes)
+
+    def forward(self, feats):
+        return self.fc_out(self.proj_second(feats[self.second])
+                           * self.proj_first(feats[self.first]))
+
+
+class BilinearTanhFusion(Fusion):
+    """Low-rank bilinear pooling with tanh (MLB): fc_out(tanh(U f_a) ⊙ tanh(V f_v)).
+
+    Not in the seeds (this was `bilinear` before it became OLM's); the tanh bounds each factor.
     A full bilinear layer has D_a·D_v·C weights (80 M for ResNet-18 on VGGSound); the low-rank
     form keeps every multiplicative interaction at a rank of `rank`.
     """
 
     def __init__(self, modalities, dims, num_classes, rank: int = 512):
         super().__init__(modalities, dims, num_classes)
-        self.first, self.second = _two(self.modalities, "bilinear")
+        self.first, self.second = _two(self.modalities, "bilinear_tanh")
         self.proj_first = nn.Linear(dims[self.first], rank)
         self.proj_second = nn.Linear(dims[self.second], rank)
         self.fc_out = nn.Linear(rank, num_classes)
@@ -121,8 +147,38 @@ class BilinearFusion(Fusion):
 
 
 class AttentionFusion(Fusion):
+    """OLM's `attention` (its fusion_modules.py `Attention`): a two-way score weights the
+    features before the classifier.
+
+        score = fc_att(attention_mlp([f_a; f_v]))      # Linear(2D → D), Linear(D → 2)
+        fused = fc_out(score_0 · f_a + score_1 · f_v)   # Linear(D → classes)
+
+    No activation and no softmax: the two scores are raw linear outputs, as released.
+    Both modalities need the same feature width D (512 for ResNet-18).
+    """
+
+    def __init__(self, modalities, dims, num_classes):
+        super().__init__(modalities, dims, num_classes)
+        self.first, self.second = _two(self.modalities, "attention")
+        width = dims[self.first]
+        if dims[self.second] != width:
+            raise UserError(f"fusion 'attention' weights {self.first} and {self.second} features"
+                            f" of one width; got {width} and {dims[self.second]} (use 'mha')")
+        self.attention_mlp = nn.Linear(2 * width, width)
+        self.fc_att = nn.Linear(width, 2)
+        self.fc_out = nn.Linear(width, num_classes)
+
+    def forward(self, feats):
+        a, v = feats[self.first], feats[self.second]
+        score = self.fc_att(self.attention_mlp(torch.cat([a, v], dim=1)))  # [B, 2]
+        fused = a * score[:, :1] + v * score[:, 1:]
+        return self.fc_out(fused)
+
+
+class MHAFusion(Fusion):
     """One token per modality (projected, plus a learned modality embedding), one multi-head
-    self-attention block over the tokens, mean-pooled into the classifier."""
+    self-attention block over the tokens, mean-pooled into the classifier. Not in the seeds
+    (this was `attention` before it became OLM's); works for any number of modalities."""
 
     def __init__(self, modalities, dims, num_classes, dim: int = 256, heads: int = 4):
         super().__init__(modalities, dims, num_classes)
@@ -147,6 +203,7 @@ class AttentionFusion(Fusion):
 FUSIONS: dict[str, Callable[..., Fusion]] = {
     "sum": SumFusion, "concat": ConcatFusion, "film": FiLMFusion, "gated": GatedFusion,
     "bilinear": BilinearFusion, "attention": AttentionFusion,
+    "bilinear_tanh": BilinearTanhFusion, "mha": MHAFusion,
 }
 
 
