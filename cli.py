@@ -288,8 +288,10 @@ def build_shards_cmd(out, preset, shard_size, max_shard_bytes, workers, executor
     """Convert the clips of --dataset/--root or --manifest to WebDataset shards (resumable:
     rerun the same command to finish)."""
     from avprep.shards import build_shards, load_source, parse_size
+    from avprep.sources import split_file_args
 
-    loaded, chosen = load_source(preset=preset, **_source(kw))
+    source = _source(kw)
+    loaded, chosen = load_source(preset=preset, **source)
     if frame_size is not None:
         chosen = chosen.replace(frame_size=frame_size)
     summary = build_shards(
@@ -297,7 +299,8 @@ def build_shards_cmd(out, preset, shard_size, max_shard_bytes, workers, executor
         shard_size=shard_size, workers=workers, executor=executor, ray_address=ray_address,
         splits=splits.split(",") if splits else None, limit=limit,
         missing_audio=missing_audio, overwrite=overwrite, seed=seed, progress=not no_progress,
-        max_shard_bytes=parse_size(max_shard_bytes) if max_shard_bytes else None)
+        max_shard_bytes=parse_size(max_shard_bytes) if max_shard_bytes else None,
+        extra_args=split_file_args(source["split_file"]))
     click.echo(summary.describe())
 
 
@@ -367,6 +370,8 @@ def import_features_cmd(features, out, keep_missing, dtype, shard_size, workers,
 def _fit_options(f):
     """`avtrain fit` flags: one per TrainConfig field; unset flags leave the config alone."""
     opts = [
+        click.option("--recipe", help="A paper's protocol by name (see `avtrain recipes`); "
+                     "--config and flags override its settings."),
         click.option("--config", "config_file", type=click.Path(dir_okay=False),
                      help="YAML file of settings (same names as the flags); flags override it."),
         click.option("--print-config", is_flag=True, help="Print the merged settings and exit."),
@@ -392,6 +397,9 @@ def _fit_options(f):
                      "[default: audio,visual]"),
         click.option("--epochs", type=int, help="[default: 30]"),
         click.option("--batch-size", type=int, help="Per process [default: 64]"),
+        click.option("--global-batch-size", type=int,
+                     help="Across all processes (the papers' batch): sets --batch-size to "
+                     "this / processes [default: off]"),
         click.option("--eval-batch-size", type=int, help="[default: the batch size]"),
         click.option("--steps-per-epoch", type=int,
                      help="[default: train samples // (batch size x processes)]"),
@@ -400,7 +408,8 @@ def _fit_options(f):
         click.option("--momentum", type=float, help="SGD momentum [default: 0.9]"),
         click.option("--weight-decay", type=float, help="[default: 1e-4]"),
         click.option("--scheduler", help="step, cosine or none [default: step]"),
-        click.option("--lr-step", type=int, help="StepLR step in epochs [default: 70]"),
+        click.option("--lr-step", type=int,
+                     help="StepLR step in epochs [default: 70 % of --epochs]"),
         click.option("--lr-gamma", type=float, help="StepLR factor [default: 0.1]"),
         click.option("--clip-grad", type=float, help="Max gradient norm [default: off]"),
         click.option("--frames", type=int, help="Frames per clip [default: the preset's]"),
@@ -423,6 +432,8 @@ def _fit_options(f):
         click.option("--amp/--no-amp", default=None, help="bf16 autocast on CUDA [default: on]"),
         click.option("--compile/--no-compile", default=None, help="torch.compile the model"),
         click.option("--seed", type=int, help="[default: 0]"),
+        click.option("--val-split", help="Split that picks the best epoch; `test` is the legacy "
+                     "protocol of the released OGM-GE code, labelled so [default: val]"),
         click.option("--log-every", type=int, help="Steps between log records [default: 10]"),
         click.option("--linear-probe/--no-linear-probe", default=None,
                      help="Linear-probe the best checkpoint's encoders at the end."),
@@ -473,8 +484,12 @@ def fit(config_file, print_config, resume, overwrite, **flags):
     if _rank0():
         test, val = summary.get("test") or {}, summary.get("val") or {}
         click.echo(f"run {summary['run_dir']}: best epoch {summary['best_epoch']} "
-                   f"(val acc {val.get('acc', float('nan')):.4f}), "
+                   f"({config.val_split} acc {val.get('acc', float('nan')):.4f}), "
                    f"{summary['steps']} steps, {summary['wall_time']:.1f} s")
+        if summary.get("protocol") == "legacy":
+            from avtrain.recipes import protocol_label
+
+            click.echo(protocol_label("legacy") + ": the test accuracy below is optimistic")
         if test:
             click.echo(_metrics_table(test, "test"))
         if summary.get("linear_probe"):
@@ -504,6 +519,20 @@ def _probe_table(p: dict) -> str:
         if isinstance(r, dict):
             lines.append(f"{name:<10}{r['val_acc']:>10.4f}{r['test_acc']:>10.4f}")
     return "\n".join(lines)
+
+
+@avtrain.command()
+@click.argument("name", required=False)
+def recipes(name):
+    """List the paper protocols (one line each), or show one in full: settings, the data it
+    needs, what still differs from the released code, the published numbers."""
+    from avtrain.recipes import load_recipe, recipe_names
+
+    if name:
+        click.echo(load_recipe(name).describe())
+        return
+    for recipe_name in recipe_names():
+        click.echo(f"{recipe_name:<18} {load_recipe(recipe_name).summary}")
 
 
 @avtrain.command("eval")

@@ -66,3 +66,16 @@ def legacy_source(source: str, dataset: str | None) -> tuple[str | None, str | N
         raise UserError(f"{source} is a folder: pass --dataset NAME --root {source} to read it "
                         "as a dataset root, or --manifest FILE")
     raise UserError(f"{source} does not exist (expected a manifest .jsonl or a dataset root)")
+
+
+def split_file_args(split_files) -> dict:
+    """What index.json records of the split lists a build read (name and SHA-256), so a recipe
+    can tell shards of a paper's split from shards of the default one. Empty when none."""
+    import hashlib
+
+    files = []
+    for path in split_files or ():
+        with open(path, "rb") as fh:
+            digest = hashlib.sha256(fh.read()).hexdigest()
+        files.append({"name": os.path.basename(path), "sha256": digest})
+    return {"split_files": files} if files else {}

@@ -21,6 +21,7 @@ SCHEDULERS = ("step", "cosine", "none")
 
 @dataclass
 class TrainConfig:
+    recipe: str | None = None  # a paper's protocol (avtrain/recipes/NAME.yaml) under these settings
     shards: str | None = None  # folder holding index.json and the tars
     run_dir: str | None = None
     method: str = "none"  # balancing method (avtrain.balance.METHODS)
@@ -31,6 +32,7 @@ class TrainConfig:
     modalities: list[str] = field(default_factory=lambda: ["audio", "visual"])
     epochs: int = 30
     batch_size: int = 64  # per process (rank)
+    global_batch_size: int | None = None  # if set: batch_size = this / processes (papers' 64)
     eval_batch_size: int | None = None  # default: batch_size
     steps_per_epoch: int | None = None  # default: train samples // (batch_size · world size)
     optimizer: str = "sgd"
@@ -38,7 +40,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     scheduler: str = "step"
-    lr_step: int = 70  # StepLR step size in epochs (the seed's 70)
+    lr_step: int | None = None  # StepLR step in epochs; None: 70 % of epochs (released 70/100)
     lr_gamma: float = 0.1
     clip_grad: float | None = None  # max global grad norm; None: no clipping
     frames: int | None = None  # frames per clip; default: the preset's train_frames
@@ -121,7 +123,8 @@ def _coerce(name: str, value):
     kind = type(default) if default is not None and default is not dataclasses.MISSING else None
     if name in ("clip_grad", "alpha", "olm_lr", "olm_weight_decay"):
         kind = float
-    elif name in ("eval_batch_size", "steps_per_epoch", "frames", "crop_columns", "folds"):
+    elif name in ("eval_batch_size", "steps_per_epoch", "frames", "crop_columns", "folds",
+                  "global_batch_size", "lr_step"):
         kind = int
     try:
         if kind is bool and isinstance(value, str):
@@ -165,6 +168,13 @@ def check(config: TrainConfig) -> None:
     from avtrain.models.sequence import DEFAULTS
 
     get_method(config.method)
+    if config.recipe is not None:
+        from .recipes import load_recipe
+
+        load_recipe(config.recipe)
+    if config.val_split == config.test_split and config.folds:
+        raise UserError("--folds chooses each fold's best epoch on its own val; it cannot use "
+                        f"--val-split {config.val_split}")
     sequence = config.model in SEQUENCE_MODELS
     if config.model not in ENCODERS and not sequence:
         raise UserError(f"unknown model {config.model!r}; choose one of: "
@@ -197,11 +207,12 @@ def check(config: TrainConfig) -> None:
         if getattr(config, name) not in choices:
             raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
                             f"got {getattr(config, name)!r}")
-    positive = ("epochs", "batch_size", "image_size", "log_every", "shuffle_buffer", "lr_step")
+    positive = ("epochs", "batch_size", "image_size", "log_every", "shuffle_buffer")
     for name in positive:
         if getattr(config, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("eval_batch_size", "steps_per_epoch", "frames", "crop_columns"):
+    for name in ("eval_batch_size", "steps_per_epoch", "frames", "crop_columns",
+                 "global_batch_size", "lr_step"):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
@@ -255,8 +266,8 @@ def resume_dir(resume: str) -> str:
 
 def cli_config(overrides: dict, config_file: str | None = None,
                resume: str | None = None) -> TrainConfig:
-    """Merge for `avtrain fit`: RUN/config.yaml when resuming, then --config, then the flags
-    the user actually typed (`overrides` holds only those)."""
+    """Merge for `avtrain fit`: the recipe's settings, then RUN/config.yaml when resuming, then
+    --config, then the flags the user actually typed (`overrides` holds only those)."""
     layers = []
     if resume:
         run = resume_dir(resume)
@@ -267,4 +278,17 @@ def cli_config(overrides: dict, config_file: str | None = None,
     if config_file:
         layers.append(load_yaml(config_file))
     layers.append(overrides)
+    recipe = next((layer["recipe"] for layer in reversed(layers) if layer.get("recipe")), None)
+    if recipe:
+        from .recipes import load_recipe
+
+        layers.insert(0, {**load_recipe(recipe).settings, "recipe": recipe})
     return make_config(*layers)
+
+
+def selection_protocol(config: TrainConfig) -> str:
+    """How the run chooses its best epoch: "legacy" (on test, as the released OGM-GE code),
+    "folds" (each fold's own val) or "val"."""
+    if config.folds:
+        return "folds"
+    return "legacy" if config.val_split == config.test_split else "val"

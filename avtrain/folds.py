@@ -208,12 +208,13 @@ def _wait_for(path: str, timeout: float = 24 * 3600) -> None:
 
 def cross_validate(config: TrainConfig, *, resume: bool = True) -> dict:
     """Train `config.folds` runs (RUN/fold{i}) and write RUN/cv.json and RUN/cv.md."""
-    from .loop import fit
+    from .loop import check_recipe_shards, fit
 
     k = int(config.folds or 0)
     if k < 2:
         raise UserError(f"--folds must be at least 2, got {config.folds}")
     require_run_paths(config)
+    check_recipe_shards(config)  # on the shards given: the folds are cut from them
     run = config.run_dir
     data_dir = os.path.join(run, "folds")
     if os.environ.get("RANK", "0") == "0":
@@ -232,7 +233,7 @@ def cross_validate(config: TrainConfig, *, resume: bool = True) -> dict:
             with open(summary_path, encoding="utf-8") as fh:
                 result = json.load(fh)
         else:
-            part = config.replace(shards=folder, run_dir=fold_run, folds=None,
+            part = config.replace(shards=folder, run_dir=fold_run, folds=None, recipe=None,
                                   val_split="val", test_split="test")
             last = os.path.join(fold_run, "last.pt")
             carry_on = resume and os.path.isfile(last)
@@ -240,7 +241,8 @@ def cross_validate(config: TrainConfig, *, resume: bool = True) -> dict:
             result = fit(part, resume=fold_run if carry_on else None, overwrite=not carry_on)
         results.append({"fold": i, "best_epoch": result.get("best_epoch"),
                         "val": result.get("val"), "test": result.get("test")})
-    summary = {"k": k, "run_dir": run, "method": config.method, "model": config.model,
+    summary = {"k": k, "run_dir": run, "recipe": config.recipe, "protocol": "folds",
+               "method": config.method, "model": config.model,
                "modalities": list(config.modalities), "folds": results,
                "stats": summarize_folds(results)}
     if os.environ.get("RANK", "0") == "0":

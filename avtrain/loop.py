@@ -36,7 +36,14 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import TrainConfig, make_config, require_run_paths, resolve_alpha, to_yaml
+from .config import (
+    TrainConfig,
+    make_config,
+    require_run_paths,
+    resolve_alpha,
+    selection_protocol,
+    to_yaml,
+)
 from .data import (
     DataOptions,
     ShardSet,
@@ -75,7 +82,8 @@ def build_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
 
 def build_scheduler(config: TrainConfig, optimizer):
     if config.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, config.lr_step, config.lr_gamma)
+        step = config.lr_step or max(1, round(0.7 * config.epochs))  # released: 70 of 100
+        return torch.optim.lr_scheduler.StepLR(optimizer, step, config.lr_gamma)
     if config.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=10**9, gamma=1.0)  # constant
@@ -460,6 +468,27 @@ def _clear_run_dir(run_dir: str, names: list[str]) -> None:
             os.remove(path)
 
 
+def check_recipe_shards(config: TrainConfig) -> None:
+    """A recipe's protocol needs shards built its way (split lists, preset, val policy)."""
+    if config.recipe:
+        from .recipes import check_shards, load_recipe
+
+        check_shards(load_recipe(config.recipe), open_shards(config.shards).index,
+                     where=config.shards)
+
+
+def per_process_batch(config: TrainConfig, world: int) -> TrainConfig:
+    """--global-batch-size N: each of the `world` processes takes N / world samples a step (the
+    papers' batch of 64 is global: DataParallel over their GPUs)."""
+    total = config.global_batch_size
+    if not total:
+        return config
+    if total % world:
+        raise UserError(f"--global-batch-size {total} does not split evenly over {world} "
+                        "processes")
+    return config.replace(batch_size=total // world)
+
+
 def fit(config: TrainConfig | dict, *, resume: str | None = None,
         overwrite: bool = False) -> dict:
     """Train one run; returns the summary (also written to RUN/summary.json on rank 0).
@@ -470,9 +499,11 @@ def fit(config: TrainConfig | dict, *, resume: str | None = None,
     """
     config = config if isinstance(config, TrainConfig) else make_config(config)
     require_run_paths(config)
+    check_recipe_shards(config)
     stale = check_run_dir(config.run_dir, resume=resume, overwrite=overwrite)
     ctx = D.setup(config.device)
     try:
+        config = per_process_batch(config, ctx.world)
         if ctx.main and stale:
             _clear_run_dir(config.run_dir, stale)
         D.barrier(ctx)
@@ -504,7 +535,9 @@ def _fit(config: TrainConfig, ctx: D.Context, resume: str | None) -> dict:
             trainer.scheduler.step()
             trainer.balancer.end_epoch(epoch)
             val = trainer.eval_split(c.val_split)
-            test = trainer.eval_split(c.test_split) if trainer.has_test else None
+            same = c.test_split == c.val_split  # legacy protocol: test is the val
+            test = (val if same else trainer.eval_split(c.test_split)) if trainer.has_test \
+                else None
             record = {"kind": "epoch", "epoch": epoch, "step": trainer.step,
                       "train_loss": train["loss"], "train_acc": train["acc"],
                       "lr": trainer.optimizer.param_groups[0]["lr"],
@@ -534,6 +567,7 @@ def _fit(config: TrainConfig, ctx: D.Context, resume: str | None) -> dict:
         "run_dir": run, "method": c.method, "model": c.model, "fusion": c.fusion,
         "modalities": trainer.model.modalities, "dataset": trainer.shards.dataset,
         "epochs": c.epochs, "steps": trainer.step, "world_size": ctx.world,
+        "protocol": selection_protocol(c), "recipe": c.recipe,
         "best_epoch": trainer.best["epoch"], "val": trainer.best["val"],
         "test": trainer.best["test"],
         "wall_time": round(trainer.wall_before + time.time() - started, 3),

@@ -136,6 +136,10 @@ def final_rows(runs: list[Run]) -> list[dict]:
             if isinstance(probe, dict) and "test_acc" in probe:
                 row[f"probe_{m}"] = probe["test_acc"]
         rows.append(row)
+    if any(run.summary.get("protocol", "val") != "val" for run in runs):
+        for row, run in zip(rows, runs):  # say how each best epoch was chosen
+            protocol = run.summary.get("protocol", "val")
+            row["protocol"] = "LEGACY: test-selected" if protocol == "legacy" else protocol
     return rows
 
 
@@ -311,6 +315,9 @@ def write_report(run_dirs: list[str], out_dir: str, classes: list[str] | None = 
              f"{len(runs)} run(s). Test metrics are those of each run's best-validation epoch;",
              "`probe_*` is a linear classifier fitted on the frozen encoder's train features.",
              "", markdown_table(rows), ""]
+    if any(row.get("protocol", "").startswith("LEGACY") for row in rows):
+        lines += ["Runs marked LEGACY chose their best epoch on the test split, as the released "
+                  "OGM-GE code does: their test accuracy is optimistic.", ""]
     for path in run_dirs:  # k-fold runs: their mean ± std as `fit --folds` wrote it
         cv_md = os.path.join(path, "cv.md")
         if os.path.isfile(cv_md):

@@ -1,0 +1,128 @@
+"""Recipes: a paper's whole training protocol under one name (`avtrain fit --recipe NAME`).
+
+A recipe is a YAML file shipped beside this module. Its `settings` are `avtrain fit` settings
+(the TrainConfig fields) and sit between the defaults and the user's `--config` file and
+flags, so any flag still overrides them. Its `data` block says which shards the protocol needs
+(dataset, preset, the split lists and the val policy the shards must have been built with):
+`check_shards` refuses shards built otherwise, in one line that says how to build the right
+ones, so nothing trains on a half-configured protocol. `differences` lists, in words, what
+still differs from the released code and why; `published` the numbers to compare with.
+
+    recipe = load_recipe("ogm_ge-cremad")
+    config = make_config(recipe.settings, {"shards": "OUT", "run_dir": "RUN"})
+    check_shards(recipe, open_shards("OUT").index)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+
+import yaml
+
+from avprep.errors import UserError
+
+LEGACY = "legacy"  # the released code picked the best epoch on the test split
+
+
+@dataclass
+class Recipe:
+    name: str
+    summary: str
+    paper: str
+    code: str
+    protocol: str  # "legacy" (best epoch on test, as released), "val" or "folds"
+    settings: dict
+    data: dict = field(default_factory=dict)
+    differences: list[str] = field(default_factory=list)
+    published: list[str] = field(default_factory=list)
+
+    @property
+    def legacy(self) -> bool:
+        return self.protocol == LEGACY
+
+    def describe(self) -> str:
+        """The recipe in full, for `avtrain recipes NAME`."""
+        lines = [f"{self.name}: {self.summary}", f"  paper: {self.paper}",
+                 f"  code:  {self.code}", f"  protocol: {protocol_label(self.protocol)}"]
+        if self.data:
+            lines.append("  data:")
+            lines += [f"    {k}: {v}" for k, v in self.data.items()]
+        lines.append("  settings:")
+        lines += [f"    {k}: {v}" for k, v in self.settings.items()]
+        if self.differences:
+            lines.append("  still differs from the released code:")
+            lines += [f"    - {d}" for d in self.differences]
+        if self.published:
+            lines.append("  published numbers to compare with:")
+            lines += [f"    - {p}" for p in self.published]
+        return "\n".join(lines)
+
+
+def protocol_label(protocol: str | None) -> str:
+    """How a table or summary names the model-selection protocol of a run."""
+    if protocol == LEGACY:
+        return "LEGACY: best epoch chosen on the test split, as the released code does"
+    if protocol == "folds":
+        return "k-fold cross-validation over train+val; test reported for each fold's best"
+    return "best epoch chosen on val; test reported for it"
+
+
+def _files() -> dict[str, str]:
+    folder = resources.files(__name__)
+    return {p.name[:-5]: p.name for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def recipe_names() -> list[str]:
+    return sorted(_files())
+
+
+def load_recipe(name: str) -> Recipe:
+    files = _files()
+    if name not in files:
+        raise UserError(f"unknown recipe {name!r}; choose one of: {', '.join(sorted(files))}")
+    text = (resources.files(__name__) / files[name]).read_text(encoding="utf-8")
+    data = yaml.safe_load(text) or {}
+    unknown = set(data) - {"summary", "paper", "code", "protocol", "settings", "data",
+                           "differences", "published"}
+    if unknown:  # a shipped file: a typo here is a bug, caught by the tests
+        raise ValueError(f"recipe {name}: unknown keys {sorted(unknown)}")
+    return Recipe(name=name, summary=data["summary"], paper=data["paper"], code=data["code"],
+                  protocol=data["protocol"], settings=dict(data["settings"]),
+                  data=dict(data.get("data") or {}),
+                  differences=list(data.get("differences") or []),
+                  published=list(data.get("published") or []))
+
+
+def _prepare_hint(recipe: Recipe) -> str:
+    return f"; build them with: {recipe.data['prepare']}" if recipe.data.get("prepare") else ""
+
+
+def check_shards(recipe: Recipe, index: dict, where: str = "shards") -> None:
+    """Refuse shards that were not built the way the recipe's protocol needs, in one line."""
+    need = recipe.data
+    hint = _prepare_hint(recipe)
+    dataset = need.get("dataset")
+    if dataset and index.get("dataset") != dataset:
+        raise UserError(f"recipe {recipe.name} trains on {dataset} shards; {where} hold "
+                        f"{index.get('dataset')!r}{hint}")
+    preset = need.get("preset")
+    have_preset = (index.get("preset") or {}).get("name")
+    if preset and have_preset != preset:
+        raise UserError(f"recipe {recipe.name} needs the {preset!r} preset; {where} were built "
+                        f"with {have_preset!r}{hint}")
+    wanted = list(need.get("split_files") or [])
+    if wanted:
+        built = [os.path.basename(f.get("name", "")) for f in
+                 (index.get("args") or {}).get("split_files") or []]
+        if sorted(built) != sorted(wanted):
+            origin = need.get("split_source", "the paper's repository")
+            raise UserError(f"recipe {recipe.name} needs shards built with the split lists "
+                            f"{' and '.join(wanted)} (from {origin}); {where} were built with "
+                            f"{' and '.join(built) if built else 'no split list'}{hint}")
+    splits = index.get("splits") or {}
+    if need.get("val") == "none" and (splits.get("val") or {}).get("samples"):
+        raise UserError(f"recipe {recipe.name} trains on the whole train list, as released; "
+                        f"{where} carve a val split out of it (build with --val-fraction 0)"
+                        f"{hint}")
