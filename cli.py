@@ -431,6 +431,10 @@ def _fit_options(f):
         click.option("--device", help="auto, cpu or cuda [default: auto]"),
         click.option("--amp/--no-amp", default=None, help="bf16 autocast on CUDA [default: on]"),
         click.option("--compile/--no-compile", default=None, help="torch.compile the model"),
+        click.option("--init", help="Weight init after building: torch (PyTorch's defaults) or "
+                     "ogm_ge (OGM-GE's released weight_init on the whole model: xavier-normal "
+                     "Linear with zero bias, kaiming-normal fan_out Conv2d, BatchNorm 1/0) "
+                     "[default: torch]"),
         click.option("--seed", type=int, help="[default: 0]"),
         click.option("--val-split", help="Split that picks the best epoch; `test` is the legacy "
                      "protocol of the released OGM-GE code, labelled so [default: val]"),

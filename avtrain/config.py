@@ -57,6 +57,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast, on CUDA only
     compile: bool = False  # torch.compile the model
+    # weight init after building: torch (PyTorch's defaults) | ogm_ge (the released OGM-GE
+    # weight_init on the whole model: xavier-normal Linear, kaiming fan_out Conv2d, BN 1/0)
+    init: str = "torch"
     seed: int = 0
     log_every: int = 10  # steps between per-step log records
     val_split: str = "val"
@@ -165,6 +168,7 @@ def check(config: TrainConfig) -> None:
     """Reject settings that cannot work, with one line each (before anything is loaded)."""
     from avtrain.balance import get_method
     from avtrain.models import ENCODERS, FUSIONS, MODALITIES, SEQUENCE_MODELS
+    from avtrain.models.init import INITS
     from avtrain.models.sequence import DEFAULTS
 
     get_method(config.method)
@@ -203,7 +207,8 @@ def check(config: TrainConfig) -> None:
                           ("eval_resize", ("crop", "square")),
                           ("train_crop", ("clip", "frame")),
                           ("olm_reduction", ("sum", "mean")),
-                          ("olm_heldout", ("train", "eval"))):
+                          ("olm_heldout", ("train", "eval")),
+                          ("init", INITS)):
         if getattr(config, name) not in choices:
             raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
                             f"got {getattr(config, name)!r}")

@@ -55,6 +55,7 @@ from .data import (
 )
 from .metrics import RunLog, summarize
 from .models import build_model
+from .models.init import apply_init
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -69,6 +70,19 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def build_training_model(config: TrainConfig, num_classes: int, *,
+                         index: dict | None = None) -> torch.nn.Module:
+    """The model a run trains: `build_model` for the config and its method, then the `--init`
+    scheme (avtrain.models.init). It draws from the global torch RNG, so call it right after
+    `_seed_everything`: every DDP rank then builds identical weights, as the released OGM-GE
+    main.py builds and initialises its model right after `setup_seed` (lines 231-239)."""
+    method = get_method(config.method)
+    model = build_model(config.model, config.fusion, num_classes, config.modalities,
+                        trained_unimodal_heads=method.trained_unimodal_heads, index=index,
+                        options=config.model_options)
+    return apply_init(model, config.init)
 
 
 def build_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
@@ -245,12 +259,8 @@ class Trainer:
         self.opts = _data_options(c.to_dict(), self.shards, c.modalities,
                                   decode_device=c.decode_device)
         self.steps = c.steps_per_epoch or self.shards.samples("train") // (c.batch_size * ctx.world)
-        method = get_method(c.method)
-
         _seed_everything(c.seed)
-        self.model = build_model(c.model, c.fusion, self.shards.num_classes, c.modalities,
-                                 trained_unimodal_heads=method.trained_unimodal_heads,
-                                 index=self.shards.index, options=c.model_options)
+        self.model = build_training_model(c, self.shards.num_classes, index=self.shards.index)
         self.spec = self.model.spec
         self.model.to(ctx.device)
         self.optimizer = build_optimizer(c, self.model.parameters())

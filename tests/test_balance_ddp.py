@@ -10,8 +10,7 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from released import run_gloo
 from test_balance_ogm import ToyAV, build_test_shards, step_records
 from torch.nn.parallel import DistributedDataParallel
 
@@ -74,22 +73,13 @@ def train(method: str, rank: int = 0, world: int = 1) -> dict:
             "metrics": metrics, "balancer": balancer.state_dict()}
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    try:
-        results = {m: train(m, rank, world) for m in METHODS}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _train_all(rank: int, world: int) -> dict:
+    return {m: train(m, rank, world) for m in METHODS}
 
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return run_gloo(_train_all, tmp_path_factory.mktemp("ddp"))
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -13,16 +13,14 @@ weights and both optimizers' states, under the OLM recipe (Adam 1e-4, weight dec
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from released import WIDTH, as_batch, ref_trunk, run_gloo, step_trainer
+from released import make_batches as _make_batches
 from torch import nn
 
-CLASSES, BATCH, WIDTH = 3, 4, 32  # WIDTH: the tiny encoder's
+CLASSES, BATCH = 3, 4
 STEPS = ((0, 2), (1, 2))  # (epoch, steps)
 TOL = {"rtol": 1e-6, "atol": 1e-6}
 
@@ -30,15 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- the reference: the released code's semantics, in plain torch ------------------------------
-
-
-def ref_trunk(channels: int, bn: bool = True) -> nn.Sequential:
-    """The tiny encoder's layers up to (not including) pooling: 3 strided conv blocks."""
-    layers: list[nn.Module] = []
-    for cin, cout in ((channels, WIDTH // 2), (WIDTH // 2, WIDTH), (WIDTH, 2 * WIDTH)):
-        layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
-                   nn.BatchNorm2d(cout) if bn else nn.Identity(), nn.ReLU()]
-    return nn.Sequential(*layers)
 
 
 class RefConcat(nn.Module):  # fusion_modules.ConcatFusion
@@ -138,60 +127,24 @@ def ref_train(model, method, data, heldout, world_scale=1):
 
 
 def make_batches(seed: int, n: int = BATCH):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(sum(s for _, s in STEPS)):
-        y = torch.randint(0, CLASSES, (n,), generator=g)
-        audio = torch.randn(n, 1, 16, 16, generator=g)
-        audio[:, 0, 0, :CLASSES] += 2 * F.one_hot(y, CLASSES)  # audio knows the label
-        visual = torch.randn(n, 2, 3, 16, 16, generator=g)
-        out.append((audio, visual, y))
-    return out
-
-
-def as_batch(item) -> dict:
-    audio, visual, y = item
-    return {"audio": audio, "visual": visual, "label": y}
+    return _make_batches(seed, n, sum(s for _, s in STEPS), CLASSES)
 
 
 def ours(method: str, fusion: str, bn: bool = True, **settings):
-    """A `Trainer` holding what `Trainer.__init__` builds for a tiny model (no shards needed:
-    only `train_step` runs)."""
-    from avtrain import distributed as D
-    from avtrain.balance import build_balancer
-    from avtrain.config import make_config
-    from avtrain.loop import Trainer, build_optimizer, build_scheduler
-    from avtrain.models import build_model
-
-    c = make_config({"method": method, "model": "tiny", "fusion": fusion, "optimizer": "adam",
-                     "lr": 1e-4, "weight_decay": 2e-4, "scheduler": "none", "device": "cpu",
-                     "amp": False, "olm_initial": "last-batch", **settings})
-    t = Trainer.__new__(Trainer)
-    t.config, t.ctx, t.opts, t.step = c, D.Context(), None, 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    t.ctx.rank, t.ctx.world = (dist.get_rank(), world) if world > 1 else (0, 1)
-    t.model = build_model("tiny", fusion, CLASSES, c.modalities, trained_unimodal_heads=True)
-    if not bn:  # DDP test: per-rank BatchNorm statistics would differ from the global batch
-        for enc in t.model.encoders.values():
-            for i, layer in enumerate(enc.backbone):
-                if isinstance(layer, nn.BatchNorm2d):
-                    enc.backbone[i] = nn.Identity()
-    t.optimizer = build_optimizer(c, t.model.parameters())
-    t.scheduler = build_scheduler(c, t.optimizer)
-    t.balancer = build_balancer(method, t.model, {**c.to_dict(), "world_size": world},
-                                modalities=t.model.modalities)
-    t.net = torch.nn.parallel.DistributedDataParallel(t.model) if world > 1 else t.model
-    return t
+    """The real Trainer under the OLM recipe (Adam 1e-4, weight decay 2e-4, last-batch)."""
+    return step_trainer(method, fusion, CLASSES, bn=bn, **{
+        "optimizer": "adam", "lr": 1e-4, "weight_decay": 2e-4, "scheduler": "none",
+        "olm_initial": "last-batch", **settings})
 
 
 def train_ours(t, data, heldout, part=slice(None)):
     step = 0
     for epoch, steps in STEPS:
         for _ in range(steps):
-            batch = {k: v[part] for k, v in as_batch(data[step]).items()}
+            batch = as_batch(data[step], part)
             held = None
             if t.balancer.needs_heldout:
-                held = iter([{k: v[part] for k, v in as_batch(heldout[step]).items()}])
+                held = iter([as_batch(heldout[step], part)])
             t.train_step(batch, epoch, held)
             t.step += 1
             step += 1
@@ -332,29 +285,21 @@ def test_bad_olm_options_are_one_error_line(tmp_path, flags, words):
 # --- two gloo processes == one process with the global batch ------------------------------------
 
 
-def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
-    try:
-        results = {}
-        data, held = make_batches(1, 2 * BATCH), make_batches(2, 2 * BATCH)
-        for method in ("olm", "olm_com"):
-            torch.manual_seed(0)
-            t = ours(method, "concat", bn=False)
-            train_ours(t, data, held, slice(rank * BATCH, (rank + 1) * BATCH))
-            results[method] = {"model": t.model.state_dict(),
-                               "w": t.balancer.weights.detach().clone()}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _ddp_run(rank: int, world: int) -> dict:
+    results = {}
+    data, held = make_batches(1, 2 * BATCH), make_batches(2, 2 * BATCH)
+    for method in ("olm", "olm_com"):
+        torch.manual_seed(0)
+        t = ours(method, "concat", bn=False)
+        train_ours(t, data, held, slice(rank * BATCH, (rank + 1) * BATCH))
+        results[method] = {"model": t.model.state_dict(),
+                           "w": t.balancer.weights.detach().clone()}
+    return results
 
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("olm-ddp")
-    mp.spawn(_ddp_worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return run_gloo(_ddp_run, tmp_path_factory.mktemp("olm-ddp"))
 
 
 @pytest.mark.parametrize("method", ["olm", "olm_com"])
