@@ -54,8 +54,10 @@ def parse_lines(path: str) -> list[tuple[int, str, str, float, float]]:
     return rows
 
 
-def scan(root: str, defaults: dict, options: Options) -> Scan:
-    root = require_dir(root, "ave", EXPECTED)
+def label_sources(root: str, dataset: str) -> tuple[str, list[tuple[str | None, str]], dict]:
+    """(root, [(split or None, label file)], videos by id): the official split files where the
+    release has them, else Annotations.txt alone (split by hash later)."""
+    root = require_dir(root, dataset, EXPECTED)
     files = {split: find_file(root, (name,)) for split, name in SPLIT_FILES.items()}
     annotations = find_file(root, ("Annotations.txt",))
     if not any(files.values()) and annotations is None:
@@ -64,7 +66,11 @@ def scan(root: str, defaults: dict, options: Options) -> Scan:
         sources = [(split, path) for split, path in files.items() if path]
     else:
         sources = [(None, annotations)]
-    videos = index_videos(root)
+    return root, sources, index_videos(root)
+
+
+def scan(root: str, defaults: dict, options: Options) -> Scan:
+    root, sources, videos = label_sources(root, "ave")
     result = Scan(dataset="ave", root=root)
     seen: dict[tuple, str] = {}
     keys: set[str] = set()

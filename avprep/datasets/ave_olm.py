@@ -19,23 +19,13 @@ from __future__ import annotations
 
 import os
 
-from ..errors import UserError
 from ..manifest import Record, hash_split, safe_key
-from .ave import EXPECTED, SPLIT_FILES, parse_lines
-from .base import Options, Scan, find_file, index_videos, require_dir
+from .ave import label_sources, parse_lines
+from .base import Options, Scan
 
 
 def scan(root: str, defaults: dict, options: Options) -> Scan:
-    root = require_dir(root, "ave_olm", EXPECTED)
-    files = {split: find_file(root, (name,)) for split, name in SPLIT_FILES.items()}
-    annotations = find_file(root, ("Annotations.txt",))
-    if not any(files.values()) and annotations is None:
-        raise UserError(f"{root}: no AVE label files; expected {EXPECTED}")
-    if any(files.values()):
-        sources = [(split, path) for split, path in files.items() if path]
-    else:
-        sources = [(None, annotations)]
-    videos = index_videos(root)
+    root, sources, videos = label_sources(root, "ave_olm")
     result = Scan(dataset="ave_olm", root=root)
     chosen: dict[str, tuple] = {}  # video id -> (split, path, line, category, events)
     collapsed = elsewhere = 0
