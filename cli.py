@@ -426,6 +426,8 @@ def _fit_options(f):
         click.option("--log-every", type=int, help="Steps between log records [default: 10]"),
         click.option("--linear-probe/--no-linear-probe", default=None,
                      help="Linear-probe the best checkpoint's encoders at the end."),
+        click.option("--probe-every", type=int, help="Also probe each encoder every N epochs "
+                     "on a fixed subset (the imbalance over time) [default: off]"),
         click.option("--progress/--no-progress", default=None, help="Progress bars."),
         click.option("--alpha", type=float,
                      help="OGM(-GE) alpha [default: the dataset's recommended value, else 0.8]"),
