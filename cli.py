@@ -441,6 +441,8 @@ def _fit_options(f):
         click.option("--log-every", type=int, help="Steps between log records [default: 10]"),
         click.option("--linear-probe/--no-linear-probe", default=None,
                      help="Linear-probe the best checkpoint's encoders at the end."),
+        click.option("--probe-every", type=int, help="Also probe each encoder every N epochs "
+                     "on a fixed subset (the imbalance over time) [default: off]"),
         click.option("--progress/--no-progress", default=None, help="Progress bars."),
         click.option("--alpha", type=float,
                      help="OGM(-GE) alpha [default: the dataset's recommended value, else 0.8]"),
@@ -576,16 +578,74 @@ def eval_cmd(ckpt, shards, split, batch_size, workers, device, decode_device, li
         click.echo(json_lib.dumps(result, indent=2) if as_json else text)
 
 
+# --- avtrain: benchmarks (bench) -----------------------------------------------------------
+
+BENCH_SETS = ("run_dir", "resume", "print_config", "method", "seed", "folds", "overwrite")
+
+
+def _bench_fit_options(f):
+    """Every `fit` flag except those the bench sets per run (a flag added to fit is a bench
+    flag too)."""
+    params = _fit_options(lambda: None).__click_params__
+    f.__click_params__ = getattr(f, "__click_params__", []) + [
+        p for p in params if p.name not in BENCH_SETS]
+    return f
+
+
+@avtrain.command()
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Bench folder: runs/ROW/seedS, results.md, results.csv, figures.")
+@click.option("--methods", default="none,ogm_ge,olm", show_default=True,
+              help="Comma list of balancing methods, one row each.")
+@click.option("--seeds", default="3", show_default=True,
+              help="A count (3 = seeds 0,1,2) or a comma list of seeds (0,4,7).")
+@click.option("--set", "sets", multiple=True, metavar="METHOD.SETTING=V[,V...]",
+              help="A setting for one method's runs, e.g. ogm_ge.alpha=0.1,0.8 (each value its "
+              "own row); repeatable.")
+@click.option("--references/--no-references", default=True, show_default=True,
+              help="Unimodal reference rows (--modalities audio, --modalities visual).")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True, help="local: one run after another; ray: one Ray task per run.")
+@click.option("--ray-address", help="Ray cluster address, e.g. auto (default: a local Ray).")
+@click.option("--overwrite", is_flag=True,
+              help="Start the bench again, e.g. with other settings (its runs are removed).")
+@_bench_fit_options
+def bench(out_dir, methods, seeds, sets, references, executor, ray_address, overwrite,
+          config_file, **flags):
+    """Train methods x seeds (and unimodal references) under one protocol; rerun to resume.
+    Any fit flag applies to every run; results in OUT/results.md and results.csv."""
+    from avtrain.bench import run_bench
+    from avtrain.config import load_yaml
+
+    settings = load_yaml(config_file) if config_file else {}
+    settings.update({k: v for k, v in flags.items() if v is not None and v != ()})
+    result = run_bench(settings.pop("shards", None), out_dir, settings, methods=methods,
+                       seeds=seeds, sets=sets, references=references, executor=executor,
+                       ray_address=ray_address, overwrite=overwrite, say=click.echo)
+    click.echo(f"results: {result['results']} ({len(result['rows'])} rows, "
+               f"{len(result['figures'])} figures)")
+
+
 # --- avtrain: reports (report) -------------------------------------------------------------
 
 
 @avtrain.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Folder for report.md and the PNG plots.")
+@click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False),
+              help="Folder for report.md and the PNG plots [a bench: the bench folder].")
 def report(runs, out_dir):
-    """Compare runs: accuracy curves, balancing signal, final table, confusion matrix."""
+    """Compare runs: accuracy curves, balancing signal, final table, confusion matrix.
+    Given one `avtrain bench` folder: its results table and imbalance figures."""
+    from avtrain.bench import is_bench, write_results
     from avtrain.report import write_report
+
+    if len(runs) == 1 and is_bench(runs[0]):
+        result = write_results(runs[0], out_dir)
+        click.echo(f"results: {result['results']} ({len(result['rows'])} rows, "
+                   f"{len(result['figures'])} figures)")
+        return
+    if not out_dir:
+        raise UserError("Missing option '-o' / '--out' (the folder for report.md and plots)")
 
     result = write_report(list(runs), out_dir)
     for path, why in result["skipped"]:

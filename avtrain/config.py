@@ -65,6 +65,7 @@ class TrainConfig:
     val_split: str = "val"
     test_split: str = "test"
     linear_probe: bool = False  # after training: linear probe of the best checkpoint's encoders
+    probe_every: int | None = None  # probe each encoder every N epochs on a subset (imbalance.py)
     progress: bool = True  # tqdm bar per epoch
     tensorboard: bool = True
     # options of the balancing methods (passed to the balancer as its config)
@@ -127,7 +128,7 @@ def _coerce(name: str, value):
     if name in ("clip_grad", "alpha", "olm_lr", "olm_weight_decay"):
         kind = float
     elif name in ("eval_batch_size", "steps_per_epoch", "frames", "crop_columns", "folds",
-                  "global_batch_size", "lr_step"):
+                  "global_batch_size", "lr_step", "probe_every"):
         kind = int
     try:
         if kind is bool and isinstance(value, str):
@@ -217,7 +218,7 @@ def check(config: TrainConfig) -> None:
         if getattr(config, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("eval_batch_size", "steps_per_epoch", "frames", "crop_columns",
-                 "global_batch_size", "lr_step"):
+                 "global_batch_size", "lr_step", "probe_every"):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")

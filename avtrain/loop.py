@@ -53,6 +53,7 @@ from .data import (
     to_device,
     train_loader,
 )
+from .imbalance import LogitNorms, epoch_probe
 from .metrics import RunLog, summarize
 from .models import build_model
 from .models.init import apply_init
@@ -326,11 +327,14 @@ class Trainer:
         loss_sum = torch.zeros((), device=ctx.device)
         correct = torch.zeros((), device=ctx.device)
         seen = 0
+        norms = LogitNorms()
+        started = time.time()
         bar = _bar(loader, c.progress and ctx.main, f"epoch {epoch}", self.steps)
         for batch in bar:
             batch = to_device(batch, ctx.device, self.opts)
             labels = batch["label"]
             loss, logits = self.train_step(batch, epoch, heldout)
+            norms.add(logits)
             loss_sum += loss.detach().float()
             correct += (logits["fused"].detach().argmax(dim=1) == labels).sum()
             seen += labels.numel()
@@ -341,7 +345,9 @@ class Trainer:
                                                torch.tensor(float(seen), device=ctx.device)]),
                                   ctx).tolist()
         steps_done = max(1, self.steps)
-        return {"loss": totals[0] / (steps_done * ctx.world), "acc": totals[1] / max(1, totals[2])}
+        return {"loss": totals[0] / (steps_done * ctx.world), "acc": totals[1] / max(1, totals[2]),
+                "step_time": (time.time() - started) / steps_done,
+                "logit_norm": norms.result(ctx)}
 
     def train_step(self, batch: dict, epoch: int, heldout=None):
         """One optimisation step on a batch already on the device -> (loss, logits).
@@ -552,7 +558,12 @@ def _fit(config: TrainConfig, ctx: D.Context, resume: str | None) -> dict:
                       "train_loss": train["loss"], "train_acc": train["acc"],
                       "lr": trainer.optimizer.param_groups[0]["lr"],
                       "val": _epoch_metrics(val), "test": _epoch_metrics(test),
-                      "epoch_time": round(time.time() - t0, 3)}
+                      "epoch_time": round(time.time() - t0, 3),
+                      "step_time": round(train["step_time"], 6),  # loading included
+                      "logit_norm": train["logit_norm"]}
+            probe = epoch_probe(trainer, epoch)  # --probe-every: on a fixed subset
+            if probe is not None:
+                record["probe"] = probe
             improved = val["acc"] > trainer.best["acc"]
             if improved:
                 trainer.best = {"epoch": epoch, "acc": val["acc"], "val": record["val"],

@@ -24,9 +24,11 @@ PROBE_MAX_TRAIN = 30_000  # train samples the probe is fitted on at most (seeded
 @torch.no_grad()
 def extract_features(model, shards: ShardSet, split: str, opts: DataOptions, *,
                      batch_size: int, ctx: D.Context | None = None, workers: int = 2,
-                     amp: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                     amp: bool = True, limit: int | None = None
+                     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """{modality: [N, D] float32} and labels [N] of one split, gathered on rank 0 (other ranks
-    get (None, None))."""
+    get (None, None)). `limit`: only the first ~limit samples (limit / world per rank, in the
+    eval loader's fixed order): a fixed subset, for the cheap per-epoch probe."""
     ctx = ctx or D.Context()
     bare = bare_model(model)
     was_training = bare.training
@@ -35,7 +37,10 @@ def extract_features(model, shards: ShardSet, split: str, opts: DataOptions, *,
     labels, keys = [], []
     loader = eval_loader(shards, split, opts, batch_size=batch_size, rank=ctx.rank,
                          world=ctx.world, workers=workers, device_type=ctx.device.type)
+    per_rank = None if limit is None else -(-limit // ctx.world)
     for batch in loader:
+        if per_rank is not None and len(keys) >= per_rank:
+            break
         batch = to_device(batch, ctx.device, opts)
         ctxm = (torch.autocast("cuda", dtype=torch.bfloat16)
                 if ctx.device.type == "cuda" and amp else torch.autocast("cpu", enabled=False))
@@ -113,17 +118,18 @@ def subsample(x: dict[str, np.ndarray], y: np.ndarray, limit: int | None, seed: 
 def linear_probe(model, shards: ShardSet, opts: DataOptions, *, batch_size: int = 64,
                  ctx: D.Context | None = None, workers: int = 2, amp: bool = True,
                  train_split: str = "train", val_split: str = "val", test_split: str = "test",
-                 seed: int = 0, max_train: int | None = PROBE_MAX_TRAIN) -> dict:
+                 seed: int = 0, max_train: int | None = PROBE_MAX_TRAIN,
+                 limit: int | None = None) -> dict:
     """{modality: {"test_acc", "val_acc", "train_acc", "l2"}, "fused": ..., "chance": 1/C,
     "train_samples": n}. Features are gathered and the probes fitted on rank 0 only; every
-    rank returns rank 0's result."""
+    rank returns rank 0's result. `limit`: features of a fixed subset of each split only."""
     ctx = ctx or D.Context()
     torch.manual_seed(seed)
     splits = {}
     for name in (train_split, val_split, test_split):
         shards.require(name)
         splits[name] = extract_features(model, shards, name, opts, batch_size=batch_size,
-                                        ctx=ctx, workers=workers, amp=amp)
+                                        ctx=ctx, workers=workers, amp=amp, limit=limit)
     result: dict | None = None
     if ctx.main:
         splits[train_split] = subsample(*splits[train_split], max_train, seed)
