@@ -266,7 +266,8 @@ class Trainer:
         self.model.to(ctx.device)
         self.optimizer = build_optimizer(c, self.model.parameters())
         self.scheduler = build_scheduler(c, self.optimizer)
-        self.balancer_config = {**c.to_dict(), "alpha": resolve_alpha(c, self.shards.dataset),
+        self.balancer_config = {**c.to_dict(), "alpha": resolve_alpha(
+                                    c, self.shards.dataset, get_method(c.method).default_alpha),
                                 "dataset": self.shards.dataset,
                                 "num_classes": self.shards.num_classes,
                                 "steps_per_epoch": self.steps, "world_size": ctx.world}

@@ -108,6 +108,7 @@ class Balancer:
     name = "none"
     needs_heldout = False  # the loop feeds a held-out (val) batch every step
     trained_unimodal_heads = False  # the model's per-modality heads must train the encoders
+    default_alpha: float | None = None  # --alpha when not given (None: OGM's dataset value)
 
     def __init__(self, model: nn.Module, config: dict | None = None, *,
                  modalities: list[str] | None = None, device: torch.device | str = "cpu"):
