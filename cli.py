@@ -445,9 +445,11 @@ def _fit_options(f):
                      "on a fixed subset (the imbalance over time) [default: off]"),
         click.option("--progress/--no-progress", default=None, help="Progress bars."),
         click.option("--alpha", type=float,
-                     help="OGM(-GE) alpha [default: the dataset's recommended value, else 0.8]"),
+                     help="OGM(-GE) alpha [default: the dataset's recommended value, else 0.8]; "
+                     "PMR: weight of the prototype CE [default: 1.0]"),
         click.option("--modulation-start", type=int, help="First modulated epoch [default: 0]"),
-        click.option("--modulation-end", type=int, help="Last modulated epoch [default: 50]"),
+        click.option("--modulation-end", type=int, help="Last modulated epoch [default: 50; "
+                     "pmr: 100]"),
         click.option("--modulate", help="conv or encoder: parameters OGM scales [default: conv]"),
         click.option("--olm-initial", help="OLM initial losses: mean (of the first epoch) or "
                      "last-batch (of the first epoch, as released) [default: mean]"),
@@ -460,6 +462,11 @@ def _fit_options(f):
         click.option("--olm-heldout", help="OLM-com held-out forward: train (train mode and "
                      "augmentation, as released) or eval (eval mode, no augmentation, BatchNorm "
                      "statistics never see val) [default: train]"),
+        click.option("--pmr-momentum", type=float, help="PMR prototype momentum in [0, 1) "
+                     "[default: 0.2, as released]"),
+        click.option("--pmr-proto-batches", type=int, help="PMR: training batches per rank "
+                     "averaged into the prototypes before each epoch [default: steps per "
+                     "epoch // 10, at least 1, as released]"),
     ]
     for opt in reversed(opts):
         f = opt(f)

@@ -71,13 +71,15 @@ class TrainConfig:
     # options of the balancing methods (passed to the balancer as its config)
     alpha: float | None = None  # OGM(-GE) α; None: the dataset's recommended value, else 0.8
     modulation_start: int = 0
-    modulation_end: int = 50
+    modulation_end: int | None = None  # None: the method's default (OGM 50, PMR 100)
     modulate: str = "conv"  # conv | encoder: which encoder parameters OGM scales
     olm_initial: str = "mean"  # mean | last-batch (the released code's)
     olm_lr: float | None = None  # OLM coefficient Adam lr; None: 1e-3 (CNNs), the network lr (emt..)
     olm_weight_decay: float | None = None  # ... its weight decay; None: 0 (CNNs), --weight-decay (emt..)
     olm_reduction: str = "sum"  # sum (released) | mean: OLM's network CE over the batch
     olm_heldout: str = "train"  # train | eval: mode and transforms of OLM-com's held-out forward
+    pmr_momentum: float | None = None  # PMR prototype momentum; None: 0.2 (released default)
+    pmr_proto_batches: int | None = None  # PMR prototype batches; None: steps per epoch // 10
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -125,10 +127,11 @@ def _coerce(name: str, value):
         return parse_model_options(value)
     default = FIELDS[name].default
     kind = type(default) if default is not None and default is not dataclasses.MISSING else None
-    if name in ("clip_grad", "alpha", "olm_lr", "olm_weight_decay"):
+    if name in ("clip_grad", "alpha", "olm_lr", "olm_weight_decay", "pmr_momentum"):
         kind = float
     elif name in ("eval_batch_size", "steps_per_epoch", "frames", "crop_columns", "folds",
-                  "global_batch_size", "lr_step", "probe_every"):
+                  "global_batch_size", "lr_step", "probe_every", "modulation_end",
+                  "pmr_proto_batches"):
         kind = int
     try:
         if kind is bool and isinstance(value, str):
@@ -218,7 +221,7 @@ def check(config: TrainConfig) -> None:
         if getattr(config, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("eval_batch_size", "steps_per_epoch", "frames", "crop_columns",
-                 "global_batch_size", "lr_step", "probe_every"):
+                 "global_batch_size", "lr_step", "probe_every", "pmr_proto_batches"):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
@@ -246,10 +249,14 @@ def to_yaml(config: TrainConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
-def resolve_alpha(config: TrainConfig, dataset: str | None) -> float:
-    """α given by the user, else the dataset's recommended `ogm_ge_alpha`, else 0.8."""
+def resolve_alpha(config: TrainConfig, dataset: str | None,
+                  method_default: float | None = None) -> float:
+    """α given by the user, else the method's own default (PMR: 1.0), else the dataset's
+    recommended `ogm_ge_alpha` (an OGM-GE value), else 0.8."""
     if config.alpha is not None:
         return float(config.alpha)
+    if method_default is not None:
+        return float(method_default)
     if dataset:
         try:
             from avprep.datasets import dataset_defaults

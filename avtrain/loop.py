@@ -27,6 +27,7 @@ from avprep.errors import UserError
 
 from . import distributed as D
 from .balance import build_balancer, get_method
+from .balance.base import EpochContext, StepContext
 from .checkpoint import (
     bare_model,
     check_compatible,
@@ -266,7 +267,8 @@ class Trainer:
         self.model.to(ctx.device)
         self.optimizer = build_optimizer(c, self.model.parameters())
         self.scheduler = build_scheduler(c, self.optimizer)
-        self.balancer_config = {**c.to_dict(), "alpha": resolve_alpha(c, self.shards.dataset),
+        self.balancer_config = {**c.to_dict(), "alpha": resolve_alpha(
+                                    c, self.shards.dataset, get_method(c.method).default_alpha),
                                 "dataset": self.shards.dataset,
                                 "num_classes": self.shards.num_classes,
                                 "steps_per_epoch": self.steps, "world_size": ctx.world}
@@ -318,6 +320,7 @@ class Trainer:
 
     def train_epoch(self, epoch: int, log: RunLog) -> dict:
         c, ctx = self.config, self.ctx
+        self.balancer.start_epoch(self._epoch_context(epoch))  # may run the model in eval mode
         self.net.train()
         loader = train_loader(self.shards, "train", self.opts, batch_size=c.batch_size,
                               steps=self.steps, epoch=epoch, seed=c.seed, rank=ctx.rank,
@@ -357,21 +360,33 @@ class Trainer:
         released step (engine_logits_com.py). Does not advance `self.step`.
         """
         c = self.config
-        labels = batch["label"]
-        with _autocast(self.ctx.device, c.amp):
-            logits = self.net(batch)
-        if heldout is not None:
-            self._feed_heldout(heldout)
-        loss = self.balancer.loss(logits, labels, epoch=epoch, step=self.step)
-        aux = auxiliary_loss(self.model, logits, labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        (loss + aux if aux is not None else loss).backward()
-        self.balancer.before_optimizer_step(logits, labels, epoch=epoch, step=self.step)
-        if c.clip_grad:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_grad)
-        self.optimizer.step()
-        self.balancer.after_optimizer_step()
-        return loss, logits
+        clip = ((lambda: torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_grad))
+                if c.clip_grad else (lambda: None))
+        ctx = StepContext(
+            net=self.net, model=self.model, batch=batch, labels=batch["label"],
+            optimizer=self.optimizer, epoch=epoch, step=self.step,
+            autocast=lambda: _autocast(self.ctx.device, c.amp), clip_grad=clip,
+            extra_loss=lambda logits, labels: auxiliary_loss(self.model, logits, labels),
+            feed_heldout=(lambda: self._feed_heldout(heldout)) if heldout is not None else None)
+        return self.balancer.train_step(ctx)
+
+    def _epoch_context(self, epoch: int) -> EpochContext:
+        """What a method may use before an epoch: n training batches of their own stream
+        (seeded by seed and epoch, train transforms), so the training order is untouched."""
+        c, ctx = self.config, self.ctx
+
+        def batches(n: int):
+            loader = train_loader(self.shards, "train", self.opts, batch_size=c.batch_size,
+                                  steps=n, epoch=epoch, seed=c.seed, rank=ctx.rank,
+                                  world=ctx.world, workers=min(1, c.workers),
+                                  shuffle_buffer=c.shuffle_buffer, salt=97,
+                                  device_type=ctx.device.type)
+            for batch in loader:
+                yield to_device(batch, ctx.device, self.opts)
+
+        return EpochContext(net=self.net, model=self.model, epoch=epoch, batches=batches,
+                            autocast=lambda: _autocast(ctx.device, c.amp),
+                            steps_per_epoch=self.steps)
 
     def _log_step(self, epoch, loss, log, bar, correct, seen) -> None:
         ctx = self.ctx

@@ -1,32 +1,114 @@
 """The interface every balancing method implements, and the plain baseline (`none`).
 
-The training loop drives a method through these hooks, once per step:
+Two levels. The loop calls `balancer.train_step(ctx)` once per step and
+`balancer.start_epoch(ectx)` before each epoch's first step; that is all it knows.
 
-    logits = model(batch)                       # {"fused": ..., "audio": ..., "visual": ...}
-    if balancer.needs_heldout:                  # OLM-com: a `val` batch, never `test`, with
-        with torch.no_grad():                   # this step's weights (before the update)
-            balancer.heldout(model(val_batch), val_labels)
+**Hooks** (most methods). `Balancer.train_step` is the hook sequence below; a method that only
+changes the loss, edits gradients between `backward()` and `step()`, or keeps its own
+coefficients overrides the hooks and nothing else:
+
+    logits = ctx.forward(ctx.batch)             # {"fused": ..., "audio": ..., "visual": ...}
+    if ctx.feed_heldout is not None:            # OLM-com: a `val` batch, never `test`, with
+        ctx.feed_heldout()                      # this step's weights -> balancer.heldout(...)
     loss = balancer.loss(logits, labels, epoch=e, step=s)
-    loss.backward()
+    optimizer.zero_grad(); (loss + ctx.extra_loss(logits, labels)).backward()
     balancer.before_optimizer_step(logits, labels, epoch=e, step=s)   # may rescale gradients
-    optimizer.step()
+    ctx.clip_grad(); optimizer.step()
     balancer.after_optimizer_step()             # e.g. OLM's own coefficient optimizer
 
-and `end_epoch(epoch)` after each epoch. `step_metrics()` returns 0-d tensors that the loop
-turns into numbers only when it logs, so no method forces a host sync per step.
+(`extra_loss` trains the detached auxiliary heads of non-decomposable fusions; it is zero for
+the others.) `end_epoch(epoch)` comes after each epoch.
+
+**Owning the step.** A method whose step is not "one loss, one backward, one step" overrides
+`train_step(ctx)` and does the whole step itself with what `StepContext` gives: the network to
+call (DDP-wrapped, so gradients are averaged) and the bare model (its encoders, heads,
+`features`), the batch and labels, the optimizer, `autocast()`, `clip_grad()`, epoch, step and
+`forward`. It must return (loss, logits) -- the fused logits of the batch for the training
+accuracy, a 0-d loss for the log -- and leave the optimizer stepped. Only one forward of
+`ctx.net` may join a backward per step under DDP (use `ctx.model`, the bare model, for the
+others and reduce their gradients itself, or run them under `no_grad`).
+
+**Epoch-level work.** `start_epoch(ectx)` receives an `EpochContext`: the models, epoch,
+`autocast()`, and `batches(n)`, n training batches (own order, train transforms) already on
+the device, for methods that measure the model on data before an epoch (PMR's prototypes,
+G-Blending's held-out weights).
+
+Which level each method of issue #19 needs -- the test of this design:
+
+| method | level | why |
+|---|---|---|
+| none, OGM, OGM-GE | hooks | CE, then gradients scaled (and noised) before the step |
+| OLM, OLM-com | hooks | loss of weighted logits, own optimizer after the step; held-out forward via `feed_heldout` |
+| PMR | hooks + start_epoch | prototypes before each epoch; the step is CE plus a prototype CE on the weak modality, read from the same forward (encoder outputs kept by forward hooks) |
+| MMPareto | owns the step | backward of the multimodal and of each unimodal loss separately (`autograd.grad` w.r.t. the encoders), min-norm combination, one step |
+| MLA | owns the step | one modality per step through the shared head, gradient edit between modalities |
+| ReconBoost | owns the step | alternates which modality's learner is updated; reconcilement term from the other's frozen output |
+| AGM | owns the step | extra forwards with a modality's input replaced (no grad, bare model) measure each modality's contribution; the losses are rescaled from that before the one backward |
+| Greedy, OPM, AMCo | owns the step | the forward itself changes: features of the dominant modality dropped or masked (bare model's `features`, then its fusion, under `ctx.net` for DDP) |
+| G-Blending | hooks + start_epoch | per-branch loss weights, re-estimated every super-epoch from held-out data in `start_epoch` |
+| Re-learning | start_epoch | re-initialises encoders between epochs; the step is the baseline's |
+
+`step_metrics()` returns 0-d tensors that the loop turns into numbers only when it logs, so no
+method forces a host sync per step. `state_dict()` / `load_state_dict()` hold everything that
+`--resume` needs to continue exactly (coefficients, prototypes, optimizers of the method).
 """
 
 from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
+def _no_autocast():
+    return contextlib.nullcontext()
+
+
+@dataclasses.dataclass
+class StepContext:
+    """What one training step may use. `net` is what the loop trains (DDP-wrapped under
+    torchrun, maybe compiled); `model` is the bare module."""
+
+    net: nn.Module
+    model: nn.Module
+    batch: dict
+    labels: torch.Tensor
+    optimizer: torch.optim.Optimizer
+    epoch: int
+    step: int
+    autocast: Callable[[], contextlib.AbstractContextManager] = _no_autocast
+    clip_grad: Callable[[], None] = lambda: None
+    extra_loss: Callable[[dict, torch.Tensor], torch.Tensor | None] = lambda logits, y: None
+    feed_heldout: Callable[[], None] | None = None
+
+    def forward(self, batch: dict | None = None) -> dict[str, torch.Tensor]:
+        """The training forward of `net` under autocast (the step's batch by default)."""
+        with self.autocast():
+            return self.net(self.batch if batch is None else batch)
+
+
+@dataclasses.dataclass
+class EpochContext:
+    """What `start_epoch` may use: `batches(n)` yields n training batches on the device (their
+    own seeded order, train transforms; the same on every resume of this epoch)."""
+
+    net: nn.Module
+    model: nn.Module
+    epoch: int
+    batches: Callable[[int], Iterator[dict]]
+    autocast: Callable[[], contextlib.AbstractContextManager] = _no_autocast
+    steps_per_epoch: int = 1
+
+
 class Balancer:
     name = "none"
     needs_heldout = False  # the loop feeds a held-out (val) batch every step
     trained_unimodal_heads = False  # the model's per-modality heads must train the encoders
+    default_alpha: float | None = None  # --alpha when not given (None: OGM's dataset value)
 
     def __init__(self, model: nn.Module, config: dict | None = None, *,
                  modalities: list[str] | None = None, device: torch.device | str = "cpu"):
@@ -34,6 +116,26 @@ class Balancer:
         self.config = dict(config or {})
         self.modalities = list(modalities or getattr(model, "modalities", ["audio", "visual"]))
         self.device = torch.device(device)
+
+    def train_step(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimisation step -> (loss, logits): the hook sequence of the module docstring.
+        Override it only when the method must own the whole step."""
+        labels = ctx.labels
+        logits = ctx.forward()
+        if ctx.feed_heldout is not None:
+            ctx.feed_heldout()
+        loss = self.loss(logits, labels, epoch=ctx.epoch, step=ctx.step)
+        extra = ctx.extra_loss(logits, labels)
+        ctx.optimizer.zero_grad(set_to_none=True)
+        (loss + extra if extra is not None else loss).backward()
+        self.before_optimizer_step(logits, labels, epoch=ctx.epoch, step=ctx.step)
+        ctx.clip_grad()
+        ctx.optimizer.step()
+        self.after_optimizer_step()
+        return loss, logits
+
+    def start_epoch(self, ctx: EpochContext) -> None:
+        """Called before each epoch's first step (also the first epoch after --resume)."""
 
     def loss(self, logits: dict[str, torch.Tensor], labels: torch.Tensor, *, epoch: int,
              step: int) -> torch.Tensor:
