@@ -446,10 +446,12 @@ def _fit_options(f):
         click.option("--progress/--no-progress", default=None, help="Progress bars."),
         click.option("--alpha", type=float,
                      help="OGM(-GE) alpha [default: the dataset's recommended value, else 0.8]; "
-                     "PMR: weight of the prototype CE [default: 1.0]"),
-        click.option("--modulation-start", type=int, help="First modulated epoch [default: 0]"),
+                     "PMR: weight of the prototype CE [default: 1.0]; OPM: lambda, how much "
+                     "the discrepancy raises the drop probability [default: 0.5]"),
+        click.option("--modulation-start", type=int, help="First modulated epoch [default: 0; "
+                     "opm: 6, after its 6 warm-up epochs]"),
         click.option("--modulation-end", type=int, help="Last modulated epoch [default: 50; "
-                     "pmr: 100]"),
+                     "pmr: 100; opm: no end]"),
         click.option("--modulate", help="conv or encoder: parameters OGM scales [default: conv]"),
         click.option("--olm-initial", help="OLM initial losses: mean (of the first epoch) or "
                      "last-batch (of the first epoch, as released) [default: mean]"),
@@ -467,6 +469,10 @@ def _fit_options(f):
         click.option("--pmr-proto-batches", type=int, help="PMR: training batches per rank "
                      "averaged into the prototypes before each epoch [default: steps per "
                      "epoch // 10, at least 1, as released]"),
+        click.option("--opm-q-base", type=float, help="OPM base drop probability of the "
+                     "dominant modality, in [0, 1] [default: 0.5, as released]"),
+        click.option("--opm-p-exe", type=float, help="OPM probability that a step drops "
+                     "features at all, in [0, 1] [default: 0.7, as released]"),
     ]
     for opt in reversed(opts):
         f = opt(f)

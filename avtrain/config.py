@@ -70,8 +70,8 @@ class TrainConfig:
     tensorboard: bool = True
     # options of the balancing methods (passed to the balancer as its config)
     alpha: float | None = None  # OGM(-GE) α; None: the dataset's recommended value, else 0.8
-    modulation_start: int = 0
-    modulation_end: int | None = None  # None: the method's default (OGM 50, PMR 100)
+    modulation_start: int | None = None  # None: the method's default (0; OPM 6)
+    modulation_end: int | None = None  # None: the method's default (OGM 50, PMR 100, OPM none)
     modulate: str = "conv"  # conv | encoder: which encoder parameters OGM scales
     olm_initial: str = "mean"  # mean | last-batch (the released code's)
     olm_lr: float | None = None  # OLM coefficient Adam lr; None: 1e-3 (CNNs), the network lr (emt..)
@@ -80,6 +80,8 @@ class TrainConfig:
     olm_heldout: str = "train"  # train | eval: mode and transforms of OLM-com's held-out forward
     pmr_momentum: float | None = None  # PMR prototype momentum; None: 0.2 (released default)
     pmr_proto_batches: int | None = None  # PMR prototype batches; None: steps per epoch // 10
+    opm_q_base: float | None = None  # OPM base drop probability; None: 0.5 (released)
+    opm_p_exe: float | None = None  # OPM probability that a step drops at all; None: 0.7
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -127,11 +129,12 @@ def _coerce(name: str, value):
         return parse_model_options(value)
     default = FIELDS[name].default
     kind = type(default) if default is not None and default is not dataclasses.MISSING else None
-    if name in ("clip_grad", "alpha", "olm_lr", "olm_weight_decay", "pmr_momentum"):
+    if name in ("clip_grad", "alpha", "olm_lr", "olm_weight_decay", "pmr_momentum",
+                "opm_q_base", "opm_p_exe"):
         kind = float
     elif name in ("eval_batch_size", "steps_per_epoch", "frames", "crop_columns", "folds",
                   "global_batch_size", "lr_step", "probe_every", "modulation_end",
-                  "pmr_proto_batches"):
+                  "modulation_start", "pmr_proto_batches"):
         kind = int
     try:
         if kind is bool and isinstance(value, str):

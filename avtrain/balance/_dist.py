@@ -17,6 +17,12 @@ def world_size() -> int:
     return 1
 
 
+def rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
 def sum_(t: torch.Tensor) -> torch.Tensor:
     """Sum `t` over all ranks in place (stays on the device: no host sync on NCCL)."""
     if world_size() > 1:
