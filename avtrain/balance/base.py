@@ -44,7 +44,8 @@ Which level each method of issue #19 needs -- the test of this design:
 | MLA | owns the step | one modality per step through the shared head, gradient edit between modalities |
 | ReconBoost | owns the step | alternates which modality's learner is updated; reconcilement term from the other's frozen output |
 | AGM | owns the step | extra forwards with a modality's input replaced (no grad, bare model) measure each modality's contribution; the losses are rescaled from that before the one backward |
-| Greedy, OPM, AMCo | owns the step | the forward itself changes: features of the dominant modality dropped or masked (bare model's `features`, then its fusion, under `ctx.net` for DDP) |
+| OPM | hooks + a forward pre-hook | the fusion's input changes: `train_step` arms a pre-hook on the bare model's fusion (with the step's labels, epoch, step) and runs the default sequence, so the one forward of `ctx.net` (DDP) scores the modalities and drops the dominant one's features before fusing |
+| Greedy, AMCo | owns the step | the forward itself changes: features of the dominant modality dropped or masked (bare model's `features`, then its fusion, under `ctx.net` for DDP) |
 | G-Blending | hooks + start_epoch | per-branch loss weights, re-estimated every super-epoch from held-out data in `start_epoch` |
 | Re-learning | start_epoch | re-initialises encoders between epochs; the step is the baseline's |
 

@@ -1,0 +1,193 @@
+"""OPM: on-the-fly prediction modulation.
+
+Paper: Y. Wei, D. Hu, H. Du, J.-R. Wen, "On-the-fly Modulation for Balanced Multimodal
+Learning", IEEE TPAMI 2024 (the journal extension of OGM-GE, CVPR 2022). Released code:
+github.com/GeWu-Lab/BML_TPAMI2024 (commit 4b3aa4f), code/models/Classifier.py: `custom_autograd`
+(lines 9-21), `Modality_drop.execute_drop` (24-55), `calcu_q` (58-72), `Classifier.forward`
+(93-153: scores 112-143, drop 145-149); code/main.py: argparse defaults (42-44), `train`
+(77-176: warm-up 91, the update_flag filter 95-101, CE 104, backward 114, step 171);
+code/config.py (feature sizes `d` 41); code/scripts/train_opm.sh (q_base 0.5, lam 0.5,
+p_exe 0.7). BalanceMM's re-implementation: GeWu-Lab/BalanceBenchmark (4c1482f)
+balancemm/trainer/OPM_trainer.py (`Modality_drop` 16-49, `training_step` 138-207) and
+configs/trainer_config.yaml (OPM block, lines 82-88). No code is copied;
+tests/test_opm_released.py checks our steps against a reference written from the released
+semantics.
+
+One step, inside the window [--modulation-start, --modulation-end] (released: every epoch after
+the 6 warm-up epochs 0-5, `warm_up = 1 if epoch <= 5`, and no end):
+
+- the encoders run once (train mode); before the fusion, each modality's score
+  s_m = sum over the batch of softmax(logits_m)[y] is measured from its own logits (concat:
+  f_m . W_m^T + b/2 with the classifier's weights, as released; sum: fc_m(f_m); other fusions:
+  the auxiliary heads), summed over all ranks in DDP;
+- drop probabilities (released `calcu_q`): r_m = tanh(relu(s_m / s_other - 1)),
+  q_m = clip(q_base * (1 + lambda * r_m), 0, 1) where r_m > 0, else 0 -- only the dominant
+  modality gets a q above 0, none at a tie;
+- with probability p_exe the step drops at all (one draw per step); then each sample's
+  modality-m feature is zeroed with probability q_m (one draw per sample and modality) and
+  *every* feature, kept or not, is divided by 1 - theta, theta = sum_m d_m q_m / sum_m d_m
+  (d_m the feature sizes): the released inverse-dropout scale, one scalar for all modalities;
+- the fusion runs on those features, loss = CE(fused) (batch mean), one backward, one step.
+
+The released code then drops samples whose every modality was dropped (`update_flag`); with two
+modalities at most one has q > 0, so no sample is ever dropped there and we have no such
+filter. The authors define the rule (`calcu_q`) for two modalities only; more is an error here.
+
+Options: `--alpha` is lambda (default 0.5, argparse line 43), `--opm-q-base` (0.5, line 42),
+`--opm-p-exe` (0.7, line 44), `--modulation-start` (6: after the warm-up of main.py line 91),
+`--modulation-end` (none). The released protocol (AdamW lr 5e-5 wd 0.01, StepLR 40 x 0.1,
+batch 32, 100 epochs, its weight_init; main.py 263-268, config.py 22-29) is not a recipe yet.
+
+DDP and randomness: the scores are summed over ranks before q is computed, so every rank gets
+the same q and theta. The draws (the per-step "drop at all" and the per-sample masks) come from
+a generator seeded by (--seed, step), identical on every rank: each rank draws the masks of the
+*global* batch and takes its own rows, so N processes drop exactly what one process with the
+global batch drops (the released code is single-GPU, one mask per sample of its batch). The
+released draws come from the global numpy (`np.random.rand`) and torch (`Bernoulli.sample`)
+generators; ours from that seeded generator, with the released comparisons
+(`u >= 1 - p_exe`, keep where `u < 1 - q`), so the same numbers give the same decisions.
+
+Where we differ, and why: the draws' source (above, needed for DDP and exact --resume); the
+window is configurable (released: a fixed 6-epoch warm-up); the released Classifier.py line 53
+has a stray `]` (the file does not parse as published) -- read as the evident chunking of the
+kept features. BalanceMM: q_base 0.4 (the released config.py's value, which the argparse
+default 0.5 overrides), window [0, 80] without the warm-up, 1e-5 added to the score ratio's
+denominator and to 1 - theta, and for three modalities a ratio to the *sum* of the other scores
+with its sample filter; it also skips the backward entirely outside its window.
+
+Everything per step stays on the device: q, theta and the masks are tensors, no `.item()`
+(the released `theta.item()` becomes a tensor division).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from avprep.errors import UserError
+
+from . import _dist
+from ._checks import number, require_two_modalities
+from .base import Balancer, StepContext
+from .ogm import _mix
+
+DRAW_SALT = 0x0F3A  # separates OPM's draw stream from OGM-GE's noise stream for a seed
+
+
+def opm_drop_probabilities(scores: torch.Tensor, q_base: float, lam: float) -> torch.Tensor:
+    """Drop probability per modality [2] from the scores [2] (released `calcu_q`)."""
+    ratio = torch.tanh(torch.relu(scores / scores.flip(0) - 1))
+    q = torch.where(ratio > 0, q_base * (1 + lam * ratio), torch.zeros_like(ratio))
+    return q.clamp(0.0, 1.0)
+
+
+def opm_draws(seed: int, step: int, rows: int, modalities: int, device) -> tuple[torch.Tensor,
+                                                                                 torch.Tensor]:
+    """(u_exe [1], u_mask [rows, modalities]): uniform [0, 1) draws of one step, the same on
+    every rank (a generator seeded by seed and step on `device`)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(_mix(int(seed) ^ DRAW_SALT, step))
+    u_exe = torch.rand(1, generator=generator, device=device)
+    u_mask = torch.rand(rows, modalities, generator=generator, device=device)
+    return u_exe, u_mask
+
+
+class OPM(Balancer):
+    """Drops the dominant modality's features in the training forward (a fusion pre-hook)."""
+
+    name = "opm"
+    default_alpha = 0.5
+
+    def __init__(self, model, config=None, *, modalities=None, device="cpu"):
+        super().__init__(model, config, modalities=modalities, device=device)
+        c = self.config
+        require_two_modalities(self.name, self.modalities)
+        if len(self.modalities) > 2:
+            raise UserError(f"--method opm is defined for two modalities, got "
+                            f"{', '.join(self.modalities)}")
+        self.lam = number(c, "alpha", self.default_alpha)
+        if not self.lam >= 0:
+            raise UserError(f"--alpha (OPM's lambda) must be 0 or more, got {c.get('alpha')}")
+        self.q_base = number(c, "opm_q_base", 0.5)
+        if not 0 <= self.q_base <= 1:
+            raise UserError(f"--opm-q-base must be in [0, 1], got {self.q_base}")
+        self.p_exe = number(c, "opm_p_exe", 0.7)
+        if not 0 <= self.p_exe <= 1:
+            raise UserError(f"--opm-p-exe must be in [0, 1], got {self.p_exe}")
+        self.start = int(number(c, "modulation_start", 6))
+        self.end = None if c.get("modulation_end") is None else int(c["modulation_end"])
+        if self.end is not None and self.end < self.start:
+            raise UserError(f"--modulation-end ({self.end}) is before --modulation-start "
+                            f"({self.start}); the window [start, end] is inclusive")
+        self.seed = int(number(c, "seed", 0))
+        bare = getattr(model, "module", model)
+        if getattr(bare, "encoders", None) is None or getattr(bare, "fusion", None) is None:
+            raise UserError("--method opm needs a model with per-modality encoders and a fusion "
+                            "(not a sequence model)")
+        self.bare = bare
+        self.dims = torch.tensor([float(bare.encoders[m].out_dim) for m in self.modalities],
+                                 device=self.device)
+        bare.fusion.register_forward_pre_hook(self._drop)
+        self._armed: tuple[torch.Tensor, int, int] | None = None  # (labels, epoch, step)
+        self._metrics: dict[str, torch.Tensor] = {}
+
+    def in_window(self, epoch: int) -> bool:
+        return self.start <= epoch and (self.end is None or epoch <= self.end)
+
+    # -- the step: the default hook sequence, with the fusion's input modulated --
+
+    def train_step(self, ctx: StepContext):
+        self._armed = (ctx.labels, ctx.epoch, ctx.step)
+        try:
+            return super().train_step(ctx)
+        finally:
+            self._armed = None
+
+    def _scores(self, feats: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """Each modality's sum of true-class probabilities [M], summed over all ranks."""
+        bare = self.bare
+        with torch.no_grad():
+            if bare.fusion.decomposable and not bare.aux_heads:
+                logits = bare.fusion.modality_logits({m: feats[m].detach() for m in feats})
+            else:
+                logits = {m: bare.aux_heads[m](feats[m].detach()) for m in self.modalities}
+            index = labels.long().unsqueeze(1)
+            scores = torch.stack([F.softmax(logits[m].float(), dim=1).gather(1, index).sum()
+                                  for m in self.modalities])
+        return _dist.sum_(scores)
+
+    def _drop(self, module, args):
+        if self._armed is None or not module.training:
+            return None
+        labels, epoch, step = self._armed
+        self._armed = None  # one modulated fusion call per step
+        (feats,) = args
+        scores = self._scores(feats, labels)
+        active = self.in_window(epoch)
+        q = opm_drop_probabilities(scores, self.q_base, self.lam)
+        if not active:
+            q = torch.zeros_like(q)
+        batch = labels.shape[0]
+        world, rank = _dist.world_size(), _dist.rank()
+        u_exe, u_mask = opm_draws(self.seed, step, world * batch, len(self.modalities),
+                                  labels.device)
+        execute = (u_exe[0] >= 1 - self.p_exe) & active
+        keep_all = u_mask < 1 - q  # the global batch's masks, the same on every rank
+        keep_all = keep_all | ~execute
+        dims = self.dims.to(q.device)
+        theta = torch.where(execute, (dims * q).sum() / dims.sum(), torch.zeros_like(q[0]))
+        keep = keep_all[rank * batch:(rank + 1) * batch]
+        out = {}
+        for i, m in enumerate(self.modalities):
+            f = feats[m]
+            out[m] = f * keep[:, i:i + 1].to(f.dtype) / (1 - theta).to(f.dtype)
+        dropped = (~keep_all).float().mean(dim=0)
+        self._metrics = {"drop_exe": execute.float()}
+        for i, m in enumerate(self.modalities):
+            self._metrics[f"score_{m}"] = scores[i]
+            self._metrics[f"drop_p_{m}"] = q[i]
+            self._metrics[f"dropped_{m}"] = dropped[i]
+        return (out,)
+
+    def step_metrics(self):
+        return dict(self._metrics)

@@ -1,0 +1,277 @@
+"""OPM against the released code (differential), its rule by hand, DDP, resume and the CLI.
+
+The reference is written from github.com/GeWu-Lab/BML_TPAMI2024 (4b3aa4f): code/models/
+Classifier.py `Classifier.forward` (lines 93-153: the weight-split logits with the classifier's
+detached weights and b/2, scores as a Python sum of softmax entries, `calcu_q` 58-72 with its
+Python conditions, `Modality_drop.execute_drop` 24-55: the "drop at all" test
+`rand >= 1 - p_exe`, Bernoulli(1 - q) masks, stack, multiply, `custom_autograd` dividing input
+and gradient by 1 - theta, the update_flag filter) and code/main.py `train` (77-176: warm-up,
+the label filter, CE mean, backward, step). The uniform numbers are the ones `opm_draws` gives
+for (seed, step): the released code takes them from the global RNGs, we from a seeded generator
+(documented in opm.py); the comparisons that turn them into decisions are the released ones.
+The network is avtrain's tiny model (its `features` and `fusion`): the method is under test.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from click.testing import CliRunner
+from released import as_batch, make_batches, run_gloo, step_trainer
+from test_balance_ogm import build_test_shards, step_records
+
+from avtrain.balance import opm_drop_probabilities
+from avtrain.balance.opm import opm_draws
+
+CLASSES, BATCH, SEED = 3, 6, 3
+STEPS = ((0, 2), (1, 3), (2, 2))  # (epoch, steps); epoch 0 is the warm-up
+START = 1  # first modulated epoch (released: 6, `warm_up = 1 if epoch <= 5`)
+Q_BASE, LAM, P_EXE = 0.6, 0.5, 0.7
+TOL = {"rtol": 1e-6, "atol": 1e-6}
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# --- the reference ------------------------------------------------------------------------------
+
+
+class InverseKeep(torch.autograd.Function):  # Classifier.py lines 9-21, rewritten
+    @staticmethod
+    def forward(ctx, x, theta):
+        ctx.scale = 1 / (1 - theta.item())
+        return x * ctx.scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def calcu_q(p1, p2):  # lines 58-72
+    q = torch.tensor([0.0, 0.0])
+    r1 = torch.tanh(torch.relu(p1 / p2 - 1))
+    r2 = torch.tanh(torch.relu(p2 / p1 - 1))
+    q[0] = Q_BASE * (1 + LAM * r1) if r1 > 0 else 0
+    q[1] = Q_BASE * (1 + LAM * r2) if r2 > 0 else 0
+    return torch.clip(q, 0.0, 1.0)
+
+
+def ref_step(model, optimizer, audio, visual, label, epoch, step):
+    softmax, criterion = nn.Softmax(dim=1), nn.CrossEntropyLoss()
+    optimizer.zero_grad()
+    f = model.features({"audio": audio, "visual": visual})
+    out_1, out_2 = f["audio"], f["visual"]
+    d = out_1.shape[1]
+    w = model.fusion.fc_out.weight.clone().detach()
+    b = model.fusion.fc_out.bias.clone().detach()
+    t1 = torch.mm(out_1, w[:, :d].t()) + b / 2
+    t2 = torch.mm(out_2, w[:, d:].t()) + b / 2
+    p1 = sum([softmax(t1)[i][int(label[i])] for i in range(t1.shape[0])])
+    p2 = sum([softmax(t2)[i][int(label[i])] for i in range(t2.shape[0])])
+    record = {"q": [0.0, 0.0], "exe": 0.0}
+    if epoch >= START:  # warm_up == 0
+        q = calcu_q(p1, p2)
+        record["q"] = q.tolist()
+        u_exe, u_mask = opm_draws(SEED, step, label.shape[0], 2, "cpu")
+        if u_exe[0] >= 1 - P_EXE:
+            record["exe"] = 1.0
+            dims = torch.tensor([d, d])
+            theta = (dims * q).sum() / dims.sum()
+            mask = (u_mask < 1 - q).float().t().unsqueeze(-1)  # Bernoulli(1 - q), [2, B, 1]
+            feats = InverseKeep.apply(torch.stack([out_1, out_2]) * mask, theta)
+            flag = mask.squeeze(-1).t().sum(dim=1) > 0
+            out_1, out_2, label = feats[0][flag], feats[1][flag], label[flag]
+    out = model.fusion({"audio": out_1, "visual": out_2})
+    loss = criterion(out, label)
+    loss.backward()
+    optimizer.step()
+    return record
+
+
+def ref_train(model, data):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    records, params, step = [], [], 0
+    model.train()
+    for epoch, steps in STEPS:
+        for _ in range(steps):
+            records.append(ref_step(model, optimizer, *data[step], epoch, step))
+            params.append({k: p.detach().clone() for k, p in model.named_parameters()})
+            step += 1
+    return records, params
+
+
+# --- ours ---------------------------------------------------------------------------------------
+
+
+def trainer(bn=True):
+    return step_trainer("opm", "concat", CLASSES, bn=bn, optimizer="sgd", lr=0.05, seed=SEED,
+                        alpha=LAM, opm_q_base=Q_BASE, opm_p_exe=P_EXE, modulation_start=START)
+
+
+def our_train(t, data, part=slice(None)):
+    params, metrics, step = [], [], 0
+    for epoch, steps in STEPS:
+        t.model.train()
+        for _ in range(steps):
+            t.step = step
+            t.train_step(as_batch(data[step], part), epoch)
+            metrics.append({k: float(v) for k, v in t.balancer.step_metrics().items()})
+            params.append({k: p.detach().clone() for k, p in t.model.named_parameters()})
+            step += 1
+    return params, metrics
+
+
+def test_drop_probabilities_by_hand():
+    # audio 3x as confident: r = tanh(3 - 1) = 0.9640276, q = 0.6 * (1 + 0.5 r) = 0.8892083
+    q = opm_drop_probabilities(torch.tensor([3.0, 1.0]), 0.6, 0.5)
+    assert q.tolist() == pytest.approx([0.8892083, 0.0], abs=1e-6)
+    # visual dominates: r = tanh(4/2 - 1) = 0.7615942, q = 0.5 * (1 + 0.5 r) = 0.6903985
+    q = opm_drop_probabilities(torch.tensor([2.0, 4.0]), 0.5, 0.5)
+    assert q.tolist() == pytest.approx([0.0, 0.6903985], abs=1e-6)
+    assert opm_drop_probabilities(torch.tensor([2.0, 2.0]), 0.5, 0.5).tolist() == [0.0, 0.0]
+    # 0.8 * (1 + 1 * tanh(4)) > 1: clipped
+    assert opm_drop_probabilities(torch.tensor([5.0, 1.0]), 0.8, 1.0).tolist() == [1.0, 0.0]
+
+
+def test_draws_depend_on_seed_and_step_only():
+    a = opm_draws(1, 5, 8, 2, "cpu")
+    b = opm_draws(1, 5, 8, 2, "cpu")
+    c = opm_draws(1, 6, 8, 2, "cpu")
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[1], c[1])
+    assert torch.equal(opm_draws(1, 5, 4, 2, "cpu")[1], a[1][:4])  # rows are a prefix
+
+
+def test_steps_equal_the_released_step():
+    torch.manual_seed(0)
+    t = trainer()
+    ref = copy.deepcopy(t.model)
+    ref.fusion._forward_pre_hooks.clear()  # the copy must not feed our balancer
+    data = make_batches(7, BATCH, sum(n for _, n in STEPS), CLASSES)
+    want_records, want_params = ref_train(ref, data)
+    got_params, got_metrics = our_train(t, data)
+    for want, got in zip(want_records, got_metrics):
+        assert [got["drop_p_audio"], got["drop_p_visual"]] == pytest.approx(want["q"], abs=1e-6)
+        assert got["drop_exe"] == want["exe"]
+    assert any(m["drop_exe"] and (m["dropped_audio"] or m["dropped_visual"])
+               for m in got_metrics)  # features were really dropped
+    assert not any(m["drop_exe"] for m in got_metrics[:2])  # warm-up
+    for got, want in zip(got_params, want_params):
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], **TOL)
+
+
+def _ddp_run(rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    t = trainer(bn=False)
+    per = BATCH // world
+    data = make_batches(7, BATCH, sum(n for _, n in STEPS), CLASSES)
+    params, metrics = our_train(t, data, slice(rank * per, (rank + 1) * per))
+    return {"params": params[-1], "metrics": metrics}
+
+
+def test_two_gloo_processes_equal_one_with_the_global_batch(tmp_path):
+    ranks = run_gloo(_ddp_run, tmp_path)
+    one = _ddp_run(0, 1)
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    assert any(m["drop_exe"] and m["dropped_audio"] + m["dropped_visual"] > 0
+               for m in one["metrics"])
+    for name, value in one["params"].items():
+        assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name
+        torch.testing.assert_close(ranks[0]["params"][name], value, rtol=1e-5, atol=1e-6)
+    for got, want in zip(ranks[0]["metrics"], one["metrics"]):
+        assert got.keys() == want.keys()
+        for key in got:
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+
+
+# --- the real trainer ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shards(synth_dir, tmp_path_factory):
+    return build_test_shards(synth_dir, tmp_path_factory.mktemp("opm-shards"))
+
+
+def fit_args(shards, run, epochs, **extra):
+    args = ["fit", "--shards", str(shards), "--run-dir", str(run), "--method", "opm",
+            "--model", "tiny", "--fusion", "concat", "--epochs", str(epochs), "--batch-size", "4",
+            "--steps-per-epoch", "3", "--lr", "0.05", "--image-size", "32", "--workers", "0",
+            "--device", "cpu", "--no-progress", "--log-every", "1", "--seed", "1",
+            "--modulation-start", "1", "--opm-p-exe", "0.9", "--scheduler", "none"]
+    for key, value in extra.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def test_cli_one_epoch_on_synth_logs_the_signal(shards, tmp_path):
+    from cli import avtrain
+
+    run = tmp_path / "run"
+    out = CliRunner().invoke(avtrain, fit_args(shards, run, 1, modulation_start=0))
+    assert out.exit_code == 0, out.output
+    steps = step_records(run)
+    assert len(steps) == 3
+    for key in ("score_audio", "score_visual", "drop_p_audio", "drop_p_visual",
+                "dropped_audio", "dropped_visual", "drop_exe"):
+        assert all(key in r for r in steps), key
+    assert json.loads((run / "summary.json").read_text())["method"] == "opm"
+    from avtrain.report import balancing_keys, load_run
+
+    assert "drop_p_audio" in balancing_keys(load_run(str(run)))  # drawn by `avtrain report`
+
+
+def test_resume_is_exact(shards, tmp_path):
+    from avtrain.checkpoint import load_checkpoint
+    from cli import avtrain
+
+    runner = CliRunner()
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert runner.invoke(avtrain, fit_args(shards, full, 3)).exit_code == 0
+    assert runner.invoke(avtrain, fit_args(shards, part, 2)).exit_code == 0
+    out = runner.invoke(avtrain, ["fit", "--resume", str(part), "--epochs", "3"])
+    assert out.exit_code == 0, out.output
+    a, b = load_checkpoint(str(full / "last.pt")), load_checkpoint(str(part / "last.pt"))
+    assert a["step"] == b["step"] == 9
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-6, atol=1e-7)
+    want = [r for r in step_records(full) if r["epoch"] == 2]
+    got = [r for r in step_records(part) if r["epoch"] == 2]
+    assert len(got) == len(want) == 3
+    assert any(r["drop_exe"] for r in got)  # the resumed epoch really dropped
+    for g, w in zip(got, want):
+        for key in ("drop_exe", "drop_p_audio", "drop_p_visual", "dropped_audio",
+                    "dropped_visual", "score_audio", "loss"):
+            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("extra,words", [
+    ({"opm_q_base": 1.5}, "--opm-q-base must be in [0, 1]"),
+    ({"opm_p_exe": -0.1}, "--opm-p-exe must be in [0, 1]"),
+    ({"alpha": -1}, "--alpha (OPM's lambda) must be 0 or more"),
+    ({"modulation_end": 0}, "--modulation-end (0) is before --modulation-start (1)"),
+    ({"modalities": "audio,visual,text"}, None),
+])
+def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
+    from cli import avtrain
+
+    out = CliRunner().invoke(avtrain, fit_args(shards, tmp_path / "run", 1, **extra))
+    assert out.exit_code != 0
+    lines = [x for x in out.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), out.output
+    if words:
+        assert words in lines[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_more_than_two_modalities_is_refused():
+    from avprep.errors import UserError
+    from avtrain.balance import build_balancer
+    from avtrain.models import build_model
+
+    model = build_model("tiny", "sum", 3, ["audio", "visual", "text"])
+    with pytest.raises(UserError, match="defined for two modalities"):
+        build_balancer("opm", model, {}, modalities=model.modalities)
