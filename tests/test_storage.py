@@ -242,3 +242,25 @@ def test_one_line_errors(s3, synth_dir, tmp_path):
     dead = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_MAX_ATTEMPTS": "1"}
     line = one_error_line(cli("avprep", "verify", f"s3://{BUCKET}/a", env=dead))
     assert f"s3://{BUCKET}/a" in line
+
+
+def test_ray_writes_straight_to_the_bucket(s3, synth_dir, built):
+    """--executor ray: each task uploads its own shards (no shared OUT folder); the objects
+    equal the local executor's."""
+    ray = pytest.importorskip("ray", reason="Ray is the optional extra avbalance[ray]")
+    manifest = read_manifest(synth_dir / "manifest.jsonl")
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    except Exception as exc:  # no shared memory, no ports, ...: not the code under test
+        pytest.skip(f"a local Ray cluster cannot start here: {exc}")
+    try:
+        build_shards(manifest.records, f"s3://{BUCKET}/ray", get_preset("synth"),
+                     classes=manifest.classes, dataset="synth", shard_size=4, workers=2,
+                     executor="ray")
+    finally:
+        ray.shutdown()
+    ray_objects, local_objects = objects(s3, "ray"), objects(s3, "a")
+    tars = sorted(n for n in local_objects if n.endswith(".tar"))
+    assert tars and sorted(n for n in ray_objects if n.endswith(".tar")) == tars
+    assert all(ray_objects[n] == local_objects[n] for n in tars)
+    assert "index.json" in ray_objects
