@@ -264,7 +264,8 @@ def extract_audio_cmd(legacy_source, out, split, sr, workers, overwrite, **kw):
 
 @avprep.command("build-shards")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False),
-              help="Output folder for the shards.")
+              help="Output folder for the shards, or s3://BUCKET/PREFIX or gs://BUCKET/PREFIX "
+              "(each shard uploaded when complete, index.json last).")
 @click.option("--preset", help="Preset name (default: the dataset's).")
 @click.option("--shard-size", default=1000, show_default=True, help="Samples per shard.")
 @click.option("--max-shard-bytes", help="Also cut a shard's tar into parts past this size, "
@@ -367,6 +368,24 @@ def import_features_cmd(features, out, keep_missing, dtype, shard_size, workers,
 # --- avtrain: training (fit, eval) ---------------------------------------------------------
 
 
+def _cache_options(defaults: bool = True) -> list:
+    """--cache-dir/--cache-size for commands that read remote shards (fit, eval, bench)."""
+    return [
+        click.option("--cache-dir", type=click.Path(file_okay=False),
+                     help="Remote shards: keep the tars read in this local folder (filled while "
+                     "they stream; later epochs read it) [default: no cache]"),
+        click.option("--cache-size", help="Bound of --cache-dir, e.g. 500M or 20G; least "
+                     "recently used tars are evicted [default: 10G]"),
+    ]
+
+
+def shard_cache_options(f):
+    """Decorator form of the cache flags, for any command that reads shards."""
+    for opt in reversed(_cache_options()):
+        f = opt(f)
+    return f
+
+
 def _fit_options(f):
     """`avtrain fit` flags: one per TrainConfig field; unset flags leave the config alone."""
     opts = [
@@ -380,7 +399,9 @@ def _fit_options(f):
         click.option("--overwrite", is_flag=True,
                      help="Start afresh in a --run-dir that already holds a run (its metrics "
                      "and checkpoints are removed)."),
-        click.option("--shards", type=click.Path(), help="Shard folder (with index.json)."),
+        click.option("--shards", type=click.Path(), help="Shard folder (with index.json), or "
+                     "an s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or https://HOST/PATH URL."),
+        *_cache_options(defaults=False),
         click.option("--run-dir", type=click.Path(file_okay=False), help="Output run folder."),
         click.option("--method", help="Balancing method: none, ogm, ogm_ge, olm, olm_com, ... "
                      "[default: none]"),
@@ -556,7 +577,9 @@ def recipes(name):
 
 @avtrain.command("eval")
 @click.option("--ckpt", required=True, type=click.Path(), help="Checkpoint (RUN/best.pt) or RUN.")
-@click.option("--shards", type=click.Path(), help="Shard folder [default: the run's].")
+@click.option("--shards", type=click.Path(), help="Shard folder or s3://, gs://, https:// URL "
+              "[default: the run's].")
+@shard_cache_options
 @click.option("--split", default="test", show_default=True)
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--workers", default=2, show_default=True)
@@ -567,7 +590,7 @@ def recipes(name):
                    "features (L2 chosen on val) and report its accuracy on --split.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def eval_cmd(ckpt, shards, split, batch_size, workers, device, decode_device, linear_probe,
-             as_json):
+             as_json, cache_dir, cache_size):
     """Evaluate a checkpoint on one split: acc, acc per modality, macro-F1."""
     import json as json_lib
 
@@ -579,7 +602,7 @@ def eval_cmd(ckpt, shards, split, batch_size, workers, device, decode_device, li
     if not shards:
         raise UserError("no shard folder given (--shards) and the checkpoint names none")
     kwargs = dict(batch_size=batch_size, workers=workers, device=device,
-                  decode_device=decode_device)
+                  decode_device=decode_device, cache_dir=cache_dir, cache_size=cache_size)
     if linear_probe:
         result = probe_checkpoint(ckpt, shards, test_split=split, **kwargs)
         text = _probe_table(result)

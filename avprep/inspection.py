@@ -1,5 +1,6 @@
 """Look at a shard set before training on it: `inspect` (summary, one sample as a PNG) and
-`verify` (decode everything, compare with index.json)."""
+`verify` (decode everything, compare with index.json). A shard set is a folder or an
+s3://, gs://, https:// prefix (avprep.storage); tars are read as streams."""
 
 from __future__ import annotations
 
@@ -11,11 +12,18 @@ from collections import Counter
 import numpy as np
 
 from .errors import UserError
+from .storage import Store
 
 SAFE_SUFFIXES = ("npy", "jpg", "cls", "json", "txt")
 
 
 def load_index(out: str) -> dict:
+    store = Store.at(out)
+    if not store.local:
+        if store.size("index.json") is None:
+            raise UserError(f"{out}: no index.json (not a finished shard set; rerun "
+                            "build-shards)")
+        return store.read_json("index.json")
     path = os.path.join(out, "index.json")
     if not os.path.isdir(out):
         raise UserError(f"{out}: no such folder")
@@ -48,12 +56,14 @@ def _decode_member(suffix: str, data: bytes):
     raise ValueError(f"unexpected member type .{suffix}")
 
 
-def iter_samples(url: str):
-    """(key, {suffix: bytes}) for each sample of one tar, in order; raises on a broken tar."""
+def iter_samples(url: str, store: Store | None = None):
+    """(key, {suffix: bytes}) for each sample of one tar, in order; raises on a broken tar.
+    With `store`, `url` is a member name of that store, read as one stream."""
     import tarfile
 
     current, members = None, {}
-    with tarfile.open(url) as tar:
+    with (store.open_read(url) if store is not None else open(url, "rb")) as stream, \
+            tarfile.open(fileobj=stream, mode="r|*") as tar:
         for info in tar:
             if not info.isfile():
                 continue
@@ -83,10 +93,10 @@ def summary(out: str) -> str:
         size = sum(s.get("bytes", 0) for s in info["shards"]) / 1e6
         lines.append(f"  {split:>5}: {info['samples']} samples, {len(info['shards'])} shard(s), "
                      f"{size:.1f} MB; {hist}")
-    failures_path = os.path.join(out, "failures.jsonl")
-    if os.path.isfile(failures_path):
-        with open(failures_path, encoding="utf-8") as fh:
-            failures = [json.loads(line) for line in fh if line.strip()]
+    store = Store.at(out)
+    if store.size("failures.jsonl") is not None:
+        text = store.read_bytes("failures.jsonl").decode("utf-8")
+        failures = [json.loads(line) for line in text.splitlines() if line.strip()]
         stages = Counter(f["stage"] for f in failures)
         lines.append(f"failures: {len(failures)}" +
                      (f" ({', '.join(f'{s} {n}' for s, n in stages.most_common())})"
@@ -96,9 +106,10 @@ def summary(out: str) -> str:
 
 def find_sample(out: str, key: str) -> dict:
     index = load_index(out)
+    store = Store.at(out)
     for info in index.get("splits", {}).values():
         for shard in info["shards"]:
-            for sample_key, members in iter_samples(os.path.join(out, shard["url"])):
+            for sample_key, members in iter_samples(shard["url"], store):
                 if sample_key == key:
                     return {s: _decode_member(s.rsplit(".", 1)[-1], d)
                             for s, d in members.items() if s.rsplit(".", 1)[-1] in SAFE_SUFFIXES}
@@ -139,17 +150,18 @@ def show_sample(out: str, key: str, png: str) -> str:
 def verify(out: str) -> list[str]:
     """Every problem found: unreadable tars or members, counts unlike index.json, duplicates."""
     index = load_index(out)
+    store = Store.at(out)
     problems: list[str] = []
     seen: Counter = Counter()
     for info in index.get("splits", {}).values():
         for shard in info["shards"]:
-            url = os.path.join(out, shard["url"])
-            if not os.path.isfile(url):
+            url = store.check_name(shard["url"])
+            if store.size(url) is None:
                 problems.append(f"{shard['url']}: missing")
                 continue
             count = 0
             try:
-                for key, members in iter_samples(url):
+                for key, members in iter_samples(url, store):
                     count += 1
                     seen[key] += 1
                     missing = [s for s in ("cls", "json") if s not in members]

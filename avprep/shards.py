@@ -29,6 +29,7 @@ from . import __version__
 from .errors import MediaError, UserError
 from .manifest import SPLITS, Record, validate
 from .presets import Preset
+from .storage import Store, local_scratch, remove_scratch
 
 FORMAT = "avbalance-shards"
 FORMAT_VERSION = 1
@@ -244,16 +245,18 @@ def tar_parts(stats: dict) -> list[dict]:
              "classes": stats["classes"]}]
 
 
-def _finished_stats(out: str, stats_path: str) -> dict | None:
+def _finished_stats(store: Store, name: str) -> dict | None:
     """The stats of a shard that is done, or None when it must be (re)written: no stats, or
-    stats whose tar is gone or has another size (a user deleted or damaged it)."""
+    stats whose tar is gone or has another size (a user deleted or damaged it). `name` is the
+    stats file/object, `{shard}.json`, under the store's folder or prefix."""
+    if store.size(name) is None:
+        return None
     try:
-        with open(stats_path, encoding="utf-8") as fh:
-            stats = json.load(fh)
+        stats = json.loads(store.read_bytes(name))
         for part in tar_parts(stats):
-            if os.path.getsize(os.path.join(out, part["url"])) != part["bytes"]:
+            if store.size(part["url"]) != part["bytes"]:
                 return None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, UserError):
         return None
     return stats
 
@@ -323,9 +326,16 @@ class _ShardTars:
 
 
 def write_shard(job: ShardJob) -> dict:
-    """Convert one shard; returns its stats. Skips the work when the shard is already done."""
-    stats_path = os.path.join(job.out, f"{job.name}.json")
-    stats = _finished_stats(job.out, stats_path)
+    """Convert one shard; returns its stats. Skips the work when the shard is already done.
+
+    Into a folder: the tar is renamed into place when complete, then the stats are written.
+    Into s3:// or gs://: the tar is written to a local scratch folder, uploaded when complete
+    (an object exists only once its upload is), then the stats object — the done marker — is
+    put; a kill at any moment leaves either no marker or a complete shard before it.
+    """
+    store = Store.at(job.out)
+    stats_name = f"{job.name}.json"
+    stats = _finished_stats(store, stats_name)
     if stats is not None:
         stats["skipped"] = True
         return stats
@@ -339,7 +349,33 @@ def write_shard(job: ShardJob) -> dict:
 
     started = time.time()
     failures = []
-    tars = _ShardTars(job.out, job.name, job.max_bytes)
+    scratch = None if store.local else local_scratch()
+    try:
+        parts = _convert_records(job, preset, cropper, scratch or job.out, failures,
+                                 report_sample)
+        if scratch is not None:
+            for part in parts:
+                store.put_file(os.path.join(scratch, part["url"]), part["url"])
+    finally:
+        if scratch is not None:
+            remove_scratch(scratch)
+    classes = Counter()
+    for part in parts:
+        classes.update(part["classes"])
+    stats = {"shard": parts[0]["url"], "split": job.split,
+             "samples": sum(p["samples"] for p in parts),
+             "bytes": sum(p["bytes"] for p in parts),
+             "classes": {k: classes[k] for k in sorted(classes, key=int)},
+             "parts": parts, "failures": failures, "seconds": round(time.time() - started, 3)}
+    store.write_json(stats_name, stats)
+    return stats
+
+
+def _convert_records(job: ShardJob, preset: Preset, cropper, folder: str, failures: list,
+                     report_sample) -> list[dict]:
+    """The shard's samples converted into complete tars under their final names in `folder`;
+    the tars' parts, failures appended to `failures`."""
+    tars = _ShardTars(folder, job.name, job.max_bytes)
     try:
         for record in job.records:
             try:
@@ -356,20 +392,10 @@ def write_shard(job: ShardJob) -> dict:
                 continue
             tars.add(record.key, record.label_id, members)
             report_sample(job.name, True)
-        parts = tars.commit()
+        return tars.commit()
     except BaseException:
         tars.discard()
         raise
-    classes = Counter()
-    for part in parts:
-        classes.update(part["classes"])
-    stats = {"shard": parts[0]["url"], "split": job.split,
-             "samples": sum(p["samples"] for p in parts),
-             "bytes": sum(p["bytes"] for p in parts),
-             "classes": {k: classes[k] for k in sorted(classes, key=int)},
-             "parts": parts, "failures": failures, "seconds": round(time.time() - started, 3)}
-    write_json_atomic(stats_path, stats)
-    return stats
 
 
 # --- the whole build ------------------------------------------------------------------------
@@ -385,6 +411,9 @@ def build_fingerprint(records: list[Record], args: dict) -> str:
 
 def prepare_shard_dir(out: str, fingerprint: str, args: dict, overwrite: bool) -> None:
     """Make OUT ready for a (resumed) build without ever deleting what a build did not write."""
+    store = Store.at(out)
+    if not store.local:
+        return _prepare_remote(store, fingerprint, args, overwrite)
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise UserError(f"the parent folder of {out} does not exist")
@@ -415,11 +444,45 @@ def prepare_shard_dir(out: str, fingerprint: str, args: dict, overwrite: bool) -
     write_json_atomic(build_path, {"fingerprint": fingerprint, "args": args})
 
 
+def _prepare_remote(store: Store, fingerprint: str, args: dict, overwrite: bool) -> None:
+    """prepare_shard_dir for an s3:// or gs:// prefix (no temporary objects exist there: tars
+    are uploaded only when complete)."""
+    out = store.location
+    if not store.writable:
+        store.write_bytes(BUILD_FILE, b"")  # raises the one-line read-only error
+    names = store.names()
+    ours = BUILD_FILE in names or "index.json" in names
+    if names and not ours:
+        raise UserError(f"{out} is not empty and holds no shard set; choose an empty prefix")
+    if BUILD_FILE in names:
+        previous = store.read_json(BUILD_FILE)
+        if previous.get("fingerprint") != fingerprint:
+            if not overwrite:
+                changed = sorted(k for k in args if previous.get("args", {}).get(k) != args[k])
+                what = ", ".join(changed) if changed else "the manifest"
+                raise UserError(f"{out} was built with other arguments (changed: {what}); "
+                                "pass --overwrite to rebuild it, or choose another prefix")
+            remove_shard_set(out)
+    elif ours and overwrite:
+        remove_shard_set(out)
+    store.write_json(BUILD_FILE, {"fingerprint": fingerprint, "args": args})
+
+
+def _is_build_file(name: str) -> bool:
+    is_shard = name.split("-")[0] in SPLITS and name.endswith((".tar", ".json"))
+    return is_shard or name in ("index.json", "failures.jsonl", BUILD_FILE) or ".tar.tmp-" in name
+
+
 def remove_shard_set(out: str) -> None:
     """Delete the files a build writes (and nothing else)."""
+    store = Store.at(out)
+    if not store.local:
+        for name in sorted(store.names()):
+            if "/" not in name and _is_build_file(name):
+                store.remove(name)
+        return
     for name in os.listdir(out):
-        is_shard = name.split("-")[0] in SPLITS and name.endswith((".tar", ".json"))
-        if is_shard or name in ("index.json", "failures.jsonl", BUILD_FILE) or ".tar.tmp-" in name:
+        if _is_build_file(name):
             os.remove(os.path.join(out, name))
 
 
@@ -490,17 +553,15 @@ def build_shards(records: list[Record], out: str, preset: Preset, *, classes: li
         stats = run_jobs(write_shard, jobs, executor=executor, workers=workers,
                          ray_address=ray_address, progress=progress)
     except OSError as exc:  # disk full, permissions, ...: finished shards stay done
-        done = sum(_finished_stats(out, os.path.join(out, f"{j.name}.json")) is not None
-                   for j in jobs)
+        done = sum(_finished_stats(Store.at(out), f"{j.name}.json") is not None for j in jobs)
         where = f"{exc.filename}: " if exc.filename else ""
         raise UserError(f"writing shards in {out} failed ({where}{exc.strerror or exc}); "
                         f"{done} of {len(jobs)} shards are complete and kept, rerun the same "
                         "command to finish") from None
     failures = [f for job in jobs for f in stats[job.name]["failures"]]
-    with open(os.path.join(out, "failures.jsonl.tmp"), "w", encoding="utf-8") as fh:
-        for failure in failures:
-            fh.write(json.dumps(failure, ensure_ascii=False) + "\n")
-    os.replace(os.path.join(out, "failures.jsonl.tmp"), os.path.join(out, "failures.jsonl"))
+    store = Store.at(out)
+    store.write_bytes("failures.jsonl", "".join(json.dumps(f, ensure_ascii=False) + "\n"
+                                                for f in failures).encode("utf-8"))
     modalities = ["audio", "visual"]
     if any((r.extra or {}).get("transcript") for r in records):
         modalities.append("text")
@@ -508,7 +569,7 @@ def build_shards(records: list[Record], out: str, preset: Preset, *, classes: li
             "preset": preset.to_dict(), "tool_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "args": args}
     index = make_index(out, jobs, stats, meta)
-    write_json_atomic(os.path.join(out, "index.json"), index)
+    store.write_json("index.json", index)  # last: a reader never sees a half-built set
     skipped = sum(bool(stats[j.name].get("skipped")) for j in jobs)
     return BuildSummary(out=out, index=index, failures=failures,
                         shards_written=len(jobs) - skipped, shards_skipped=skipped,

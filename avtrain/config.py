@@ -22,7 +22,9 @@ SCHEDULERS = ("step", "cosine", "none")
 @dataclass
 class TrainConfig:
     recipe: str | None = None  # a paper's protocol (avtrain/recipes/NAME.yaml) under these settings
-    shards: str | None = None  # folder holding index.json and the tars
+    shards: str | None = None  # folder or s3://, gs://, https:// prefix holding index.json + tars
+    cache_dir: str | None = None  # remote shards: local cache of tars read (off when unset)
+    cache_size: str | None = None  # its bound, e.g. 20G [default: 10G]
     run_dir: str | None = None
     method: str = "none"  # balancing method (avtrain.balance.METHODS)
     model: str = "resnet18"  # encoder: resnet18 | tiny; or a sequence model: emt | mbt | umt | ca

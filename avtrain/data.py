@@ -56,6 +56,7 @@ import webdataset as wds
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from avprep.errors import UserError
+from avprep.storage import ShardOpener, Store, finish_stream
 
 # torchvision is imported above, not lazily: forked loader workers (new ones every epoch)
 # inherit it instead of each paying its import, which takes seconds.
@@ -75,11 +76,16 @@ FRAME_PICKS = ("random", "segment-start")
 
 
 class ShardSet:
-    """A shard folder described by its index.json."""
+    """A shard set described by its index.json: a local folder or an object-storage prefix
+    (s3://, gs://, https://; avprep.storage). `cache_dir`/`cache_size`: a bounded local cache
+    that remote tars are copied into while they stream (off by default)."""
 
-    def __init__(self, root: str, index: dict):
+    def __init__(self, root: str, index: dict, cache_dir: str | None = None,
+                 cache_size: int | None = None):
         self.root = root
+        self.store = Store.at(root)
         self.index = index
+        self.cache_dir, self.cache_size = cache_dir, cache_size
         self.dataset = index.get("dataset")
         self.classes = list(index.get("classes") or [])
         self.num_classes = int(index.get("num_classes") or len(self.classes))
@@ -99,8 +105,14 @@ class ShardSet:
             url = str(entry["url"])
             if os.path.isabs(url) or ".." in url.replace("\\", "/").split("/"):
                 raise UserError(f"{self.root}/index.json: shard path {url!r} leaves the folder")
-            out.append(os.path.join(self.root, url))
+            out.append(self.store.url(url))
         return out
+
+    def opener(self) -> ShardOpener:
+        """Opens this set's tars by URL (and nothing else) for the loader's workers."""
+        sizes = {str(e["url"]): int(e["bytes"]) for info in self.splits.values()
+                 for e in info.get("shards", []) if e.get("bytes") is not None}
+        return ShardOpener(self.store, self.cache_dir, self.cache_size, sizes)
 
     def require(self, split: str, batch_size: int | None = None, world_size: int = 1) -> None:
         """One clear line when a split cannot feed training or evaluation."""
@@ -110,7 +122,15 @@ class ShardSet:
         n = self.samples(split)
         if n == 0 or not self.urls(split):
             raise UserError(f"{self.root}: the {split!r} split is empty")
-        missing = [u for u in self.urls(split) if not os.path.isfile(u)]
+        if self.store.local:
+            missing = [u for u in self.urls(split) if not os.path.isfile(u)]
+        elif self.store.writable:  # s3/gs: one listing of the prefix
+            names = self.store.names()
+            missing = [u for u in self.urls(split)
+                       if u[len(self.store.root) + 1:] not in names]
+        else:  # http(s) cannot list: ask for each tar
+            missing = [u for u in self.urls(split)
+                       if self.store.size(u[len(self.store.root) + 1:]) is None]
         if missing:
             raise UserError(f"{self.root}: shard listed in index.json is missing: {missing[0]}")
         if batch_size is not None and batch_size * world_size > n:
@@ -118,20 +138,30 @@ class ShardSet:
                             f"than the {split!r} split ({n} samples)")
 
 
-def open_shards(path: str) -> ShardSet:
+def open_shards(path: str, cache_dir: str | None = None,
+                cache_size: int | None = None) -> ShardSet:
+    """The shard set at a folder or URL (s3://, gs://, https://); index.json read through the
+    store, the tars later streamed by the loader."""
     if not path:
         raise UserError("no shard folder given (--shards)")
-    index_path = os.path.join(path, "index.json")
-    if not os.path.isdir(path):
-        raise UserError(f"shard folder not found: {path}")
-    if not os.path.isfile(index_path):
-        raise UserError(f"{path}: no index.json (not a shard folder written by avprep "
-                        f"build-shards, or the build did not finish)")
-    try:
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{index_path}: unreadable ({exc})") from None
+    store = Store.at(path)
+    index_path = store.url("index.json")
+    if store.local:
+        if not os.path.isdir(path):
+            raise UserError(f"shard folder not found: {path}")
+        if not os.path.isfile(index_path):
+            raise UserError(f"{path}: no index.json (not a shard folder written by avprep "
+                            f"build-shards, or the build did not finish)")
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                index = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{index_path}: unreadable ({exc})") from None
+    else:
+        if store.size("index.json") is None:
+            raise UserError(f"{path}: no index.json (not a shard set written by avprep "
+                            f"build-shards, or the build did not finish)")
+        index = store.read_json("index.json")
     if not isinstance(index, dict) or index.get("format") != "avbalance-shards":
         raise UserError(f"{index_path}: not an avbalance shard index")
     if int(index.get("format_version", 0)) > 1:
@@ -139,7 +169,7 @@ def open_shards(path: str) -> ShardSet:
                         f"this avtrain understands (1)")
     if not index.get("classes") and not index.get("num_classes"):
         raise UserError(f"{index_path}: lists no classes")
-    return ShardSet(path, index)
+    return ShardSet(path, index, cache_dir, cache_size)
 
 
 # --- per-sample decoding and augmentation -------------------------------------------------
@@ -447,6 +477,33 @@ def _decode(opts: DataOptions, seed: int | None, epoch: int, rank: int):
     return functools.partial(_decode_stage, opts=opts, seed=seed, epoch=epoch, rank=rank)
 
 
+def _tar_stage(src, *, opener, handler):
+    """Like webdataset's tarfile_to_samples, but each tar is opened by the shard set's own
+    opener (its prefix only, fsspec streams for remote stores, never gopen's `pipe:`)."""
+    def files():
+        for item in src:
+            url = item["url"]
+            try:
+                stream = opener(url)
+            except Exception as exn:
+                exn.args = (*exn.args, url)
+                if handler(exn):
+                    continue
+                raise
+            try:
+                yield from wds.tariterators.tar_file_expander(
+                    [{"url": url, "stream": stream}], handler=handler)
+                finish_stream(stream)
+            finally:
+                stream.close()
+
+    return wds.tariterators.group_by_keys(files(), handler=handler)
+
+
+def _tars(shards: ShardSet):
+    return functools.partial(_tar_stage, opener=shards.opener(), handler=wds.warn_and_continue)
+
+
 def _loader(pipeline, workers: int, device_type: str, limit: int | None):
     kwargs = {"num_workers": workers, "batch_size": None, "pin_memory": device_type == "cuda"}
     if workers > 0:
@@ -468,7 +525,7 @@ def train_loader(shards: ShardSet, split: str, opts: DataOptions, *, batch_size:
         wds.ResampledShards(urls, seed=wds.utils.make_seed(seed, epoch, salt),
                             deterministic=True, worker_seed=_same_everywhere),
         _slice_for(rank, world),
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        _tars(shards),
         _shuffle(shuffle_buffer, seed, epoch, rank, salt),
         _decode(opts, (seed if not salt else wds.utils.make_seed(seed, salt)) if augment
                 else None, epoch, rank),
@@ -489,10 +546,10 @@ def eval_loader(shards: ShardSet, split: str, opts: DataOptions, *, batch_size: 
     readers = world * max(1, workers)
     if len(urls) >= readers:
         source = [wds.SimpleShardList(urls), _slice_for(rank, world),
-                  wds.tarfile_to_samples(handler=wds.warn_and_continue)]
+                  _tars(shards)]
     else:
         source = [wds.SimpleShardList(urls),
-                  wds.tarfile_to_samples(handler=wds.warn_and_continue),
+                  _tars(shards),
                   _slice_for(rank, world)]
     pipeline = wds.DataPipeline(
         *source,

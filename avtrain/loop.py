@@ -214,10 +214,11 @@ def evaluate_checkpoint(ckpt_path: str, shards_path: str, *, split: str = "test"
                         batch_size: int = 64, workers: int = 2, device: str = "auto",
                         decode_device: str = "cpu", image_size: int | None = None,
                         frames: int | None = None, amp: bool = True,
-                        progress: bool = False) -> dict:
+                        progress: bool = False, cache_dir: str | None = None,
+                        cache_size: str | int | None = None) -> dict:
     """Load a checkpoint and evaluate it on one split of a shard set (also under torchrun)."""
     ckpt = load_checkpoint(ckpt_path)
-    shards = open_shards(shards_path)
+    shards = open_shards(shards_path, cache_dir, cache_bytes(cache_size))
     shards.require(split)
     check_decode_device(decode_device)
     ctx = D.setup(device)
@@ -232,6 +233,13 @@ def evaluate_checkpoint(ckpt_path: str, shards_path: str, *, split: str = "test"
         return result
     finally:
         D.teardown(ctx)
+
+
+def cache_bytes(size: str | int | None) -> int | None:
+    """--cache-size as bytes (500M, 20G, ...); None keeps the default (10G)."""
+    from avprep.shards import parse_size
+
+    return parse_size(size) if size not in (None, "") else None
 
 
 def _data_options(cfg: dict, shards: ShardSet, modalities, image_size=None, frames=None,
@@ -254,7 +262,7 @@ class Trainer:
         self.config, self.ctx = config, ctx
         c = config
         check_decode_device(c.decode_device)
-        self.shards = open_shards(c.shards)
+        self.shards = open_shards(c.shards, c.cache_dir, cache_bytes(c.cache_size))
         self.shards.require("train", c.batch_size, ctx.world)
         self.shards.require(c.val_split)
         self.has_test = self.shards.samples(c.test_split) > 0
