@@ -368,7 +368,7 @@ def import_features_cmd(features, out, keep_missing, dtype, shard_size, workers,
 # --- avtrain: training (fit, eval) ---------------------------------------------------------
 
 
-def _cache_options(defaults: bool = True) -> list:
+def _cache_options() -> list:
     """--cache-dir/--cache-size for commands that read remote shards (fit, eval, bench)."""
     return [
         click.option("--cache-dir", type=click.Path(file_okay=False),
@@ -401,7 +401,7 @@ def _fit_options(f):
                      "and checkpoints are removed)."),
         click.option("--shards", type=click.Path(), help="Shard folder (with index.json), or "
                      "an s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or https://HOST/PATH URL."),
-        *_cache_options(defaults=False),
+        *_cache_options(),
         click.option("--run-dir", type=click.Path(file_okay=False), help="Output run folder."),
         click.option("--method", help="Balancing method: none, ogm, ogm_ge, olm, olm_com, ... "
                      "[default: none]"),
