@@ -98,3 +98,31 @@ def run_gloo(fn, out_dir, world: int = 2) -> list:
              nprocs=world, join=True)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True)
             for r in range(world)]
+
+
+def assert_ranks_equal_one(ranks: list, one: dict) -> None:
+    """A 2-rank gloo run agrees with itself (identical parameters and logged metrics on both
+    ranks) and with one process given the global batch (to float tolerance)."""
+    import pytest
+
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    for name, value in one["params"].items():
+        assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name
+        torch.testing.assert_close(ranks[0]["params"][name], value, rtol=1e-5, atol=1e-6)
+    for got, want in zip(ranks[0]["metrics"], one["metrics"]):
+        assert got.keys() == want.keys()
+        for key in got:
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+
+
+def method_fit_args(method: str, shards, run, epochs: int, *fixed: str, **extra) -> list[str]:
+    """`avtrain fit` arguments of a tiny 3-step-per-epoch CPU run of `method` on test shards;
+    `fixed` are the method's own flags, `extra` become --key value."""
+    args = ["fit", "--shards", str(shards), "--run-dir", str(run), "--method", method,
+            "--model", "tiny", "--fusion", "concat", "--epochs", str(epochs), "--batch-size", "4",
+            "--steps-per-epoch", "3", "--lr", "0.05", "--image-size", "32", "--workers", "0",
+            "--device", "cpu", "--no-progress", "--log-every", "1", "--seed", "1",
+            "--scheduler", "none", *fixed]
+    for key, value in extra.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args

@@ -21,7 +21,14 @@ import pytest
 import torch
 import torch.nn as nn
 from click.testing import CliRunner
-from released import as_batch, make_batches, run_gloo, step_trainer
+from released import (
+    as_batch,
+    assert_ranks_equal_one,
+    make_batches,
+    method_fit_args,
+    run_gloo,
+    step_trainer,
+)
 from test_balance_ogm import build_test_shards, step_records
 
 from avtrain.balance import opm_drop_probabilities
@@ -176,16 +183,9 @@ def _ddp_run(rank: int, world: int) -> dict:
 def test_two_gloo_processes_equal_one_with_the_global_batch(tmp_path):
     ranks = run_gloo(_ddp_run, tmp_path)
     one = _ddp_run(0, 1)
-    assert ranks[0]["metrics"] == ranks[1]["metrics"]
     assert any(m["drop_exe"] and m["dropped_audio"] + m["dropped_visual"] > 0
                for m in one["metrics"])
-    for name, value in one["params"].items():
-        assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name
-        torch.testing.assert_close(ranks[0]["params"][name], value, rtol=1e-5, atol=1e-6)
-    for got, want in zip(ranks[0]["metrics"], one["metrics"]):
-        assert got.keys() == want.keys()
-        for key in got:
-            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+    assert_ranks_equal_one(ranks, one)
 
 
 # --- the real trainer ---------------------------------------------------------------------------
@@ -197,14 +197,8 @@ def shards(synth_dir, tmp_path_factory):
 
 
 def fit_args(shards, run, epochs, **extra):
-    args = ["fit", "--shards", str(shards), "--run-dir", str(run), "--method", "opm",
-            "--model", "tiny", "--fusion", "concat", "--epochs", str(epochs), "--batch-size", "4",
-            "--steps-per-epoch", "3", "--lr", "0.05", "--image-size", "32", "--workers", "0",
-            "--device", "cpu", "--no-progress", "--log-every", "1", "--seed", "1",
-            "--modulation-start", "1", "--opm-p-exe", "0.9", "--scheduler", "none"]
-    for key, value in extra.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
-    return args
+    return method_fit_args("opm", shards, run, epochs, "--modulation-start", "1", "--opm-p-exe",
+                           "0.9", **extra)
 
 
 def test_cli_one_epoch_on_synth_logs_the_signal(shards, tmp_path):
