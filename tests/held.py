@@ -1,11 +1,13 @@
-"""Stop a child process at a known point, then signal it: no sleeping, no polling for files.
+"""Stop a child process at a known point, then signal it: no sleep-and-poll, no file watching.
 
 `start_held(patch, argv)` runs the avprep/avtrain CLI in a new Python process after `patch`
 (test code) has wrapped some library function so that, at the chosen moment, it calls
-`hold()`: that prints a marker line and blocks reading stdin, which the test never writes.
+`hold()`: that prints a marker line and sleeps until a signal arrives.
 `wait_until_held(proc)` reads the child's stdout up to the marker, so when it returns the child
-is provably inside that call; a SIGINT then raises KeyboardInterrupt right there (the blocked
-read is interrupted), and a SIGKILL of the process group kills it there.
+is provably inside that call; a SIGINT then raises KeyboardInterrupt right there (the sleep
+is interrupted), and a SIGKILL of the process group kills it there. (An earlier version
+blocked reading stdin: closing stdin in `communicate()` right after the SIGINT could end the
+read before the signal was handled, a race.)
 """
 
 from __future__ import annotations
@@ -20,23 +22,25 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _PRELUDE = f'''
 import sys
+import time
 
 
 def hold():
-    """Block this process until the test kills or interrupts it."""
+    """Block this process until the test interrupts or kills it. Sleeping (not reading stdin)
+    means nothing but a signal can end the wait: SIGINT raises KeyboardInterrupt right here."""
     print({MARKER!r}, flush=True)
-    sys.stdin.readline()
-    raise SystemExit("held process released without a signal")
+    while True:
+        time.sleep(3600)
 '''
 
 
 def start_held(patch: str, group: str, argv: list[str], env: dict | None = None
                ) -> subprocess.Popen:
-    """`python -c PRELUDE+patch+run CLI group` with argv; stdout/stdin are pipes, new session."""
+    """`python -c PRELUDE+patch+run CLI group` with argv; stdout/stderr are pipes, new session."""
     code = _PRELUDE + textwrap.dedent(patch) + f"\nfrom cli import {group}\n{group}()\n"
     return subprocess.Popen(
         [sys.executable, "-c", code, *argv], cwd=REPO, start_new_session=True,
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
