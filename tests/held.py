@@ -21,8 +21,13 @@ MARKER = "AVBALANCE-TEST-HELD"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _PRELUDE = f'''
+import signal
 import sys
 import time
+
+# Ctrl-C as a terminal user sends it: a shell running the suite in the background (nohup, &,
+# CI) starts children with SIGINT ignored, and Python keeps it ignored; restore Python's handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def hold():
