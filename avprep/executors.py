@@ -125,24 +125,35 @@ def run_local(fn: Callable, jobs: list, workers: int = 0, progress: bool = False
         bar.close()
 
 
-def run_ray(fn: Callable, jobs: list, workers: int = 0, address: str | None = None,
-            progress: bool = False) -> dict:
+def ray_connect(address: str | None, num_cpus: int | None = None):
+    """Import Ray and join the cluster at `address`, or start a local one -> (ray, started_here).
+
+    A failure to join the named cluster is a user mistake (nothing there, or a cluster found
+    by "auto" that is shutting down, which Ray reports as LocalRayletDiedError or a
+    RuntimeError), so it is one UserError line, never a traceback."""
     try:
         import ray
     except ImportError:
         raise UserError("--executor ray needs Ray: pip install 'avbalance[ray]'") from None
-    started_here = not ray.is_initialized()
-    if started_here:
-        if address:
-            try:
-                ray.init(address=address, log_to_driver=False)
-            except ConnectionError as exc:  # no cluster there: a user mistake, not a crash
-                raise UserError(f"no Ray cluster at --ray-address {address}: "
-                                f"{str(exc).splitlines()[0]} (start one with `ray start "
-                                "--head`, or leave --ray-address out for a local Ray)") from None
-        else:
-            ray.init(num_cpus=workers or os.cpu_count(), include_dashboard=False,
-                     log_to_driver=False)
+    if ray.is_initialized():
+        return ray, False
+    if not address:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                 log_to_driver=False)
+        return ray, True
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ray.exceptions.RayError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"no Ray cluster at --ray-address {address}: {first} (start one with "
+                        "`ray start --head`, or leave --ray-address out for a local Ray)"
+                        ) from None
+    return ray, True
+
+
+def run_ray(fn: Callable, jobs: list, workers: int = 0, address: str | None = None,
+            progress: bool = False) -> dict:
+    ray, started_here = ray_connect(address, workers)
     try:
         remote = ray.remote(num_cpus=1)(fn)
         pending = {remote.remote(job): job for job in jobs}

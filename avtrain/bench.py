@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import yaml
 
 from avprep.errors import UserError
+from avprep.executors import ray_connect
 
 from .config import FIELDS, TrainConfig, make_config
 
@@ -254,27 +255,8 @@ def _progress_line(i: int, n: int, run: BenchRun, result: dict) -> str:
             f"{result['seconds']:.0f} s{acc_text}")
 
 
-def _ray_init(address: str | None):
-    try:
-        import ray
-    except ImportError:
-        raise UserError("--executor ray needs Ray: pip install 'avbalance[ray]'") from None
-    if ray.is_initialized():
-        return ray, False
-    if address:
-        try:
-            ray.init(address=address, log_to_driver=False)
-        except ConnectionError as exc:  # no cluster there: a user mistake, not a crash
-            raise UserError(f"no Ray cluster at --ray-address {address}: "
-                            f"{str(exc).splitlines()[0]} (start one with `ray start --head`, or "
-                            "leave --ray-address out for a local Ray)") from None
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    return ray, True
-
-
 def _run_ray(runs: list[BenchRun], address: str | None, say) -> None:
-    ray, started_here = _ray_init(address)
+    ray, started_here = ray_connect(address)
     try:
         resources = ray.cluster_resources()
         if resources.get("GPU", 0) >= 1:

@@ -31,14 +31,21 @@ def test_ray_and_local_executors_write_identical_shards(synth_dir, tmp_path):
 
 
 def test_no_cluster_at_the_address_is_one_line(synth_dir, tmp_path, monkeypatch):
+    import ray._private.services as ray_services
     from click.testing import CliRunner
 
     from cli import avprep
 
+    def no_gcs_server_running():
+        return frozenset()
+    no_gcs_server_running.cache_clear = lambda: None  # ray.init clears the scan's cache
+
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    # "auto" looks for RAY_TMPDIR/ray/ray_current_cluster: point it at an empty folder, so a
-    # local Ray started meanwhile by another test process on this machine is not found
+    # "auto" looks for RAY_TMPDIR/ray/ray_current_cluster, then for *any* gcs_server process on
+    # the machine: point the first at an empty folder and make the process scan see none, so a
+    # local Ray that another test process runs meanwhile (two suites at once) is never joined
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.setattr(ray_services, "find_gcs_addresses", no_gcs_server_running)
     out = CliRunner().invoke(avprep, ["build-shards", "--manifest",
                                       str(synth_dir / "manifest.jsonl"), "-o",
                                       str(tmp_path / "shards"), "--executor", "ray",
@@ -47,3 +54,21 @@ def test_no_cluster_at_the_address_is_one_line(synth_dir, tmp_path, monkeypatch)
     errors = [line for line in out.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "no Ray cluster at --ray-address auto" in errors[0]
     assert "Traceback" not in out.output
+
+
+def test_a_cluster_that_dies_while_joining_is_one_line(monkeypatch):
+    """A cluster that "auto" finds but that is shutting down (another process's local Ray)
+    makes ray.init raise LocalRayletDiedError or RuntimeError: one Error line, not a crash."""
+    import ray
+    from ray.exceptions import LocalRayletDiedError
+
+    from avprep.errors import UserError
+    from avprep.executors import ray_connect
+
+    for exc in (LocalRayletDiedError(), RuntimeError("Failed to connect to GCS\nmore")):
+        def refuse(*args, exc=exc, **kwargs):
+            raise exc
+        monkeypatch.setattr(ray, "init", refuse)
+        with pytest.raises(UserError, match="no Ray cluster at --ray-address auto") as info:
+            ray_connect("auto")
+        assert "\n" not in str(info.value)
