@@ -40,11 +40,12 @@ from .manifest import SPLITS, Record, safe_key, validate
 from .shards import (
     add_member,
     build_fingerprint,
+    finished_stats,
     make_index,
     npy_bytes,
     prepare_shard_dir,
-    write_json_atomic,
 )
+from .storage import Store, local_scratch, remove_scratch
 
 DTYPES = ("float16", "float32")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -267,16 +268,20 @@ def feature_members(record: dict, paths: dict, dims: dict, dtype: str) -> dict[s
 
 
 def write_feature_shard(job: FeatureJob) -> dict:
-    """Write one shard (temporary name, then rename; stats last); skip it when done."""
-    stats_path = os.path.join(job.out, f"{job.name}.json")
-    if os.path.exists(stats_path):
-        with open(stats_path, encoding="utf-8") as fh:
-            stats = json.load(fh)
+    """Write one shard, skipped when done. Into a folder: a temporary name, renamed when
+    complete; into s3:// or gs://: written in a local scratch folder and uploaded when
+    complete. The stats (the done marker) come last, as in `write_shard`."""
+    store = Store.at(job.out)
+    stats_name = f"{job.name}.json"
+    stats = finished_stats(store, stats_name)
+    if stats is not None:
         stats["skipped"] = True
         return stats
     started = time.time()
-    tar_path = os.path.join(job.out, f"{job.name}.tar")
-    tmp_path = os.path.join(job.out, f".{job.name}.tar.tmp-{os.getpid()}")
+    scratch = None if store.local else local_scratch()
+    folder = scratch or job.out
+    tar_path = os.path.join(folder, f"{job.name}.tar")
+    tmp_path = os.path.join(folder, f".{job.name}.tar.tmp-{os.getpid()}")
     failures, classes, samples = [], Counter(), 0
     try:
         with tarfile.open(tmp_path, "w", format=tarfile.USTAR_FORMAT) as tar:
@@ -292,14 +297,20 @@ def write_feature_shard(job: FeatureJob) -> dict:
                 samples += 1
                 classes[str(record["label_id"])] += 1
         os.replace(tmp_path, tar_path)
+        size = os.path.getsize(tar_path)
+        if scratch is not None:
+            store.put_file(tar_path, f"{job.name}.tar")
     except BaseException:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
         raise
+    finally:
+        if scratch is not None:
+            remove_scratch(scratch)
     stats = {"shard": f"{job.name}.tar", "split": job.split, "samples": samples,
-             "bytes": os.path.getsize(tar_path), "classes": dict(sorted(classes.items())),
+             "bytes": size, "classes": dict(sorted(classes.items())),
              "failures": failures, "seconds": round(time.time() - started, 3)}
-    write_json_atomic(stats_path, stats)
+    store.write_json(stats_name, stats)
     return stats
 
 
@@ -373,12 +384,10 @@ def import_features(records: list[Record], folders: dict[str, str], out: str, *,
     stats = run_jobs(write_feature_shard, jobs, executor=executor, workers=workers,
                      ray_address=ray_address, progress=progress)
     failures = unreadable + [f for job in jobs for f in stats[job.name]["failures"]]
+    store = Store.at(out)
     for name, lines in (("failures.jsonl", failures), ("missing.jsonl", missing)):
-        tmp = os.path.join(out, f"{name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for line in lines:
-                fh.write(json.dumps(line, ensure_ascii=False) + "\n")
-        os.replace(tmp, os.path.join(out, name))
+        store.write_bytes(name, "".join(json.dumps(line, ensure_ascii=False) + "\n"
+                                        for line in lines).encode("utf-8"))
     absent = Counter(m for entry in missing for m in entry["missing"])
     features = {m: {"dim": dims[m], "dtype": dtype, "member": f"{m}.npy",
                     "clips": len(found[m]), "missing": absent[m]} for m in dims}
@@ -392,7 +401,7 @@ def import_features(records: list[Record], folders: dict[str, str], out: str, *,
     index = make_index(out, jobs, stats, meta)
     index["failures"] = len(failures)
     index["missing"] = len(missing)
-    write_json_atomic(os.path.join(out, "index.json"), index)
+    store.write_json("index.json", index)  # last: a reader never sees a half-built set
     skipped = sum(bool(stats[j.name].get("skipped")) for j in jobs)
     return ImportSummary(out=out, index=index, failures=failures, missing=missing,
                          shards_written=len(jobs) - skipped, shards_skipped=skipped,

@@ -245,7 +245,7 @@ def tar_parts(stats: dict) -> list[dict]:
              "classes": stats["classes"]}]
 
 
-def _finished_stats(store: Store, name: str) -> dict | None:
+def finished_stats(store: Store, name: str) -> dict | None:
     """The stats of a shard that is done, or None when it must be (re)written: no stats, or
     stats whose tar is gone or has another size (a user deleted or damaged it). `name` is the
     stats file/object, `{shard}.json`, under the store's folder or prefix."""
@@ -335,7 +335,7 @@ def write_shard(job: ShardJob) -> dict:
     """
     store = Store.at(job.out)
     stats_name = f"{job.name}.json"
-    stats = _finished_stats(store, stats_name)
+    stats = finished_stats(store, stats_name)
     if stats is not None:
         stats["skipped"] = True
         return stats
@@ -553,7 +553,7 @@ def build_shards(records: list[Record], out: str, preset: Preset, *, classes: li
         stats = run_jobs(write_shard, jobs, executor=executor, workers=workers,
                          ray_address=ray_address, progress=progress)
     except OSError as exc:  # disk full, permissions, ...: finished shards stay done
-        done = sum(_finished_stats(Store.at(out), f"{j.name}.json") is not None for j in jobs)
+        done = sum(finished_stats(Store.at(out), f"{j.name}.json") is not None for j in jobs)
         where = f"{exc.filename}: " if exc.filename else ""
         raise UserError(f"writing shards in {out} failed ({where}{exc.strerror or exc}); "
                         f"{done} of {len(jobs)} shards are complete and kept, rerun the same "

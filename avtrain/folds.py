@@ -34,6 +34,7 @@ import numpy as np
 from avprep.errors import UserError
 from avprep.manifest import hash_fraction
 from avprep.shards import add_member, write_json_atomic
+from avprep.storage import is_remote
 
 from .config import TrainConfig, require_run_paths, to_yaml
 from .data import open_shards
@@ -214,6 +215,10 @@ def cross_validate(config: TrainConfig, *, resume: bool = True) -> dict:
     if k < 2:
         raise UserError(f"--folds must be at least 2, got {config.folds}")
     require_run_paths(config)
+    if is_remote(config.shards):
+        raise UserError(f"--folds needs a local shard set: each fold is a folder of links to "
+                        f"its tars, which {config.shards} cannot hold; copy the shard set to "
+                        "a local folder (e.g. `aws s3 sync`, `gsutil rsync`) and pass that")
     check_recipe_shards(config)  # on the shards given: the folds are cut from them
     run = config.run_dir
     data_dir = os.path.join(run, "folds")

@@ -21,6 +21,9 @@ from held import start_held, wait_until_held
 pytest.importorskip("s3fs", reason="the s3 extra: pip install 'avbalance[s3]'")
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the dev extra")
 
+from test_features import feature_tree, read_back  # noqa: E402, F401 (a fixture)
+from test_features import run as import_tree  # noqa: E402
+
 from avprep.errors import UserError  # noqa: E402
 from avprep.manifest import read_manifest  # noqa: E402
 from avprep.presets import get_preset  # noqa: E402
@@ -242,6 +245,32 @@ def test_one_line_errors(s3, synth_dir, tmp_path):
     dead = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_MAX_ATTEMPTS": "1"}
     line = one_error_line(cli("avprep", "verify", f"s3://{BUCKET}/a", env=dead))
     assert f"s3://{BUCKET}/a" in line
+
+
+def test_folds_on_remote_shards_are_one_line(s3, built, tmp_path):
+    line = one_error_line(cli("avtrain", "fit", "--shards", f"s3://{BUCKET}/a", "--run-dir",
+                              str(tmp_path / "cv"), "--model", "tiny", "--folds", "3"))
+    assert "--folds needs a local shard set" in line
+    assert not (tmp_path / "cv").exists()
+
+
+def test_import_features_to_s3_equals_the_local_import(s3, feature_tree, tmp_path):  # noqa: F811
+    """import-features -o s3://: the same objects as the local folder's files (tars, stats,
+    failures/missing lists, index), a rerun skips every shard, and the tars read back."""
+    local = import_tree(feature_tree, tmp_path / "local")
+    remote = import_tree(feature_tree, f"s3://{BUCKET}/feat")
+    assert remote.shards_written == local.shards_written > 0
+    files = {p.name: p.read_bytes() for p in (tmp_path / "local").iterdir()}
+    uploaded = objects(s3, "feat")
+    assert comparable(uploaded) == comparable(files)
+    again = import_tree(feature_tree, f"s3://{BUCKET}/feat")
+    assert again.shards_skipped == remote.shards_written and again.shards_written == 0
+    assert objects(s3, "feat").keys() == uploaded.keys()
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name, data in uploaded.items():
+        (copy / name).write_bytes(data)
+    assert read_back(copy).keys() == read_back(tmp_path / "local").keys()
 
 
 def test_ray_writes_straight_to_the_bucket(s3, synth_dir, built):
