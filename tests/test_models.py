@@ -58,7 +58,7 @@ def test_boost_is_the_shared_head_ensemble():
     for m in ("audio", "visual"):
         torch.testing.assert_close(out[m], f.head(feats[m]))
     assert [type(x).__name__ for x in f.head] == ["Linear", "ReLU", "Linear"]
-    assert f.head[0].out_features == 256 and float(f.boost_rate) == 1.0
+    assert f.head[0].out_features == 256 and float(f.boost_rate.detach()) == 1.0
     with torch.no_grad():
         f.boost_rate.fill_(0.5)
         f.members.copy_(torch.tensor([1.0, 0.0]))
