@@ -66,8 +66,9 @@ Where we differ, and why:
 - one learning rate for both phases (released m_lr and e_lr, equal by default);
 - `sum`/`concat` are ours (no boost rate); with concat, modality m's learner phase leaves the
   other modalities' columns of the shared classifier weight as they were (restored after the
-  step: a zero gradient would still move them through weight decay); `sum` and `concat`
-  predict with every modality at every stage (no members mask);
+  step: a zero gradient would still move them through weight decay; their optimizer state
+  is not restored, which matters only with --no-reconboost-reset-optimizer); `sum` and
+  `concat` predict with every modality at every stage (no members mask);
 - the three-modality order is our modality order (audio, visual, text); the released MOSEI
   schedule is text, visual, audio;
 - under DDP the step runs on the bare model and the gradients of the stepped parameters are
