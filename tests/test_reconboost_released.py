@@ -158,7 +158,7 @@ def ref_train(learners, head, boost_rate, data):
                 loss.backward()
                 optimizer.step()
                 states.append(snapshot(learners, head, boost_rate))
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 k += 1
     return states, losses
 
