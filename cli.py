@@ -406,7 +406,7 @@ def _fit_options(f):
         click.option("--method", help="Balancing method: none, ogm, ogm_ge, olm, olm_com, ... "
                      "[default: none]"),
         click.option("--fusion", help="sum, concat, film, gated, bilinear, attention, "
-                     "bilinear_tanh, mha [default: concat]"),
+                     "bilinear_tanh, mha, boost (ReconBoost's shared head) [default: concat]"),
         click.option("--model", help="Encoders: resnet18 or tiny; or a sequence transformer: "
                      "emt, mbt, umt, ca [default: resnet18]"),
         click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE",
@@ -468,7 +468,8 @@ def _fit_options(f):
         click.option("--alpha", type=float,
                      help="OGM(-GE) alpha [default: the dataset's recommended value, else 0.8]; "
                      "PMR: weight of the prototype CE [default: 1.0]; OPM: lambda, how much "
-                     "the discrepancy raises the drop probability [default: 0.5]"),
+                     "the discrepancy raises the drop probability [default: 0.5]; "
+                     "ReconBoost: weight of its (gradient-free) GA term [default: 0.5]"),
         click.option("--modulation-start", type=int, help="First modulated epoch [default: 0; "
                      "opm: 6, after its 6 warm-up epochs]"),
         click.option("--modulation-end", type=int, help="Last modulated epoch [default: 50; "
@@ -494,6 +495,20 @@ def _fit_options(f):
                      "dominant modality, in [0, 1] [default: 0.5, as released]"),
         click.option("--opm-p-exe", type=float, help="OPM probability that a step drops "
                      "features at all, in [0, 1] [default: 0.7, as released]"),
+        click.option("--reconboost-stage-epochs", type=int, help="ReconBoost: epochs of each "
+                     "stage's learner phase, one modality's learner trained with the boosting "
+                     "loss [default: 4, as released --epochs_per_stage]"),
+        click.option("--reconboost-correct-epochs", type=int, help="ReconBoost: epochs of each "
+                     "stage's global rectification of the ensemble, 0 for none [default: "
+                     "--reconboost-stage-epochs; released --correct_epoch 4]"),
+        click.option("--reconboost-weight1", type=float, help="ReconBoost boosting loss: "
+                     "weight w1 of the learner's CE [default: 5.0, as released]"),
+        click.option("--reconboost-weight2", type=float, help="ReconBoost boosting loss: "
+                     "weight w2 of the reconcilement term, CE weighted by the ensemble's "
+                     "true-class probability [default: 1.0, as released]"),
+        click.option("--reconboost-reset-optimizer/--no-reconboost-reset-optimizer",
+                     default=None, help="ReconBoost: clear the optimizer state (momentum) at "
+                     "every phase, as the released fresh SGD per phase [default: on]"),
     ]
     for opt in reversed(opts):
         f = opt(f)

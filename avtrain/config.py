@@ -84,6 +84,11 @@ class TrainConfig:
     pmr_proto_batches: int | None = None  # PMR prototype batches; None: steps per epoch // 10
     opm_q_base: float | None = None  # OPM base drop probability; None: 0.5 (released)
     opm_p_exe: float | None = None  # OPM probability that a step drops at all; None: 0.7
+    reconboost_stage_epochs: int | None = None  # ReconBoost learner-phase epochs a stage; None: 4
+    reconboost_correct_epochs: int | None = None  # ... rectification epochs; None: stage epochs
+    reconboost_weight1: float | None = None  # ReconBoost boosting loss w1; None: 5.0 (released)
+    reconboost_weight2: float | None = None  # ... w2 of the reconcilement term; None: 1.0
+    reconboost_reset_optimizer: bool | None = None  # fresh optimizer state each phase; None: on
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -132,12 +137,15 @@ def _coerce(name: str, value):
     default = FIELDS[name].default
     kind = type(default) if default is not None and default is not dataclasses.MISSING else None
     if name in ("clip_grad", "alpha", "olm_lr", "olm_weight_decay", "pmr_momentum",
-                "opm_q_base", "opm_p_exe"):
+                "opm_q_base", "opm_p_exe", "reconboost_weight1", "reconboost_weight2"):
         kind = float
     elif name in ("eval_batch_size", "steps_per_epoch", "frames", "crop_columns", "folds",
                   "global_batch_size", "lr_step", "probe_every", "modulation_end",
-                  "modulation_start", "pmr_proto_batches"):
+                  "modulation_start", "pmr_proto_batches", "reconboost_stage_epochs",
+                  "reconboost_correct_epochs"):
         kind = int
+    elif name == "reconboost_reset_optimizer":
+        kind = bool
     try:
         if kind is bool and isinstance(value, str):
             return value.strip().lower() in ("1", "true", "yes", "on")

@@ -9,7 +9,8 @@ import torch
 from avprep.errors import UserError
 from avtrain.models import FUSIONS, build_model
 
-ALL_FUSIONS = ["sum", "concat", "film", "gated", "bilinear", "attention", "bilinear_tanh", "mha"]
+ALL_FUSIONS = ["sum", "concat", "film", "gated", "bilinear", "attention", "bilinear_tanh", "mha",
+               "boost"]
 MIXING = ["film", "gated", "bilinear", "attention", "bilinear_tanh", "mha"]
 
 
@@ -47,6 +48,22 @@ def test_decomposable_fusions_sum_exactly(fusion):
     model.eval()
     out = model(batch())
     torch.testing.assert_close(out["fused"], out["audio"] + out["visual"], atol=1e-5, rtol=1e-5)
+
+
+def test_boost_is_the_shared_head_ensemble():
+    """ReconBoost's: one head for every modality, fused = beta * sum of the members' logits."""
+    model = build_model("tiny", "boost", num_classes=3).eval()
+    b = batch()
+    feats, out, f = model.features(b), model(b), model.fusion
+    for m in ("audio", "visual"):
+        torch.testing.assert_close(out[m], f.head(feats[m]))
+    assert [type(x).__name__ for x in f.head] == ["Linear", "ReLU", "Linear"]
+    assert f.head[0].out_features == 256 and float(f.boost_rate.detach()) == 1.0
+    with torch.no_grad():
+        f.boost_rate.fill_(0.5)
+        f.members.copy_(torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(model(b)["fused"], 0.5 * f.head(feats["audio"]))
+    assert "fusion.members" in model.state_dict()
 
 
 def test_concat_per_modality_logits_are_the_weight_split():

@@ -10,6 +10,8 @@ always in the model's order (audio first), as the seeds concatenate [audio; visu
 al., IJCAI 2024; github.com/anonymous-gitlab/OLM, models/fusion_modules.py: `FiLM(x_film=True)`,
 `GatedFusion(x_gate=True)`, `Bilinear`, `Attention`, as its models/basic_model.py builds them,
 x = audio, y = visual), the first two also OGM-GE's; `bilinear_tanh` and `mha` are ours.
+`boost` is ReconBoost's shared-head ensemble (decomposable up to its boost rate: the fused
+logits are beta times the sum of the per-modality logits).
 """
 
 from __future__ import annotations
@@ -200,10 +202,46 @@ class MHAFusion(Fusion):
         return self.fc_out(tokens.mean(dim=1))
 
 
+class BoostFusion(Fusion):
+    """ReconBoost's ensemble (Hua et al., ICML 2024; github.com/huacong/ReconBoost, commit
+    14ab57a, models/dynamic_net.py): one head shared by every modality, the released `Head`
+    (Linear(D, 256), ReLU, Linear(256, classes); train.py line 288 `model.fc =
+    net_ensemble.head`, its `--common_space True` default), and a learnable boost rate beta
+    (`DynamicNet.boost_rate`, init `--boost_rate` 1.0):
+
+        modality m's logits = head(f_m)           (the modality's learner)
+        fused = beta * sum_m members_m * head(f_m)
+
+    `members` (a buffer, 1 per modality by default) says which learners are in the ensemble:
+    `--method reconboost` adds them stage by stage, as the released `DynamicNet.add`. All
+    modalities need one feature width D (the head is shared)."""
+
+    decomposable = True
+
+    def __init__(self, modalities, dims, num_classes, hidden: int = 256):
+        super().__init__(modalities, dims, num_classes)
+        widths = sorted({dims[m] for m in modalities})
+        if len(widths) != 1:
+            raise UserError(f"fusion 'boost' shares one head between the modalities, whose "
+                            f"features need one width; got {', '.join(map(str, widths))}")
+        self.head = nn.Sequential(nn.Linear(widths[0], hidden), nn.ReLU(),
+                                  nn.Linear(hidden, num_classes))
+        self.boost_rate = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("members", torch.ones(len(self.modalities)))
+
+    def modality_logits(self, feats):
+        return {m: self.head(feats[m]) for m in self.modalities}
+
+    def forward(self, feats):
+        parts = self.modality_logits(feats)
+        total = sum(self.members[i] * parts[m] for i, m in enumerate(self.modalities))
+        return self.boost_rate * total
+
+
 FUSIONS: dict[str, Callable[..., Fusion]] = {
     "sum": SumFusion, "concat": ConcatFusion, "film": FiLMFusion, "gated": GatedFusion,
     "bilinear": BilinearFusion, "attention": AttentionFusion,
-    "bilinear_tanh": BilinearTanhFusion, "mha": MHAFusion,
+    "bilinear_tanh": BilinearTanhFusion, "mha": MHAFusion, "boost": BoostFusion,
 }
 
 
