@@ -18,6 +18,10 @@ import sys
 import textwrap
 
 MARKER = "AVBALANCE-TEST-HELD"
+# How long a test waits for a child process before calling it hung: a bound, never an
+# expected duration. Two suites at once beside other jobs (load average 20 on 2 cores) made
+# a README block that takes ~1 min on a quiet machine pass its old 600 s limit and fail.
+HUNG_AFTER_S = 1800
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _PRELUDE = f'''

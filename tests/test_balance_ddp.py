@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from held import HUNG_AFTER_S
 from released import run_gloo
 from test_balance_ogm import ToyAV, build_test_shards, step_records
 from torch.nn.parallel import DistributedDataParallel
@@ -139,7 +140,7 @@ def test_torchrun_replicas_stay_in_sync(shards, tmp_path, method, logged):
          "--epochs", "2", "--batch-size", "4", "--steps-per-epoch", "3", "--lr", "0.05",
          "--image-size", "32", "--workers", "0", "--device", "cpu", "--no-progress",
          "--log-every", "1", "--alpha", "0.8", "--olm-lr", "0.05"],
-        capture_output=True, text=True, timeout=300, env=env)
+        capture_output=True, text=True, timeout=HUNG_AFTER_S, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["replicas_in_sync"]

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from held import HUNG_AFTER_S
 from torch import nn
 
 from avprep.errors import UserError
@@ -444,7 +445,7 @@ def test_cli_bad_balancing_options_are_one_line(shards, tmp_path, args, match):
     proc = subprocess.run([str(avtrain), "fit", "--shards", str(shards), "--run-dir", str(run),
                            "--model", "tiny", "--epochs", "1", "--batch-size", "4",
                            "--workers", "0", "--device", "cpu", "--no-progress", *args],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HUNG_AFTER_S)
     out = (proc.stdout + proc.stderr).strip()
     assert proc.returncode == 2, out
     assert match in out and "Traceback" not in out

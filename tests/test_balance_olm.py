@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from held import HUNG_AFTER_S
 from test_balance_ogm import build_test_shards, step_records, trainer_config
 from torch import nn
 
@@ -328,7 +329,7 @@ def test_olm_com_without_a_val_split_is_a_user_error(synth_dir, shards, tmp_path
     proc = subprocess.run([str(avtrain), "fit", "--shards", str(out), "--run-dir",
                            str(tmp_path / "cli-run"), "--method", "olm_com", "--model", "tiny",
                            "--epochs", "1", "--batch-size", "4", "--workers", "0", "--no-progress"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HUNG_AFTER_S)
     said = (proc.stdout + proc.stderr).strip()
     assert proc.returncode == 2 and len(said.splitlines()) == 1, said
     assert said.startswith("Error:") and "val" in said and "Traceback" not in said

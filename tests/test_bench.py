@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 from click.testing import CliRunner
-from held import start_held, wait_until_held
+from held import HUNG_AFTER_S, start_held, wait_until_held
 
 from cli import avtrain
 
@@ -190,7 +190,7 @@ def test_killed_bench_resumes_its_interrupted_run(train_shards, tmp_path):
     proc = start_held(HOLD_IN_RUN_2, "avtrain", args)
     wait_until_held(proc)  # provably inside run 2 (none/seed1), epoch 1
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
+    proc.communicate(timeout=HUNG_AFTER_S)
     first = out / "runs" / "none" / "seed0"
     second = out / "runs" / "none" / "seed1"
     assert (first / "summary.json").is_file() and not (second / "summary.json").exists()

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from held import HUNG_AFTER_S
 
 from avtrain.loop import evaluate_checkpoint, fit
 from avtrain.probe import probe_checkpoint
@@ -21,7 +22,7 @@ AVTRAIN = os.path.join(os.path.dirname(sys.executable), "avtrain")
 pytestmark = pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
 
 
-def torchrun(args, timeout=300):
+def torchrun(args, timeout=HUNG_AFTER_S):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", AVTRAIN, *args],

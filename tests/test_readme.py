@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from held import HUNG_AFTER_S
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 BIN = str(Path(sys.executable).parent)
 
@@ -30,7 +32,7 @@ def test_readme_commands_run(tmp_path):
     for block in readme_blocks(README.read_text()):
         script = "set -euo pipefail\n" + block
         result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env,
-                                capture_output=True, text=True, timeout=600)
+                                capture_output=True, text=True, timeout=HUNG_AFTER_S)
         assert result.returncode == 0, f"README block failed:\n{block}\n{result.stderr[-3000:]}"
     # what the walk-through promises its report holds
     report = (tmp_path / "reports" / "first" / "report.md").read_text()
@@ -65,7 +67,7 @@ def test_readme_untested_commands_still_parse(tmp_path):
         if command.startswith("avtrain fit"):
             command += " --print-config"
         result = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env,
-                                capture_output=True, text=True, timeout=120)
+                                capture_output=True, text=True, timeout=HUNG_AFTER_S)
         output = result.stdout + result.stderr
         assert "No such option" not in output and "Usage:" not in output, command + output
         if command.startswith("avtrain fit"):

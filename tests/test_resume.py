@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 from click.testing import CliRunner
-from held import start_held, wait_until_held
+from held import HUNG_AFTER_S, start_held, wait_until_held
 
 from avtrain.checkpoint import load_checkpoint
 from avtrain.loop import fit
@@ -57,7 +57,7 @@ def test_interrupt_then_resume_equals_uninterrupted(train_shards, tmp_path):
     proc = start_held(HOLD_MID_EPOCH_1, "avtrain", args)
     wait_until_held(proc)  # provably mid-epoch 1, after step 8
     proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=HUNG_AFTER_S)
     assert proc.returncode == 130, err[-2000:]  # interrupted, not finished
     assert "Interrupted." in err and "Traceback" not in err
     ckpt = load_checkpoint(str(run / "last.pt"))  # usable after Ctrl-C

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from held import start_held, wait_until_held
+from held import HUNG_AFTER_S, start_held, wait_until_held
 
 pytest.importorskip("s3fs", reason="the s3 extra: pip install 'avbalance[s3]'")
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the dev extra")
@@ -89,7 +89,7 @@ def comparable(objs: dict[str, bytes]) -> dict:
 
 def cli(group: str, *args, env=None):
     return subprocess.run([str(BIN / group), *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=120)
+                          env={**os.environ, **(env or {})}, timeout=HUNG_AFTER_S)
 
 
 def one_error_line(result) -> str:
