@@ -2,7 +2,8 @@
 
 Paper: H. Li, X. Li, P. Hu, Y. Lei, C. Li, Y. Zhou, "Boosting Multi-modal Model Performance with
 Adaptive Gradient Modulation", ICCV 2023 (arXiv 2308.07686). Released code: github.com/
-lihong2303/AGM (the repository the paper's lihongcs/AGM link leads to; commit 5a65542),
+lihong2303/AGM (commit 5a65542; its README: "the official Pytorch implementation", by the first
+author; a lihongcs/AGM copy could not be fetched here),
 model/CREMAD_net.py: `Modality_Audio` / `Modality_Visual` (lines 7-17), `GradMod` (25-72: the
 backward hooks 42-51, `update_scale` 53-55, the forward 57-72); run/CREMAD_main.py: `train`
 (13-268: contributions 63-66, CE 69, scores 130-143, coefficients 145-152, running averages
