@@ -469,11 +469,12 @@ def _fit_options(f):
                      help="OGM(-GE) alpha [default: the dataset's recommended value, else 0.8]; "
                      "PMR: weight of the prototype CE [default: 1.0]; OPM: lambda, how much "
                      "the discrepancy raises the drop probability [default: 0.5]; "
-                     "ReconBoost: weight of its (gradient-free) GA term [default: 0.5]"),
+                     "ReconBoost: weight of its (gradient-free) GA term [default: 0.5]; AGM: "
+                     "strength of its coefficients [default: 1.0]"),
         click.option("--modulation-start", type=int, help="First modulated epoch [default: 0; "
                      "opm: 6, after its 6 warm-up epochs]"),
         click.option("--modulation-end", type=int, help="Last modulated epoch [default: 50; "
-                     "pmr: 100; opm: no end]"),
+                     "pmr: 100; opm: no end; agm: 19, the released first 20 epochs]"),
         click.option("--modulate", help="conv or encoder: parameters OGM scales [default: conv]"),
         click.option("--olm-initial", help="OLM initial losses: mean (of the first epoch) or "
                      "last-batch (of the first epoch, as released) [default: mean]"),
@@ -509,6 +510,14 @@ def _fit_options(f):
         click.option("--reconboost-reset-optimizer/--no-reconboost-reset-optimizer",
                      default=None, help="ReconBoost: clear the optimizer state (momentum) at "
                      "every phase, as the released fresh SGD per phase [default: on]"),
+        click.option("--agm-cap", type=float, help="AGM: upper bound of optimal - ratio in "
+                     "k = exp(alpha * min(optimal - ratio, cap)); inf: none [default: 10, as "
+                     "released for CREMA-D; UR-Funny 7]"),
+        click.option("--agm-clip", type=float, help="AGM: clip every gradient to this total "
+                     "norm when a fused-classifier weight gradient leaves [-clip, clip]; 0: off "
+                     "[default: 1.0, as released for CREMA-D]"),
+        click.option("--agm-after-window", help="AGM after --modulation-end: hold (the last "
+                     "coefficients keep scaling, as released) or reset (1) [default: hold]"),
     ]
     for opt in reversed(opts):
         f = opt(f)

@@ -89,6 +89,9 @@ class TrainConfig:
     reconboost_weight1: float | None = None  # ReconBoost boosting loss w1; None: 5.0 (released)
     reconboost_weight2: float | None = None  # ... w2 of the reconcilement term; None: 1.0
     reconboost_reset_optimizer: bool | None = None  # fresh optimizer state each phase; None: on
+    agm_cap: float | None = None  # AGM cap of optimal - ratio in its coefficient; None: 10
+    agm_clip: float | None = None  # AGM's conditional gradient clipping; None: 1.0, 0: off
+    agm_after_window: str = "hold"  # hold (released: last coefficients stay) | reset (1)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -137,7 +140,8 @@ def _coerce(name: str, value):
     default = FIELDS[name].default
     kind = type(default) if default is not None and default is not dataclasses.MISSING else None
     if name in ("clip_grad", "alpha", "olm_lr", "olm_weight_decay", "pmr_momentum",
-                "opm_q_base", "opm_p_exe", "reconboost_weight1", "reconboost_weight2"):
+                "opm_q_base", "opm_p_exe", "reconboost_weight1", "reconboost_weight2",
+                "agm_cap", "agm_clip"):
         kind = float
     elif name in ("eval_batch_size", "steps_per_epoch", "frames", "crop_columns", "folds",
                   "global_batch_size", "lr_step", "probe_every", "modulation_end",

@@ -43,7 +43,7 @@ Which level each method of issue #19 needs -- the test of this design:
 | MMPareto | owns the step | backward of the multimodal and of each unimodal loss separately (`autograd.grad` w.r.t. the encoders), min-norm combination, one step |
 | MLA | owns the step | one modality per step through the shared head, gradient edit between modalities |
 | ReconBoost | owns the step | alternates which modality's learner is updated; reconcilement term from the other's frozen output |
-| AGM | owns the step | extra forwards with a modality's input replaced (no grad, bare model) measure each modality's contribution; the losses are rescaled from that before the one backward |
+| AGM | owns the step | extra forwards of the bare model with modalities' inputs zeroed (eval mode, with grad, as released) give each modality's Shapley contribution; the gradient reaching each contribution is scaled in the one backward, which DDP reduces whole |
 | OPM | hooks + a forward pre-hook | the fusion's input changes: `train_step` arms a pre-hook on the bare model's fusion (with the step's labels, epoch, step) and runs the default sequence, so the one forward of `ctx.net` (DDP) scores the modalities and drops the dominant one's features before fusing |
 | Greedy, AMCo | owns the step | the forward itself changes: features of the dominant modality dropped or masked (bare model's `features`, then its fusion, under `ctx.net` for DDP) |
 | G-Blending | hooks + start_epoch | per-branch loss weights, re-estimated every super-epoch from held-out data in `start_epoch` |
