@@ -472,7 +472,7 @@ def _fit_options(f):
         click.option("--modulation-start", type=int, help="First modulated epoch [default: 0; "
                      "opm: 6, after its 6 warm-up epochs]"),
         click.option("--modulation-end", type=int, help="Last modulated epoch [default: 50; "
-                     "pmr: 100; opm: no end]"),
+                     "pmr: 100; opm: no end; amco: 80]"),
         click.option("--modulate", help="conv or encoder: parameters OGM scales [default: conv]"),
         click.option("--olm-initial", help="OLM initial losses: mean (of the first epoch) or "
                      "last-batch (of the first epoch, as released) [default: mean]"),
@@ -494,6 +494,12 @@ def _fit_options(f):
                      "dominant modality, in [0, 1] [default: 0.5, as released]"),
         click.option("--opm-p-exe", type=float, help="OPM probability that a step drops "
                      "features at all, in [0, 1] [default: 0.7, as released]"),
+        click.option("--amco-sigma", type=float, help="AMCo: a modality whose share of the joint"
+                     " softmax over all unimodal logits exceeds this, in [0, 1], is masked next "
+                     "step [default: 0.5, as BalanceMM]"),
+        click.option("--amco-eps", type=float, help="AMCo: length of the mask ramp, > 0; the "
+                     "masked fraction is sin(pi/2 min(eps, l)/eps), l growing by epoch/10 per "
+                     "step from 0 each epoch [default: 0.3, as BalanceMM]"),
     ]
     for opt in reversed(opts):
         f = opt(f)
