@@ -61,9 +61,9 @@ def test_ramp_by_hand():
     # l at or past eps: sin(pi/2) = 1, every class masked
     assert amco_masked_count(0.3, 0.3, 7) == (1.0, 7)
     assert amco_masked_count(5.0, 0.3, 7) == (1.0, 7)
-    # int() truncates: l = 0.1 gives sin(pi/6), 0.5 up to rounding; 0.5 * 4 = 2 either way
-    assert amco_masked_count(0.1, 0.3, 4)[1] in (1, 2)
-    assert amco_masked_count(0.1, 0.3, 4)[0] == pytest.approx(0.5, abs=1e-12)
+    # l = 0.1: sin(pi/6) = 0.5 (exactly, in float64): half of 6 classes; int() truncates 2.5
+    assert amco_masked_count(0.1, 0.3, 6) == (0.5, 3)
+    assert amco_masked_count(0.1, 0.3, 5) == (0.5, 2)
 
 
 def test_mask_is_the_released_list_reordered():

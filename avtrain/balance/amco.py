@@ -1,16 +1,17 @@
 """AMCo: adaptive mask co-optimization.
 
 Paper: Y. Zhou, X. Liang, S. Zheng, H. Xuan, T. Kumada, "Adaptive Mask Co-Optimization for
-Modal Dependence in Multimodal Learning", ICASSP 2023. The authors' code is not public (none
-found on GitHub or in the paper's pages), so the reference is BalanceMM's re-implementation:
-GeWu-Lab/BalanceBenchmark (commit 4c1482f), balancemm/trainer/AMCo_trainer.py (`__init__`
-20-30, `train_loop` 32-120: the per-epoch reset 61-64 and the mask 72-83; `training_step`
-122-159: window 127, forward 128-131, CE 140, backward 141-145, dependence 146-155),
-balancemm/models/avclassify_model.py (`BaseClassifierAMCoModel` 326-384: `linear_star` 329,
-`forward` 330-355, `unimodality_calculate` 357-384), configs/trainer_config.yaml (AMCo block,
-lines 20-28) and configs/model_config.yaml (BaseClassifier_AMCo, lines 6-9: ResNet-18 encoders,
-concat). No code is copied; tests/test_amco_released.py checks our steps against a reference
-written from these semantics.
+Modal Dependence in Multimodal Learning", ICASSP 2023. No public code of the authors was found
+(GitHub index, issue threads and web pages searched; the paper itself was not available here),
+so the reference is BalanceMM's re-implementation, GeWu-Lab/BalanceBenchmark (commit 4c1482f):
+balancemm/trainer/AMCo_trainer.py (`__init__` 20-30; `train_loop` 32-120: the per-epoch reset
+61-64, the mask 72-83; `training_step` 122-159: window 127, forward 128-131, CE 140, backward
+141-145, dependence 146-155), balancemm/models/avclassify_model.py (`BaseClassifierAMCoModel`
+326-384: `linear_star` 329, `forward` 330-355, `unimodality_calculate` 357-384; the
+DataParallel wrapper's scatter 171-185), configs/trainer_config.yaml (AMCo block, lines 20-28)
+and configs/model_config.yaml (BaseClassifier_AMCo, lines 6-9: ResNet-18 encoders, concat). No
+code is copied; tests/test_amco_released.py checks our steps against a reference written from
+these semantics.
 
 The model: per-modality logits z_m = f_m . W_m^T + b/M (concat's weight split; M modalities),
 fused logits = linear_star(sum_m z_m), linear_star an extra Linear(C, C) that the model keeps in
