@@ -474,7 +474,8 @@ def _fit_options(f):
         click.option("--modulation-start", type=int, help="First modulated epoch [default: 0; "
                      "opm: 6, after its 6 warm-up epochs]"),
         click.option("--modulation-end", type=int, help="Last modulated epoch [default: 50; "
-                     "pmr: 100; opm: no end; agm: 19, the released first 20 epochs]"),
+                     "pmr: 100; opm: no end; agm: 19, the released first 20 epochs; "
+                     "amco: 80]"),
         click.option("--modulate", help="conv or encoder: parameters OGM scales [default: conv]"),
         click.option("--olm-initial", help="OLM initial losses: mean (of the first epoch) or "
                      "last-batch (of the first epoch, as released) [default: mean]"),
@@ -518,6 +519,12 @@ def _fit_options(f):
                      "[default: 1.0, as released for CREMA-D]"),
         click.option("--agm-after-window", help="AGM after --modulation-end: hold (the last "
                      "coefficients keep scaling, as released) or reset (1) [default: hold]"),
+        click.option("--amco-sigma", type=float, help="AMCo: a modality whose share of the joint"
+                     " softmax over all unimodal logits exceeds this, in [0, 1], is masked next "
+                     "step [default: 0.5, as BalanceMM]"),
+        click.option("--amco-eps", type=float, help="AMCo: length of the mask ramp, > 0; the "
+                     "masked fraction is sin(pi/2 min(eps, l)/eps), l growing by epoch/10 per "
+                     "step from 0 each epoch [default: 0.3, as BalanceMM]"),
     ]
     for opt in reversed(opts):
         f = opt(f)

@@ -92,6 +92,8 @@ class TrainConfig:
     agm_cap: float | None = None  # AGM cap of optimal - ratio in its coefficient; None: 10
     agm_clip: float | None = None  # AGM's conditional gradient clipping; None: 1.0, 0: off
     agm_after_window: str = "hold"  # hold (released: last coefficients stay) | reset (1)
+    amco_sigma: float | None = None  # AMCo dependence threshold on the softmax share; None: 0.5
+    amco_eps: float | None = None  # AMCo mask ramp length (l_t units); None: 0.3 (BalanceMM)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -141,7 +143,7 @@ def _coerce(name: str, value):
     kind = type(default) if default is not None and default is not dataclasses.MISSING else None
     if name in ("clip_grad", "alpha", "olm_lr", "olm_weight_decay", "pmr_momentum",
                 "opm_q_base", "opm_p_exe", "reconboost_weight1", "reconboost_weight2",
-                "agm_cap", "agm_clip"):
+                "agm_cap", "agm_clip", "amco_sigma", "amco_eps"):
         kind = float
     elif name in ("eval_batch_size", "steps_per_epoch", "frames", "crop_columns", "folds",
                   "global_batch_size", "lr_step", "probe_every", "modulation_end",

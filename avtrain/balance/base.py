@@ -45,9 +45,10 @@ Which level each method of issue #19 needs -- the test of this design:
 | ReconBoost | owns the step | alternates which modality's learner is updated; reconcilement term from the other's frozen output |
 | AGM | owns the step | extra forwards of the bare model with modalities' inputs zeroed (eval mode, with grad, as released) give each modality's Shapley contribution; the gradient reaching each contribution is scaled in the one backward, which DDP reduces whole |
 | OPM | hooks + a forward pre-hook | the fusion's input changes: `train_step` arms a pre-hook on the bare model's fusion (with the step's labels, epoch, step) and runs the default sequence, so the one forward of `ctx.net` (DDP) scores the modalities and drops the dominant one's features before fusing |
-| Greedy, AMCo | owns the step | the forward itself changes: features of the dominant modality dropped or masked (bare model's `features`, then its fusion, under `ctx.net` for DDP) |
+| Greedy | owns the step | the forward itself changes: features of the dominant modality dropped or masked (bare model's `features`, then its fusion, under `ctx.net` for DDP) |
 | G-Blending | hooks + start_epoch | per-branch loss weights, re-estimated every super-epoch from held-out data in `start_epoch` |
 | Re-learning | start_epoch | re-initialises encoders between epochs; the step is the baseline's |
+| AMCo | owns the step + a fusion forward hook | the dependent modality's unimodal logits are masked (BalanceMM masks class logits, not encoder features): the hook replaces the fusion's output by the sum of the masked unimodal logits inside the one forward of `ctx.net`; fused + unimodal CE, one backward; the model carries BalanceMM's `linear_star` (`output_layer`) |
 
 `step_metrics()` returns 0-d tensors that the loop turns into numbers only when it logs, so no
 method forces a host sync per step. `state_dict()` / `load_state_dict()` hold everything that
@@ -110,6 +111,7 @@ class Balancer:
     needs_heldout = False  # the loop feeds a held-out (val) batch every step
     trained_unimodal_heads = False  # the model's per-modality heads must train the encoders
     default_alpha: float | None = None  # --alpha when not given (None: OGM's dataset value)
+    output_layer = False  # the model passes its fused logits through a Linear(C, C) (AMCo)
 
     def __init__(self, model: nn.Module, config: dict | None = None, *,
                  modalities: list[str] | None = None, device: torch.device | str = "cpu"):

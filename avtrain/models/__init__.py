@@ -13,6 +13,9 @@ its own unimodal heads on the encoders' features (not detached), beside the fusi
 classifiers, not slices of one layer.
 A single modality (`modalities=["audio"]`) gives a unimodal model whose "fused" logits are
 that modality's logits.
+A model built with `output_layer=True` (AMCo) passes the fused logits through one more
+Linear(C, C) -- BalanceMM's `BaseClassifierAMCoModel.linear_star` -- in every forward, training
+and evaluation alike; the per-modality logits are unchanged.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ __all__ = ["AVModel", "build_model", "ENCODERS", "FUSIONS", "MODALITIES", "SEQUE
 class AVModel(nn.Module):
     def __init__(self, encoder: str, fusion: str, num_classes: int,
                  modalities: list[str] | tuple[str, ...] = MODALITIES,
-                 trained_unimodal_heads: bool = False):
+                 trained_unimodal_heads: bool = False, output_layer: bool = False):
         super().__init__()
         modalities = list(modalities)
         if not modalities or len(set(modalities)) != len(modalities):
@@ -50,7 +53,7 @@ class AVModel(nn.Module):
         # keep the canonical order (audio first) whatever order the user typed
         self.modalities = [m for m in MODALITIES if m in modalities]
         self.spec = model_spec(encoder, fusion, num_classes, self.modalities,
-                               trained_unimodal_heads)
+                               trained_unimodal_heads, output_layer)
         self.trained_unimodal_heads = bool(trained_unimodal_heads)
         self.encoders = nn.ModuleDict({m: build_encoder(encoder, m) for m in self.modalities})
         dims = {m: self.encoders[m].out_dim for m in self.modalities}
@@ -65,6 +68,9 @@ class AVModel(nn.Module):
             self.aux_heads = nn.ModuleDict(
                 {m: nn.Linear(dims[m], num_classes) for m in self.modalities}
                 if separate else {})
+        # AMCo's linear_star on the fused logits (None: the fused logits are the fusion's)
+        self.output_layer = (nn.Linear(num_classes, num_classes)
+                             if output_layer and not self.unimodal else None)
 
     @property
     def heads(self) -> nn.ModuleDict:
@@ -88,6 +94,8 @@ class AVModel(nn.Module):
             logits = self.aux_heads[m](feats[m])
             return {"fused": logits, m: logits}
         out = {"fused": self.fusion(feats)}
+        if self.output_layer is not None:
+            out["fused"] = self.output_layer(out["fused"])
         if self.fusion.decomposable and not self.aux_heads:
             out.update(self.fusion.modality_logits(feats))
         else:
@@ -97,19 +105,24 @@ class AVModel(nn.Module):
         return out
 
 
-def model_spec(encoder: str, fusion: str, num_classes: int, modalities, trained_unimodal_heads
-               ) -> dict:
-    """What a checkpoint must match to be loaded into a model (stored in every checkpoint)."""
-    return {"model": encoder, "fusion": fusion, "num_classes": int(num_classes),
+def model_spec(encoder: str, fusion: str, num_classes: int, modalities, trained_unimodal_heads,
+               output_layer: bool = False) -> dict:
+    """What a checkpoint must match to be loaded into a model (stored in every checkpoint).
+    `output_layer` is recorded only when set, so the specs of other models stay as they were."""
+    spec = {"model": encoder, "fusion": fusion, "num_classes": int(num_classes),
             "modalities": list(modalities), "trained_unimodal_heads": bool(trained_unimodal_heads)}
+    if output_layer:
+        spec["output_layer"] = True
+    return spec
 
 
 def build_model(model: str = "resnet18", fusion: str = "concat", num_classes: int = 2,
                 modalities=("audio", "visual"), trained_unimodal_heads: bool = False, *,
                 index: dict | None = None, inputs: dict | None = None,
-                options: dict | None = None) -> nn.Module:
+                options: dict | None = None, output_layer: bool = False) -> nn.Module:
     """An encoder + fusion `AVModel`, or a sequence transformer (emt, mbt, umt, ca) whose
-    per-modality inputs come from `inputs` or the shard set's `index` (index.json)."""
+    per-modality inputs come from `inputs` or the shard set's `index` (index.json).
+    `output_layer` (AMCo's linear_star) exists for `AVModel` only."""
     if model in SEQUENCE_MODELS:
         return build_sequence_model(model, num_classes, modalities,
                                     inputs or input_specs(index or {}, modalities),
@@ -118,4 +131,4 @@ def build_model(model: str = "resnet18", fusion: str = "concat", num_classes: in
     if model not in ENCODERS:
         raise UserError(f"unknown model {model!r}; choose one of: "
                         f"{', '.join(sorted([*ENCODERS, *SEQUENCE_MODELS]))}")
-    return AVModel(model, fusion, num_classes, modalities, trained_unimodal_heads)
+    return AVModel(model, fusion, num_classes, modalities, trained_unimodal_heads, output_layer)
