@@ -470,9 +470,9 @@ def _fit_options(f):
                      "PMR: weight of the prototype CE [default: 1.0]; OPM: lambda, how much "
                      "the discrepancy raises the drop probability [default: 0.5]"),
         click.option("--modulation-start", type=int, help="First modulated epoch [default: 0; "
-                     "opm: 6, after its 6 warm-up epochs]"),
+                     "opm: 6, after its 6 warm-up epochs; greedy: 1]"),
         click.option("--modulation-end", type=int, help="Last modulated epoch [default: 50; "
-                     "pmr: 100; opm: no end]"),
+                     "pmr: 100; opm, greedy: no end]"),
         click.option("--modulate", help="conv or encoder: parameters OGM scales [default: conv]"),
         click.option("--olm-initial", help="OLM initial losses: mean (of the first epoch) or "
                      "last-batch (of the first epoch, as released) [default: mean]"),
@@ -494,6 +494,17 @@ def _fit_options(f):
                      "dominant modality, in [0, 1] [default: 0.5, as released]"),
         click.option("--opm-p-exe", type=float, help="OPM probability that a step drops "
                      "features at all, in [0, 1] [default: 0.7, as released]"),
+        click.option("--greedy-epsilon", type=float, help="Greedy: a re-balancing window starts "
+                     "when |BDR_audio - BDR_visual| (the conditional learning speeds' difference) "
+                     "exceeds this [default: 0.01, as released; BalanceMM 0.001]"),
+        click.option("--greedy-window", type=int, help="Greedy: re-balancing steps per window "
+                     "[default: 5, as released]"),
+        click.option("--greedy-loss", help="Greedy: unimodal (the sum of the per-modality CEs, "
+                     "as released) or fused (CE of the fused logits, as BalanceMM) "
+                     "[default: unimodal]"),
+        click.option("--greedy-average", help="Greedy: own (each modality's MMTM gates are "
+                     "replaced by their own running mean) or released (the second modality's "
+                     "by the first's, the released slip) [default: own]"),
     ]
     for opt in reversed(opts):
         f = opt(f)

@@ -84,6 +84,10 @@ class TrainConfig:
     pmr_proto_batches: int | None = None  # PMR prototype batches; None: steps per epoch // 10
     opm_q_base: float | None = None  # OPM base drop probability; None: 0.5 (released)
     opm_p_exe: float | None = None  # OPM probability that a step drops at all; None: 0.7
+    greedy_epsilon: float | None = None  # Greedy threshold on |d BDR|; None: 0.01 (released)
+    greedy_window: int | None = None  # Greedy re-balancing steps per window; None: 5 (released)
+    greedy_loss: str = "unimodal"  # unimodal (released: sum of branch CEs) | fused (BalanceMM)
+    greedy_average: str = "own"  # own | released: the MMTM running means of Greedy's steps
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -132,11 +136,11 @@ def _coerce(name: str, value):
     default = FIELDS[name].default
     kind = type(default) if default is not None and default is not dataclasses.MISSING else None
     if name in ("clip_grad", "alpha", "olm_lr", "olm_weight_decay", "pmr_momentum",
-                "opm_q_base", "opm_p_exe"):
+                "opm_q_base", "opm_p_exe", "greedy_epsilon"):
         kind = float
     elif name in ("eval_batch_size", "steps_per_epoch", "frames", "crop_columns", "folds",
                   "global_batch_size", "lr_step", "probe_every", "modulation_end",
-                  "modulation_start", "pmr_proto_batches"):
+                  "modulation_start", "pmr_proto_batches", "greedy_window"):
         kind = int
     try:
         if kind is bool and isinstance(value, str):

@@ -83,7 +83,7 @@ def build_training_model(config: TrainConfig, num_classes: int, *,
     method = get_method(config.method)
     model = build_model(config.model, config.fusion, num_classes, config.modalities,
                         trained_unimodal_heads=method.trained_unimodal_heads, index=index,
-                        options=config.model_options)
+                        options=config.model_options, mmtm=getattr(method, "mmtm", False))
     return apply_init(model, config.init)
 
 
@@ -203,7 +203,8 @@ def model_from_checkpoint(ckpt: dict, shards: ShardSet | None = None) -> torch.n
     try:
         model = build_model(spec["model"], spec["fusion"], spec["num_classes"],
                             spec["modalities"], spec.get("trained_unimodal_heads", False),
-                            inputs=spec.get("inputs"), options=spec.get("options"))
+                            inputs=spec.get("inputs"), options=spec.get("options"),
+                            mmtm=spec.get("mmtm", False))
     except KeyError:
         raise UserError(f"{ckpt.get('path')}: checkpoint has no model description") from None
     load_model_state(model, ckpt)
@@ -624,7 +625,7 @@ def _fit(config: TrainConfig, ctx: D.Context, resume: str | None) -> dict:
         state = load_checkpoint(os.path.join(run, "best.pt"))["model"] if ctx.main else None
         best = build_model(c.model, c.fusion, trainer.shards.num_classes, c.modalities,
                            trainer.spec["trained_unimodal_heads"], index=trainer.shards.index,
-                           options=c.model_options)
+                           options=c.model_options, mmtm=trainer.spec.get("mmtm", False))
         best.load_state_dict(D.broadcast_object(state, ctx))
         best.to(ctx.device)
         summary["linear_probe"] = linear_probe(

@@ -13,6 +13,8 @@ its own unimodal heads on the encoders' features (not detached), beside the fusi
 classifiers, not slices of one layer.
 A single modality (`modalities=["audio"]`) gives a unimodal model whose "fused" logits are
 that modality's logits.
+A model built with `mmtm=True` (Greedy) runs its audio and visual encoders stage by stage with
+MMTM blocks between them (avtrain/models/mmtm.py): `features` then gives the gated features.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ __all__ = ["AVModel", "build_model", "ENCODERS", "FUSIONS", "MODALITIES", "SEQUE
 class AVModel(nn.Module):
     def __init__(self, encoder: str, fusion: str, num_classes: int,
                  modalities: list[str] | tuple[str, ...] = MODALITIES,
-                 trained_unimodal_heads: bool = False):
+                 trained_unimodal_heads: bool = False, mmtm: bool = False):
         super().__init__()
         modalities = list(modalities)
         if not modalities or len(set(modalities)) != len(modalities):
@@ -51,6 +53,8 @@ class AVModel(nn.Module):
         self.modalities = [m for m in MODALITIES if m in modalities]
         self.spec = model_spec(encoder, fusion, num_classes, self.modalities,
                                trained_unimodal_heads)
+        if mmtm:
+            self.spec["mmtm"] = True
         self.trained_unimodal_heads = bool(trained_unimodal_heads)
         self.encoders = nn.ModuleDict({m: build_encoder(encoder, m) for m in self.modalities})
         dims = {m: self.encoders[m].out_dim for m in self.modalities}
@@ -65,6 +69,11 @@ class AVModel(nn.Module):
             self.aux_heads = nn.ModuleDict(
                 {m: nn.Linear(dims[m], num_classes) for m in self.modalities}
                 if separate else {})
+        self.mmtm = None
+        if mmtm:
+            from .mmtm import MMTMFusionTrunk
+
+            self.mmtm = MMTMFusionTrunk(self.encoders, self.modalities)
 
     @property
     def heads(self) -> nn.ModuleDict:
@@ -79,6 +88,8 @@ class AVModel(nn.Module):
 
     def features(self, batch: dict) -> dict[str, torch.Tensor]:
         """One feature vector per clip and modality: {modality: [B, D]}."""
+        if self.mmtm is not None:
+            return self.mmtm(self.encoders, batch)
         return {m: self.encoders[m](batch[m]) for m in self.modalities}
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -107,10 +118,13 @@ def model_spec(encoder: str, fusion: str, num_classes: int, modalities, trained_
 def build_model(model: str = "resnet18", fusion: str = "concat", num_classes: int = 2,
                 modalities=("audio", "visual"), trained_unimodal_heads: bool = False, *,
                 index: dict | None = None, inputs: dict | None = None,
-                options: dict | None = None) -> nn.Module:
+                options: dict | None = None, mmtm: bool = False) -> nn.Module:
     """An encoder + fusion `AVModel`, or a sequence transformer (emt, mbt, umt, ca) whose
     per-modality inputs come from `inputs` or the shard set's `index` (index.json)."""
     if model in SEQUENCE_MODELS:
+        if mmtm:
+            raise UserError(f"MMTM blocks (--method greedy) go between resnet18 or tiny "
+                            f"encoders, not into the sequence model {model!r}")
         return build_sequence_model(model, num_classes, modalities,
                                     inputs or input_specs(index or {}, modalities),
                                     trained_unimodal_heads=trained_unimodal_heads,
@@ -118,4 +132,4 @@ def build_model(model: str = "resnet18", fusion: str = "concat", num_classes: in
     if model not in ENCODERS:
         raise UserError(f"unknown model {model!r}; choose one of: "
                         f"{', '.join(sorted([*ENCODERS, *SEQUENCE_MODELS]))}")
-    return AVModel(model, fusion, num_classes, modalities, trained_unimodal_heads)
+    return AVModel(model, fusion, num_classes, modalities, trained_unimodal_heads, mmtm=mmtm)
