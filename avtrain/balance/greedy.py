@@ -73,7 +73,7 @@ Where we differ from the released code, and why:
 BalanceMM's port differs from the authors in: its threshold (alpha 0.001), no warm-up epoch,
 MMTM also after layer 1, CE on the fused (concat) logits, per-modality running means, and its
 `MMTM.forward` as published resets `running_avg_weight` to {} before reading it (a KeyError) and
-hard-codes a batch of 64 for video; it steps without the window's reset on its first steps.
+hard-codes a batch of 64 for video.
 """
 
 from __future__ import annotations
