@@ -472,10 +472,10 @@ def _fit_options(f):
                      "ReconBoost: weight of its (gradient-free) GA term [default: 0.5]; AGM: "
                      "strength of its coefficients [default: 1.0]"),
         click.option("--modulation-start", type=int, help="First modulated epoch [default: 0; "
-                     "opm: 6, after its 6 warm-up epochs]"),
+                     "opm: 6, after its 6 warm-up epochs; greedy: 1]"),
         click.option("--modulation-end", type=int, help="Last modulated epoch [default: 50; "
-                     "pmr: 100; opm: no end; agm: 19, the released first 20 epochs; "
-                     "amco: 80]"),
+                     "pmr: 100; opm, greedy: no end; agm: 19, the released first 20 "
+                     "epochs; amco: 80]"),
         click.option("--modulate", help="conv or encoder: parameters OGM scales [default: conv]"),
         click.option("--olm-initial", help="OLM initial losses: mean (of the first epoch) or "
                      "last-batch (of the first epoch, as released) [default: mean]"),
@@ -525,6 +525,17 @@ def _fit_options(f):
         click.option("--amco-eps", type=float, help="AMCo: length of the mask ramp, > 0; the "
                      "masked fraction is sin(pi/2 min(eps, l)/eps), l growing by epoch/10 per "
                      "step from 0 each epoch [default: 0.3, as BalanceMM]"),
+        click.option("--greedy-epsilon", type=float, help="Greedy: a re-balancing window starts "
+                     "when |BDR_audio - BDR_visual| (the conditional learning speeds' difference) "
+                     "exceeds this [default: 0.01, as released; BalanceMM 0.001]"),
+        click.option("--greedy-window", type=int, help="Greedy: re-balancing steps per window "
+                     "[default: 5, as released]"),
+        click.option("--greedy-loss", help="Greedy: unimodal (the sum of the per-modality CEs, "
+                     "as released) or fused (CE of the fused logits, as BalanceMM) "
+                     "[default: unimodal]"),
+        click.option("--greedy-average", help="Greedy: own (each modality's MMTM gates are "
+                     "replaced by their own running mean) or released (the second modality's "
+                     "by the first's, the released slip) [default: own]"),
     ]
     for opt in reversed(opts):
         f = opt(f)

@@ -94,6 +94,10 @@ class TrainConfig:
     agm_after_window: str = "hold"  # hold (released: last coefficients stay) | reset (1)
     amco_sigma: float | None = None  # AMCo dependence threshold on the softmax share; None: 0.5
     amco_eps: float | None = None  # AMCo mask ramp length (l_t units); None: 0.3 (BalanceMM)
+    greedy_epsilon: float | None = None  # Greedy threshold on |d BDR|; None: 0.01 (released)
+    greedy_window: int | None = None  # Greedy re-balancing steps per window; None: 5 (released)
+    greedy_loss: str = "unimodal"  # unimodal (released: sum of branch CEs) | fused (BalanceMM)
+    greedy_average: str = "own"  # own | released: the MMTM running means of Greedy's steps
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -143,12 +147,12 @@ def _coerce(name: str, value):
     kind = type(default) if default is not None and default is not dataclasses.MISSING else None
     if name in ("clip_grad", "alpha", "olm_lr", "olm_weight_decay", "pmr_momentum",
                 "opm_q_base", "opm_p_exe", "reconboost_weight1", "reconboost_weight2",
-                "agm_cap", "agm_clip", "amco_sigma", "amco_eps"):
+                "agm_cap", "agm_clip", "amco_sigma", "amco_eps", "greedy_epsilon"):
         kind = float
     elif name in ("eval_batch_size", "steps_per_epoch", "frames", "crop_columns", "folds",
                   "global_batch_size", "lr_step", "probe_every", "modulation_end",
                   "modulation_start", "pmr_proto_batches", "reconboost_stage_epochs",
-                  "reconboost_correct_epochs"):
+                  "reconboost_correct_epochs", "greedy_window"):
         kind = int
     elif name == "reconboost_reset_optimizer":
         kind = bool

@@ -83,7 +83,8 @@ def build_training_model(config: TrainConfig, num_classes: int, *,
     method = get_method(config.method)
     model = build_model(config.model, config.fusion, num_classes, config.modalities,
                         trained_unimodal_heads=method.trained_unimodal_heads, index=index,
-                        options=config.model_options, output_layer=method.output_layer)
+                        options=config.model_options, output_layer=method.output_layer,
+                        mmtm=getattr(method, "mmtm", False))
     return apply_init(model, config.init)
 
 
@@ -204,7 +205,8 @@ def model_from_checkpoint(ckpt: dict, shards: ShardSet | None = None) -> torch.n
         model = build_model(spec["model"], spec["fusion"], spec["num_classes"],
                             spec["modalities"], spec.get("trained_unimodal_heads", False),
                             inputs=spec.get("inputs"), options=spec.get("options"),
-                            output_layer=spec.get("output_layer", False))
+                            output_layer=spec.get("output_layer", False),
+                            mmtm=spec.get("mmtm", False))
     except KeyError:
         raise UserError(f"{ckpt.get('path')}: checkpoint has no model description") from None
     load_model_state(model, ckpt)
@@ -626,7 +628,8 @@ def _fit(config: TrainConfig, ctx: D.Context, resume: str | None) -> dict:
         best = build_model(c.model, c.fusion, trainer.shards.num_classes, c.modalities,
                            trainer.spec["trained_unimodal_heads"], index=trainer.shards.index,
                            options=c.model_options,
-                           output_layer=trainer.spec.get("output_layer", False))
+                           output_layer=trainer.spec.get("output_layer", False),
+                           mmtm=trainer.spec.get("mmtm", False))
         best.load_state_dict(D.broadcast_object(state, ctx))
         best.to(ctx.device)
         summary["linear_probe"] = linear_probe(

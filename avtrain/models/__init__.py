@@ -16,6 +16,8 @@ that modality's logits.
 A model built with `output_layer=True` (AMCo) passes the fused logits through one more
 Linear(C, C) -- BalanceMM's `BaseClassifierAMCoModel.linear_star` -- in every forward, training
 and evaluation alike; the per-modality logits are unchanged.
+A model built with `mmtm=True` (Greedy) runs its audio and visual encoders stage by stage with
+MMTM blocks between them (avtrain/models/mmtm.py): `features` then gives the gated features.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ __all__ = ["AVModel", "build_model", "ENCODERS", "FUSIONS", "MODALITIES", "SEQUE
 class AVModel(nn.Module):
     def __init__(self, encoder: str, fusion: str, num_classes: int,
                  modalities: list[str] | tuple[str, ...] = MODALITIES,
-                 trained_unimodal_heads: bool = False, output_layer: bool = False):
+                 trained_unimodal_heads: bool = False, output_layer: bool = False,
+                 mmtm: bool = False):
         super().__init__()
         modalities = list(modalities)
         if not modalities or len(set(modalities)) != len(modalities):
@@ -54,6 +57,8 @@ class AVModel(nn.Module):
         self.modalities = [m for m in MODALITIES if m in modalities]
         self.spec = model_spec(encoder, fusion, num_classes, self.modalities,
                                trained_unimodal_heads, output_layer)
+        if mmtm:
+            self.spec["mmtm"] = True
         self.trained_unimodal_heads = bool(trained_unimodal_heads)
         self.encoders = nn.ModuleDict({m: build_encoder(encoder, m) for m in self.modalities})
         dims = {m: self.encoders[m].out_dim for m in self.modalities}
@@ -71,6 +76,11 @@ class AVModel(nn.Module):
         # AMCo's linear_star on the fused logits (None: the fused logits are the fusion's)
         self.output_layer = (nn.Linear(num_classes, num_classes)
                              if output_layer and not self.unimodal else None)
+        self.mmtm = None
+        if mmtm:
+            from .mmtm import MMTMFusionTrunk
+
+            self.mmtm = MMTMFusionTrunk(self.encoders, self.modalities)
 
     @property
     def heads(self) -> nn.ModuleDict:
@@ -85,6 +95,8 @@ class AVModel(nn.Module):
 
     def features(self, batch: dict) -> dict[str, torch.Tensor]:
         """One feature vector per clip and modality: {modality: [B, D]}."""
+        if self.mmtm is not None:
+            return self.mmtm(self.encoders, batch)
         return {m: self.encoders[m](batch[m]) for m in self.modalities}
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -119,11 +131,15 @@ def model_spec(encoder: str, fusion: str, num_classes: int, modalities, trained_
 def build_model(model: str = "resnet18", fusion: str = "concat", num_classes: int = 2,
                 modalities=("audio", "visual"), trained_unimodal_heads: bool = False, *,
                 index: dict | None = None, inputs: dict | None = None,
-                options: dict | None = None, output_layer: bool = False) -> nn.Module:
+                options: dict | None = None, output_layer: bool = False,
+                mmtm: bool = False) -> nn.Module:
     """An encoder + fusion `AVModel`, or a sequence transformer (emt, mbt, umt, ca) whose
     per-modality inputs come from `inputs` or the shard set's `index` (index.json).
     `output_layer` (AMCo's linear_star) exists for `AVModel` only."""
     if model in SEQUENCE_MODELS:
+        if mmtm:
+            raise UserError(f"MMTM blocks (--method greedy) go between resnet18 or tiny "
+                            f"encoders, not into the sequence model {model!r}")
         return build_sequence_model(model, num_classes, modalities,
                                     inputs or input_specs(index or {}, modalities),
                                     trained_unimodal_heads=trained_unimodal_heads,
@@ -131,4 +147,5 @@ def build_model(model: str = "resnet18", fusion: str = "concat", num_classes: in
     if model not in ENCODERS:
         raise UserError(f"unknown model {model!r}; choose one of: "
                         f"{', '.join(sorted([*ENCODERS, *SEQUENCE_MODELS]))}")
-    return AVModel(model, fusion, num_classes, modalities, trained_unimodal_heads, output_layer)
+    return AVModel(model, fusion, num_classes, modalities, trained_unimodal_heads, output_layer,
+                   mmtm=mmtm)
