@@ -84,6 +84,9 @@ class TrainConfig:
     pmr_proto_batches: int | None = None  # PMR prototype batches; None: steps per epoch // 10
     opm_q_base: float | None = None  # OPM base drop probability; None: 0.5 (released)
     opm_p_exe: float | None = None  # OPM probability that a step drops at all; None: 0.7
+    mla_projection: str = "none"  # MLA head-gradient edit: none (released) | owm | owm-add
+    mla_gate: str = "entropy"  # MLA test-time fusion: entropy | batch-entropy (released) | fixed
+    mla_stale_grads: str = "zero"  # MLA zero_grad between modalities: zero (released) | none
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -217,6 +220,9 @@ def check(config: TrainConfig) -> None:
                           ("train_crop", ("clip", "frame")),
                           ("olm_reduction", ("sum", "mean")),
                           ("olm_heldout", ("train", "eval")),
+                          ("mla_projection", ("none", "owm", "owm-add")),
+                          ("mla_gate", ("entropy", "batch-entropy", "fixed")),
+                          ("mla_stale_grads", ("zero", "none")),
                           ("init", INITS)):
         if getattr(config, name) not in choices:
             raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "

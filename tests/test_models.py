@@ -9,7 +9,8 @@ import torch
 from avprep.errors import UserError
 from avtrain.models import FUSIONS, build_model
 
-ALL_FUSIONS = ["sum", "concat", "film", "gated", "bilinear", "attention", "bilinear_tanh", "mha"]
+ALL_FUSIONS = ["sum", "concat", "film", "gated", "bilinear", "attention", "bilinear_tanh", "mha",
+               "shared"]
 MIXING = ["film", "gated", "bilinear", "attention", "bilinear_tanh", "mha"]
 
 

@@ -3,12 +3,13 @@
 Adding a method is one module with a `Balancer` subclass plus one `register` line here.
 
 Methods: `none` (CE on the fused logits), `ogm`, `ogm_ge` (ogm.py), `olm`, `olm_com` (olm.py),
-`pmr` (pmr.py), `opm` (opm.py). How a method plugs in (hooks, or owning the whole step) is in
+`pmr` (pmr.py), `opm` (opm.py), `mla` (mla.py). How a method plugs in (hooks, or owning the whole step) is in
 base.py.
 Their rules are reusable on their own: `ogm_scores(logits, labels, modalities)`,
 `ogm_coefficients(scores, alpha)`, `modulated_parameters(encoder, "conv"|"encoder")` and
 `olm_ratios(rule, train_now, train_init, val_now, val_init)`, `pmr_coefficients(scores, alpha)`
-and `prototype_logits(features, prototypes)`, `opm_drop_probabilities(scores, q_base, lam)`.
+and `prototype_logits(features, prototypes)`, `opm_drop_probabilities(scores, q_base, lam)`,
+`owm_update(P, r, alpha)` and `project_gradient(grad, P, mode)` (MLA's head-gradient edit).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from avprep.errors import UserError
 
 from .base import Balancer
+from .mla import MLA, owm_update, project_gradient
 from .ogm import OGM, OGMGE, modulated_parameters, ogm_coefficients, ogm_scores
 from .olm import OLM, OLMCom, olm_ratios
 from .opm import OPM, opm_drop_probabilities
@@ -48,7 +50,9 @@ register(OLM)
 register(OLMCom)
 register(PMR)
 register(OPM)
+register(MLA)
 
 __all__ = ["Balancer", "METHODS", "register", "get_method", "build_balancer",
            "ogm_coefficients", "ogm_scores", "modulated_parameters", "olm_ratios",
-           "pmr_coefficients", "prototype_logits", "opm_drop_probabilities"]
+           "pmr_coefficients", "prototype_logits", "opm_drop_probabilities",
+           "owm_update", "project_gradient"]
