@@ -328,7 +328,8 @@ def test_cli_one_epoch_on_synth_logs_the_signal_and_evaluates_with_the_gate(shar
     from cli import avtrain
 
     run = tmp_path / "run"
-    out = CliRunner().invoke(avtrain, fit_args(shards, run, 1, mla_gate="fixed"))
+    out = CliRunner().invoke(avtrain, fit_args(shards, run, 1, "--linear-probe",
+                                               mla_gate="fixed"))
     assert out.exit_code == 0, out.output
     steps = step_records(run)
     assert len(steps) == 3
@@ -338,6 +339,7 @@ def test_cli_one_epoch_on_synth_logs_the_signal_and_evaluates_with_the_gate(shar
     assert all(r["gate_audio"] == pytest.approx(0.55) for r in steps)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == "mla"
+    assert "visual" in json.dumps(summary["linear_probe"])  # rebuilt with the shared head
     from avtrain.report import balancing_keys, load_run
 
     assert "uniloss_audio" in balancing_keys(load_run(str(run)))  # drawn by `avtrain report`

@@ -83,7 +83,8 @@ on the bare model (`ctx.model`), never `ctx.net`, since a DDP replica joins one 
 forward; after each modality's backward the gradients of the head and of that encoder are
 averaged over the ranks by hand (one flat all-reduce), which is what DDP's reducer would give.
 DDP's forward also broadcasts rank 0's buffers (BatchNorm statistics) before computing; the step
-does the same before its encoder forward. r is averaged over ranks before it updates P, so every
+does the same before its encoder forward. `--compile` compiles `ctx.net`, which this step never
+calls: MLA runs uncompiled. r is averaged over ranks before it updates P, so every
 rank keeps the same P and the projection equals one process with the global batch.
 
 Signal (`step_metrics`, means over ranks): `uniloss_<m>` (each modality's CE), `gate_<m>` (its
