@@ -294,11 +294,16 @@ def test_stale_zero_gradients_move_the_first_encoder_again():
 
 
 def _ddp_run(rank: int, world: int) -> dict:
+    from avtrain.balance.mla import _broadcast_from_rank0
+
+    # buffers (BatchNorm statistics: float and int64) become rank 0's, as in DDP's forward
+    buffers = [torch.full((3,), rank + 0.5), torch.tensor([rank + 7]), torch.ones(2) * rank]
+    _broadcast_from_rank0(buffers)
     torch.manual_seed(0)
     t = trainer(bn=False, mla_projection="owm")
     per = BATCH // world
     params, metrics = our_train(t, av_data(), slice(rank * per, (rank + 1) * per))
-    return {"params": params[-1], "metrics": metrics, "P": t.balancer.P}
+    return {"params": params[-1], "metrics": metrics, "P": t.balancer.P, "buffers": buffers}
 
 
 def test_two_gloo_processes_equal_one_with_the_global_batch(tmp_path):
@@ -306,6 +311,8 @@ def test_two_gloo_processes_equal_one_with_the_global_batch(tmp_path):
     one = _ddp_run(0, 1)
     assert_ranks_equal_one(ranks, one)
     assert torch.equal(ranks[0]["P"], ranks[1]["P"])
+    for r in ranks:
+        assert [b.tolist() for b in r["buffers"]] == [[0.5] * 3, [7], [0.0, 0.0]]
     torch.testing.assert_close(ranks[0]["P"], one["P"], rtol=1e-5, atol=1e-6)
 
 
