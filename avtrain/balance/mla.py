@@ -91,13 +91,14 @@ Signal (`step_metrics`, means over ranks): `uniloss_<m>` (each modality's CE), `
 mean gate weight on the training batch), and with a projection `headkept_<m>` = ||edited
 grad_W|| / ||grad_W|| (how much of the head's gradient the projection keeps).
 
-Where we differ from the released code, and why: the gate default (per sample, see above);
-nothing is stepped by hand when one of the released branches crashes (three modalities are
-supported for any set with one feature width; the released projection is sized 512 and breaks
-for its 768-wide models); the loss for the log (mean, not av_alpha-weighted). BalanceMM:
-`owm-add` as its projection (and the name test fixed to "weight"), stale gradients as `none`, a
-separate encoder forward per modality, per-sample gate, a window [0, 80] after which it trains
-CE on the fused logits (and skips the optimizer step there); the authors have no window.
+Where we differ from the released code, and why: the gate default (per sample, see above) and
+log_softmax in the entropies; the projector is sized by the feature width D (released: a fixed
+512 x 512 eye, which would not fit its own 768-wide models); any set of modalities of one width
+(released: audio-visual, text-image, audio-visual-text); the loss for the log (mean, not
+av_alpha-weighted). BalanceMM: `owm-add` as its projection (its name test fixed to "weight"),
+stale gradients as `none`, a separate encoder forward per modality, per-sample gate, a window
+[0, 80] after which it backpropagates CE on the fused logits (without an optimizer step); the
+authors have no window.
 
 Bad input: --fusion other than concat/shared, one modality, encoders of different widths, a
 sequence model, an unknown choice: one `Error:` line before training.
