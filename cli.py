@@ -406,7 +406,8 @@ def _fit_options(f):
         click.option("--method", help="Balancing method: none, ogm, ogm_ge, olm, olm_com, ... "
                      "[default: none]"),
         click.option("--fusion", help="sum, concat, film, gated, bilinear, attention, "
-                     "bilinear_tanh, mha, boost (ReconBoost's shared head) [default: concat]"),
+                     "bilinear_tanh, mha, boost (ReconBoost's shared head), shared (one head "
+                     "for every modality; mla builds it from concat) [default: concat]"),
         click.option("--model", help="Encoders: resnet18 or tiny; or a sequence transformer: "
                      "emt, mbt, umt, ca [default: resnet18]"),
         click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE",
@@ -536,6 +537,18 @@ def _fit_options(f):
         click.option("--greedy-average", help="Greedy: own (each modality's MMTM gates are "
                      "replaced by their own running mean) or released (the second modality's "
                      "by the first's, the released slip) [default: own]"),
+        click.option("--mla-projection", help="MLA edit of the shared head's weight gradient"
+                     " before each modality's step: none (the released code, whose name test "
+                     "never matches), owm (the paper's projection, the first release) or owm-add"
+                     " (BalanceMM: grad + grad P^T) [default: none]"),
+        click.option("--mla-gate", help="MLA test-time fusion of the shared head's logits (the "
+                     "fused logits): entropy (per sample, the paper), batch-entropy (the "
+                     "released --dynamic code: softmax over the batch) or fixed (the released "
+                     "0.55/0.45 weights) [default: entropy]"),
+        click.option("--mla-stale-grads", help="MLA: what zero_grad leaves between the "
+                     "modalities of a step: zero (released, torch 1.8.1: earlier modalities "
+                     "are stepped again by momentum/weight decay) or none (BalanceMM) "
+                     "[default: zero]"),
     ]
     for opt in reversed(opts):
         f = opt(f)

@@ -98,6 +98,9 @@ class TrainConfig:
     greedy_window: int | None = None  # Greedy re-balancing steps per window; None: 5 (released)
     greedy_loss: str = "unimodal"  # unimodal (released: sum of branch CEs) | fused (BalanceMM)
     greedy_average: str = "own"  # own | released: the MMTM running means of Greedy's steps
+    mla_projection: str = "none"  # MLA head-gradient edit: none (released) | owm | owm-add
+    mla_gate: str = "entropy"  # MLA test-time fusion: entropy | batch-entropy (released) | fixed
+    mla_stale_grads: str = "zero"  # MLA zero_grad between modalities: zero (released) | none
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -235,6 +238,9 @@ def check(config: TrainConfig) -> None:
                           ("train_crop", ("clip", "frame")),
                           ("olm_reduction", ("sum", "mean")),
                           ("olm_heldout", ("train", "eval")),
+                          ("mla_projection", ("none", "owm", "owm-add")),
+                          ("mla_gate", ("entropy", "batch-entropy", "fixed")),
+                          ("mla_stale_grads", ("zero", "none")),
                           ("init", INITS)):
         if getattr(config, name) not in choices:
             raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "

@@ -81,7 +81,8 @@ def build_training_model(config: TrainConfig, num_classes: int, *,
     `_seed_everything`: every DDP rank then builds identical weights, as the released OGM-GE
     main.py builds and initialises its model right after `setup_seed` (lines 231-239)."""
     method = get_method(config.method)
-    model = build_model(config.model, config.fusion, num_classes, config.modalities,
+    model = build_model(config.model, method.model_fusion(config.fusion), num_classes,
+                        config.modalities,
                         trained_unimodal_heads=method.trained_unimodal_heads, index=index,
                         options=config.model_options, output_layer=method.output_layer,
                         mmtm=getattr(method, "mmtm", False))
@@ -625,7 +626,8 @@ def _fit(config: TrainConfig, ctx: D.Context, resume: str | None) -> dict:
 
         # rank 0 wrote best.pt; other ranks (maybe on other machines) get its weights from it
         state = load_checkpoint(os.path.join(run, "best.pt"))["model"] if ctx.main else None
-        best = build_model(c.model, c.fusion, trainer.shards.num_classes, c.modalities,
+        best = build_model(c.model, trainer.spec["fusion"], trainer.shards.num_classes,
+                           c.modalities,
                            trainer.spec["trained_unimodal_heads"], index=trainer.shards.index,
                            options=c.model_options,
                            output_layer=trainer.spec.get("output_layer", False),

@@ -4,7 +4,8 @@ Adding a method is one module with a `Balancer` subclass plus one `register` lin
 
 Methods: `none` (CE on the fused logits), `ogm`, `ogm_ge` (ogm.py), `olm`, `olm_com` (olm.py),
 `pmr` (pmr.py), `opm` (opm.py), `reconboost` (reconboost.py), `agm` (agm.py), `amco` (amco.py),
-`greedy` (greedy.py). How a method plugs in (hooks, or owning the whole step) is in base.py.
+`greedy` (greedy.py), `mla` (mla.py). How a method plugs in (hooks, or owning the whole step) is
+in base.py.
 Their rules are reusable on their own: `ogm_scores(logits, labels, modalities)`,
 `ogm_coefficients(scores, alpha)`, `modulated_parameters(encoder, "conv"|"encoder")` and
 `olm_ratios(rule, train_now, train_init, val_now, val_init)`, `pmr_coefficients(scores, alpha)`
@@ -13,7 +14,8 @@ and `prototype_logits(features, prototypes)`, `opm_drop_probabilities(scores, q_
 `boosting_loss(logits, join, labels, weight1, weight2)`,
 `agm_contributions(outputs, modalities)` and `agm_coefficients(scores, running, alpha, cap)`,
 `amco_masked_count(level, eps, classes)` and `amco_share_sums(unimodal_logits)`,
-`greedy_speed_difference(m_sums)` and `greedy_rule(state, d, ...)`.
+`greedy_speed_difference(m_sums)` and `greedy_rule(state, d, ...)`,
+`owm_update(P, r, alpha)` and `project_gradient(grad, P, mode)` (MLA's head-gradient edit).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .agm import AGM, agm_coefficients, agm_contributions
 from .amco import AMCo, amco_masked_count, amco_share_sums
 from .base import Balancer
 from .greedy import Greedy, greedy_rule, greedy_speed_difference
+from .mla import MLA, owm_update, project_gradient
 from .ogm import OGM, OGMGE, modulated_parameters, ogm_coefficients, ogm_scores
 from .olm import OLM, OLMCom, olm_ratios
 from .opm import OPM, opm_drop_probabilities
@@ -61,9 +64,11 @@ register(ReconBoost)
 register(AGM)
 register(AMCo)
 register(Greedy)
+register(MLA)
 
 __all__ = ["Balancer", "METHODS", "register", "get_method", "build_balancer",
            "ogm_coefficients", "ogm_scores", "modulated_parameters", "olm_ratios",
            "pmr_coefficients", "prototype_logits", "opm_drop_probabilities",
            "reconboost_stage", "boosting_loss", "agm_contributions", "agm_coefficients",
-           "amco_masked_count", "amco_share_sums", "greedy_rule", "greedy_speed_difference"]
+           "amco_masked_count", "amco_share_sums", "greedy_rule", "greedy_speed_difference",
+           "owm_update", "project_gradient"]

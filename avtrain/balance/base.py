@@ -41,7 +41,7 @@ Which level each method of issue #19 needs -- the test of this design:
 | OLM, OLM-com | hooks | loss of weighted logits, own optimizer after the step; held-out forward via `feed_heldout` |
 | PMR | hooks + start_epoch | prototypes before each epoch; the step is CE plus a prototype CE on the weak modality, read from the same forward (encoder outputs kept by forward hooks) |
 | MMPareto | owns the step | backward of the multimodal and of each unimodal loss separately (`autograd.grad` w.r.t. the encoders), min-norm combination, one step |
-| MLA | owns the step | one modality per step through the shared head, gradient edit between modalities |
+| MLA | owns the step | one encoder forward of the bare model, then per modality: CE of the shared head's logits, backward, gradients all-reduced by hand, head-gradient edit, optimizer step; its model is built with the `shared` fusion (`model_fusion`) |
 | ReconBoost | owns the step | alternates which modality's learner is updated; reconcilement term from the other's frozen output |
 | AGM | owns the step | extra forwards of the bare model with modalities' inputs zeroed (eval mode, with grad, as released) give each modality's Shapley contribution; the gradient reaching each contribution is scaled in the one backward, which DDP reduces whole |
 | OPM | hooks + a forward pre-hook | the fusion's input changes: `train_step` arms a pre-hook on the bare model's fusion (with the step's labels, epoch, step) and runs the default sequence, so the one forward of `ctx.net` (DDP) scores the modalities and drops the dominant one's features before fusing |
@@ -119,6 +119,12 @@ class Balancer:
         self.config = dict(config or {})
         self.modalities = list(modalities or getattr(model, "modalities", ["audio", "visual"]))
         self.device = torch.device(device)
+
+    @classmethod
+    def model_fusion(cls, fusion: str) -> str:
+        """The fusion this method's model is built with, given --fusion: that one for most
+        methods; MLA builds its shared head. May raise UserError (before any training)."""
+        return fusion
 
     def train_step(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One optimisation step -> (loss, logits): the hook sequence of the module docstring.

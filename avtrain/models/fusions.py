@@ -6,6 +6,12 @@ logits (OGM-GE's weight split for concat), so `modality_logits` returns them. Th
 non-linearly; the model then adds auxiliary per-modality heads (see `AVModel`). Modalities are
 always in the model's order (audio first), as the seeds concatenate [audio; visual].
 
+`shared` is MLA's shared head (Zhang et al., CVPR 2024): one linear layer reads every
+modality's features (all of one width); the per-modality logits are that head's outputs and the
+fused logits their uncertainty-gated combination (`gate_logits`), the released test-time fusion.
+It is `decomposable` in the sense the model needs: its per-modality logits come from the fusion
+itself (no auxiliary heads), though they are weighted, not summed.
+
 `film`, `gated`, `bilinear` and `attention` are the fusions of OLM's released code (Zong et
 al., IJCAI 2024; github.com/anonymous-gitlab/OLM, models/fusion_modules.py: `FiLM(x_film=True)`,
 `GatedFusion(x_gate=True)`, `Bilinear`, `Attention`, as its models/basic_model.py builds them,
@@ -236,12 +242,103 @@ class BoostFusion(Fusion):
         parts = self.modality_logits(feats)
         total = sum(self.members[i] * parts[m] for i, m in enumerate(self.modalities))
         return self.boost_rate * total
+GATES = ("entropy", "batch-entropy", "fixed")
+
+# the released fixed-fusion weights (main.py: `main(av_alpha = 0.55)`, valid(): a_alpha 0.35,
+# v_alpha 0.25, t_alpha 0.4); its text-image models put av_alpha on the text branch
+FIXED_GATE_WEIGHTS = {
+    ("audio", "visual"): {"audio": 0.55, "visual": 0.45},
+    ("visual", "text"): {"visual": 0.45, "text": 0.55},
+    ("audio", "visual", "text"): {"audio": 0.35, "visual": 0.25, "text": 0.4},
+}
+
+
+def _entropy_weights(entropy: torch.Tensor) -> torch.Tensor:
+    """exp(max_m e_m - e_m) / sum_k exp(max e - e_k) over the modality axis 0 (released
+    `calculate_gating_weights`): the less uncertain modality gets the larger weight."""
+    w = torch.exp(entropy.max(dim=0, keepdim=True).values - entropy)
+    return w / w.sum(dim=0, keepdim=True)
+
+
+def gate_weights(logits: torch.Tensor, rule: str, fixed: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """Weights [M, B, 1] of the per-modality logits [M, B, C] in the fused prediction.
+
+    - `entropy`: per sample, e_m = -sum_c p log p of softmax over the classes (the paper's
+      test-time fusion; BalanceMM's `calculate_entropy(dim=1)`; the released line 67, commented);
+    - `batch-entropy`: the released `--dynamic` code exactly (main.py lines 65-87): softmax over
+      the *batch* axis (dim=0), e_m summed over the whole batch, one weight per modality and
+      batch -- a sample's prediction then depends on the others in its batch;
+    - `fixed`: the released fixed fusion, constant weights (`fixed`, [M]).
+    """
+    x = logits.float()
+    if rule == "fixed":
+        return fixed.to(x.device, x.dtype).view(-1, 1, 1).expand(x.shape[0], x.shape[1], 1)
+    if rule == "batch-entropy":
+        p = torch.softmax(x, dim=1)  # [M, B, C]: dim 1 is each modality's batch axis
+        entropy = -(p * torch.log_softmax(x, dim=1)).sum(dim=(1, 2))  # [M]
+        return _entropy_weights(entropy).view(-1, 1, 1).expand(x.shape[0], x.shape[1], 1)
+    p = torch.softmax(x, dim=2)
+    entropy = -(p * torch.log_softmax(x, dim=2)).sum(dim=2, keepdim=True)  # [M, B, 1]
+    return _entropy_weights(entropy)
+
+
+class SharedHeadFusion(Fusion):
+    """MLA: one head fc_out (Linear(D, C)) for every modality; fused = sum_m w_m fc_out(f_m)
+    with the gate weights w of `gate_weights`. The rule is a buffer (`gate`, an index into
+    GATES; `fixed` its constant weights), so a checkpoint evaluates with the rule it was
+    trained with; a method sets it with `set_gate`."""
+
+    decomposable = True
+
+    def __init__(self, modalities, dims, num_classes):
+        super().__init__(modalities, dims, num_classes)
+        widths = sorted({dims[m] for m in self.modalities})
+        if len(widths) != 1:
+            raise UserError(f"fusion 'shared' reads every modality with one head and needs "
+                            f"features of one width, got {dims}")
+        self.dim = widths[0]
+        self.fc_out = nn.Linear(self.dim, num_classes)
+        self.register_buffer("gate", torch.tensor(0))
+        self.register_buffer("fixed", torch.full((len(self.modalities),),
+                                                 1.0 / len(self.modalities)))
+        self.rule = GATES[0]  # the buffer's value as a str: forward reads no device tensor
+
+    def set_gate(self, rule: str) -> None:
+        if rule not in GATES:
+            raise UserError(f"gate must be one of {', '.join(GATES)}, got {rule!r}")
+        if rule == "fixed":
+            weights = FIXED_GATE_WEIGHTS.get(tuple(self.modalities))
+            if weights is None:
+                raise UserError("the fixed gate has released weights for "
+                                f"{'; '.join(','.join(k) for k in FIXED_GATE_WEIGHTS)}, not "
+                                f"{','.join(self.modalities)}")
+            self.fixed.copy_(torch.tensor([weights[m] for m in self.modalities]))
+        self.gate.fill_(GATES.index(rule))
+        self.rule = rule
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "gate" in state_dict:  # once per load, never in a forward
+            self.rule = GATES[int(state_dict[prefix + "gate"])]
+
+    def modality_logits(self, feats):
+        return {m: self.fc_out(feats[m]) for m in self.modalities}
+
+    def fuse(self, logits: dict[str, torch.Tensor]) -> torch.Tensor:
+        stacked = torch.stack([logits[m] for m in self.modalities])
+        weights = gate_weights(stacked, self.rule, self.fixed)
+        return (stacked * weights.to(stacked.dtype)).sum(dim=0)
+
+    def forward(self, feats):
+        return self.fuse(self.modality_logits(feats))
 
 
 FUSIONS: dict[str, Callable[..., Fusion]] = {
     "sum": SumFusion, "concat": ConcatFusion, "film": FiLMFusion, "gated": GatedFusion,
     "bilinear": BilinearFusion, "attention": AttentionFusion,
     "bilinear_tanh": BilinearTanhFusion, "mha": MHAFusion, "boost": BoostFusion,
+    "shared": SharedHeadFusion,
 }
 
 
