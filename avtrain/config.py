@@ -84,6 +84,11 @@ class TrainConfig:
     pmr_proto_batches: int | None = None  # PMR prototype batches; None: steps per epoch // 10
     opm_q_base: float | None = None  # OPM base drop probability; None: 0.5 (released)
     opm_p_exe: float | None = None  # OPM probability that a step drops at all; None: 0.7
+    relearning_lambda: float | None = None  # Re-learning tanh(lambda * purity gap); None: 3
+    relearning_every: int | None = None  # Re-learning after every N-th epoch; None: 20
+    relearning_times: int | None = None  # Re-learning at most this many times; None: 3
+    relearning_kmeans: str = "torch"  # torch | sklearn: Re-learning's k-means
+    relearning_n_init: int | None = None  # Re-learning k-means runs (best inertia); None: 10
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -132,11 +137,12 @@ def _coerce(name: str, value):
     default = FIELDS[name].default
     kind = type(default) if default is not None and default is not dataclasses.MISSING else None
     if name in ("clip_grad", "alpha", "olm_lr", "olm_weight_decay", "pmr_momentum",
-                "opm_q_base", "opm_p_exe"):
+                "opm_q_base", "opm_p_exe", "relearning_lambda"):
         kind = float
     elif name in ("eval_batch_size", "steps_per_epoch", "frames", "crop_columns", "folds",
                   "global_batch_size", "lr_step", "probe_every", "modulation_end",
-                  "modulation_start", "pmr_proto_batches"):
+                  "modulation_start", "pmr_proto_batches", "relearning_every",
+                  "relearning_times", "relearning_n_init"):
         kind = int
     try:
         if kind is bool and isinstance(value, str):
@@ -217,7 +223,8 @@ def check(config: TrainConfig) -> None:
                           ("train_crop", ("clip", "frame")),
                           ("olm_reduction", ("sum", "mean")),
                           ("olm_heldout", ("train", "eval")),
-                          ("init", INITS)):
+                          ("init", INITS),
+                          ("relearning_kmeans", ("torch", "sklearn"))):
         if getattr(config, name) not in choices:
             raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
                             f"got {getattr(config, name)!r}")
