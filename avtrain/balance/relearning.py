@@ -6,7 +6,7 @@ Learning", ECCV 2024. Released code: github.com/GeWu-Lab/Diagnosing_Relearning_E
 reinit_num 3), `purity_score` (63-95), `reinit_score` (99-135), `reinit` (139-169),
 `train_epoch` (172-213: plain CE, the baseline's step), `get_feature` (300-324), the schedule in
 `main` (345-349 the initial weights, 378-427 the loop); code/script/ours.sh (the CREMA-D run:
-90 epochs, the same three values); code/dataset/av_dataset.py (lines 34-41, 85-109: the
+90 epochs, the same three values); code/dataset/av_dataset.py (lines 35-42, 85-109: the
 `my_train` and `val` splits both read without augmentation). BalanceMM's re-implementation:
 GeWu-Lab/BalanceBenchmark (commit 4c1482f) balancemm/trainer/ReLearning_trainer.py
 (`get_feature` 67-88, `reinit_score` 90-119, `reinit` 122-134, the schedule 179-201) and
@@ -84,6 +84,11 @@ Where we differ from the released code, and why:
   authors' code has audio and visual);
 - the val split here is also the split that picks the best epoch (the released code picks on
   test and diagnoses on val); the method needs held-out data by definition;
+- the features are computed under the loop's autocast (bf16 on CUDA with --amp, as our
+  training forward; the released code runs fp32 throughout);
+- a protocol note, not a method difference: the released ours.py also *trains* on `my_train`
+  without augmentation (av_dataset.py augments only mode 'train'); our training keeps the
+  run's train transforms, the diagnosis reads both splits without augmentation as released;
 - empty k-means clusters are refilled with the farthest points in descending distance order
   (sklearn: the same points, in argpartition's order).
 
