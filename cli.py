@@ -549,6 +549,19 @@ def _fit_options(f):
                      "modalities of a step: zero (released, torch 1.8.1: earlier modalities "
                      "are stepped again by momentum/weight decay) or none (BalanceMM) "
                      "[default: zero]"),
+        click.option("--relearning-lambda", type=float, help="Re-learning: strength "
+                     "w = tanh(lambda * |purity(train) - purity(val)|) of each encoder's soft "
+                     "re-initialisation [default: 3, as released]"),
+        click.option("--relearning-every", type=int, help="Re-learning: diagnose and "
+                     "re-initialise after every N-th epoch [default: 20, as released; "
+                     "BalanceMM 15]"),
+        click.option("--relearning-times", type=int, help="Re-learning: at most this many "
+                     "re-initialisations [default: 3, as released; BalanceMM 2]"),
+        click.option("--relearning-kmeans", help="Re-learning k-means: torch (sklearn's "
+                     "algorithm, seeded by --seed and epoch) or sklearn (sklearn KMeans, "
+                     "random_state=0, as released; needs scikit-learn) [default: torch]"),
+        click.option("--relearning-n-init", type=int, help="Re-learning: k-means runs, the "
+                     "best inertia kept [default: 10, sklearn's default before 1.4]"),
     ]
     for opt in reversed(opts):
         f = opt(f)

@@ -101,6 +101,11 @@ class TrainConfig:
     mla_projection: str = "none"  # MLA head-gradient edit: none (released) | owm | owm-add
     mla_gate: str = "entropy"  # MLA test-time fusion: entropy | batch-entropy (released) | fixed
     mla_stale_grads: str = "zero"  # MLA zero_grad between modalities: zero (released) | none
+    relearning_lambda: float | None = None  # Re-learning tanh(lambda * purity gap); None: 3
+    relearning_every: int | None = None  # Re-learning after every N-th epoch; None: 20
+    relearning_times: int | None = None  # Re-learning at most this many times; None: 3
+    relearning_kmeans: str = "torch"  # torch | sklearn: Re-learning's k-means
+    relearning_n_init: int | None = None  # Re-learning k-means runs (best inertia); None: 10
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -150,12 +155,14 @@ def _coerce(name: str, value):
     kind = type(default) if default is not None and default is not dataclasses.MISSING else None
     if name in ("clip_grad", "alpha", "olm_lr", "olm_weight_decay", "pmr_momentum",
                 "opm_q_base", "opm_p_exe", "reconboost_weight1", "reconboost_weight2",
-                "agm_cap", "agm_clip", "amco_sigma", "amco_eps", "greedy_epsilon"):
+                "agm_cap", "agm_clip", "amco_sigma", "amco_eps", "greedy_epsilon",
+                "relearning_lambda"):
         kind = float
     elif name in ("eval_batch_size", "steps_per_epoch", "frames", "crop_columns", "folds",
                   "global_batch_size", "lr_step", "probe_every", "modulation_end",
                   "modulation_start", "pmr_proto_batches", "reconboost_stage_epochs",
-                  "reconboost_correct_epochs", "greedy_window"):
+                  "reconboost_correct_epochs", "greedy_window", "relearning_every",
+                  "relearning_times", "relearning_n_init"):
         kind = int
     elif name == "reconboost_reset_optimizer":
         kind = bool
@@ -241,7 +248,8 @@ def check(config: TrainConfig) -> None:
                           ("mla_projection", ("none", "owm", "owm-add")),
                           ("mla_gate", ("entropy", "batch-entropy", "fixed")),
                           ("mla_stale_grads", ("zero", "none")),
-                          ("init", INITS)):
+                          ("init", INITS),
+                          ("relearning_kmeans", ("torch", "sklearn"))):
         if getattr(config, name) not in choices:
             raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
                             f"got {getattr(config, name)!r}")

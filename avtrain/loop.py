@@ -283,7 +283,9 @@ class Trainer:
                                     c, self.shards.dataset, get_method(c.method).default_alpha),
                                 "dataset": self.shards.dataset,
                                 "num_classes": self.shards.num_classes,
-                                "steps_per_epoch": self.steps, "world_size": ctx.world}
+                                "steps_per_epoch": self.steps, "world_size": ctx.world,
+                                "split_samples": {"train": self.shards.samples("train"),
+                                                  c.val_split: self.shards.samples(c.val_split)}}
         self.balancer = build_balancer(c.method, self.model, self.balancer_config,
                                        modalities=self.model.modalities, device=ctx.device)
         self.start_epoch, self.step = 0, 0
@@ -396,9 +398,18 @@ class Trainer:
             for batch in loader:
                 yield to_device(batch, ctx.device, self.opts)
 
+        def eval_batches(split: str):
+            loader = eval_loader(self.shards, split, self.opts,
+                                 batch_size=c.eval_batch_size or c.batch_size, rank=ctx.rank,
+                                 world=ctx.world, workers=c.workers,
+                                 device_type=ctx.device.type)
+            for batch in loader:
+                yield to_device(batch, ctx.device, self.opts)
+
         return EpochContext(net=self.net, model=self.model, epoch=epoch, batches=batches,
                             autocast=lambda: _autocast(ctx.device, c.amp),
-                            steps_per_epoch=self.steps)
+                            steps_per_epoch=self.steps, eval_batches=eval_batches,
+                            val_split=c.val_split)
 
     def _log_step(self, epoch, loss, log, bar, correct, seen) -> None:
         ctx = self.ctx

@@ -4,8 +4,8 @@ Adding a method is one module with a `Balancer` subclass plus one `register` lin
 
 Methods: `none` (CE on the fused logits), `ogm`, `ogm_ge` (ogm.py), `olm`, `olm_com` (olm.py),
 `pmr` (pmr.py), `opm` (opm.py), `reconboost` (reconboost.py), `agm` (agm.py), `amco` (amco.py),
-`greedy` (greedy.py), `mla` (mla.py). How a method plugs in (hooks, or owning the whole step) is
-in base.py.
+`greedy` (greedy.py), `mla` (mla.py), `relearning` (relearning.py). How a method plugs in (hooks,
+or owning the whole step) is in base.py.
 Their rules are reusable on their own: `ogm_scores(logits, labels, modalities)`,
 `ogm_coefficients(scores, alpha)`, `modulated_parameters(encoder, "conv"|"encoder")` and
 `olm_ratios(rule, train_now, train_init, val_now, val_init)`, `pmr_coefficients(scores, alpha)`
@@ -15,7 +15,9 @@ and `prototype_logits(features, prototypes)`, `opm_drop_probabilities(scores, q_
 `agm_contributions(outputs, modalities)` and `agm_coefficients(scores, running, alpha, cap)`,
 `amco_masked_count(level, eps, classes)` and `amco_share_sums(unimodal_logits)`,
 `greedy_speed_difference(m_sums)` and `greedy_rule(state, d, ...)`,
-`owm_update(P, r, alpha)` and `project_gradient(grad, P, mode)` (MLA's head-gradient edit).
+`owm_update(P, r, alpha)` and `project_gradient(grad, P, mode)` (MLA's head-gradient edit),
+`minmax_scale(x)`, `kmeans(x, k)`, `purity(labels, clusters)` and
+`relearning_weight(p_train, p_val, lam)`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .olm import OLM, OLMCom, olm_ratios
 from .opm import OPM, opm_drop_probabilities
 from .pmr import PMR, pmr_coefficients, prototype_logits
 from .reconboost import ReconBoost, boosting_loss, reconboost_stage
+from .relearning import ReLearning, kmeans, minmax_scale, purity, relearning_weight
 
 METHODS: dict[str, type[Balancer]] = {}
 
@@ -65,10 +68,12 @@ register(AGM)
 register(AMCo)
 register(Greedy)
 register(MLA)
+register(ReLearning)
 
 __all__ = ["Balancer", "METHODS", "register", "get_method", "build_balancer",
            "ogm_coefficients", "ogm_scores", "modulated_parameters", "olm_ratios",
            "pmr_coefficients", "prototype_logits", "opm_drop_probabilities",
            "reconboost_stage", "boosting_loss", "agm_contributions", "agm_coefficients",
            "amco_masked_count", "amco_share_sums", "greedy_rule", "greedy_speed_difference",
-           "owm_update", "project_gradient"]
+           "owm_update", "project_gradient", "minmax_scale", "kmeans", "purity",
+           "relearning_weight"]

@@ -31,7 +31,8 @@ others and reduce their gradients itself, or run them under `no_grad`).
 **Epoch-level work.** `start_epoch(ectx)` receives an `EpochContext`: the models, epoch,
 `autocast()`, and `batches(n)`, n training batches (own order, train transforms) already on
 the device, for methods that measure the model on data before an epoch (PMR's prototypes,
-G-Blending's held-out weights).
+G-Blending's held-out weights); `eval_batches(split)` reads a whole split once across the
+ranks without augmentation (Re-learning's diagnosis of train and `val_split`).
 
 Which level each method of issue #19 needs -- the test of this design:
 
@@ -104,6 +105,10 @@ class EpochContext:
     batches: Callable[[int], Iterator[dict]]
     autocast: Callable[[], contextlib.AbstractContextManager] = _no_autocast
     steps_per_epoch: int = 1
+    # every sample of a split exactly once across all ranks, eval transforms, on the device,
+    # in eval-loader batches with their "key"s (Re-learning's diagnosis of train and val)
+    eval_batches: Callable[[str], Iterator[dict]] | None = None
+    val_split: str = "val"
 
 
 class Balancer:
