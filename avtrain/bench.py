@@ -28,6 +28,7 @@ directories alone, which is what `avtrain report BENCH` does.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 import math
@@ -174,8 +175,18 @@ def plan_runs(base: TrainConfig, out: str, methods: list[str], seeds: list[int],
 
 
 def _differences(old: dict, new: dict) -> list[str]:
+    """Settings that differ. A setting missing from `old` (a bench or run made before the
+    setting existed, e.g. another method's new option) counts as its default, which is what
+    that run behaved as, so upgrading avbalance does not invalidate finished runs."""
     keys = [k for k in dict.fromkeys([*old, *new]) if k not in COSMETIC]
-    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+    def before(k):
+        if k in old or k not in FIELDS:
+            return old.get(k)
+        default = FIELDS[k].default
+        return None if default is dataclasses.MISSING else default
+
+    return [f"{k} {before(k)!r} -> {new.get(k)!r}" for k in keys if before(k) != new.get(k)]
 
 
 def prepare_folder(out: str, settings: dict, runs: list[BenchRun], overwrite: bool) -> None:

@@ -10,6 +10,7 @@ import statistics
 import tempfile
 
 import pytest
+import yaml
 from click.testing import CliRunner
 from held import HUNG_AFTER_S, start_held, wait_until_held
 
@@ -123,6 +124,40 @@ def test_rerun_trains_nothing(main_bench, train_shards, monkeypatch):
     assert result.exit_code == 0, result.output
     assert result.output.count("finished earlier, kept") == 8
     assert mtimes(main_bench) == before
+
+
+def test_settings_added_later_keep_finished_runs(main_bench, train_shards, tmp_path,
+                                                 monkeypatch):
+    """A bench made before a setting existed (bench.json and each run's config.yaml lack it)
+    is resumed, not refused, when the setting is at its default; a missing setting whose value
+    now differs from its default is still a change."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(main_bench, old)
+
+    def strip(path, key):
+        if path.name == "bench.json":
+            data = json.loads(path.read_text())
+            data["protocol"].pop(key)
+            path.write_text(json.dumps(data))
+        else:
+            data = yaml.safe_load(path.read_text())
+            data.pop(key)
+            data["run_dir"] = str(path.parent)  # the copy's own run folder
+            path.write_text(yaml.safe_dump(data))
+
+    files = [old / "bench.json", *old.glob("runs/*/*/config.yaml")]
+    for path in files:
+        strip(path, "agm_after_window")  # added after this bench was made; default "hold"
+    monkeypatch.setattr("avtrain.loop.fit", lambda *a, **k: pytest.fail("trained again"))
+    common = ["--methods", "none,ogm_ge", "--seeds", "2", "--probe-every", "1"]
+    result = bench(train_shards, old, *common, "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("finished earlier, kept") == 8
+    strip(old / "bench.json", "epochs")  # the default is not what this bench ran
+    one_error(bench(train_shards, old, *common, "--epochs", "2"), "made with other settings",
+              "epochs")
 
 
 def test_changed_settings_and_bad_input_are_one_line(main_bench, train_shards, tmp_path):
