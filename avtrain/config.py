@@ -117,6 +117,16 @@ class TrainConfig:
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+def _kind(annotation: str):
+    """The number or bool type of a field from its annotation ("float | None" -> float), so a
+    method's new option needs only its field: YAML's 1 becomes 1.0, "true" becomes True."""
+    first = str(annotation).split("|")[0].strip()
+    return {"int": int, "float": float, "bool": bool}.get(first)
+
+
+_KINDS = {name: _kind(f.type) for name, f in FIELDS.items()}
+
+
 def _normalise_keys(data: dict, source: str) -> dict:
     out = {}
     for key, value in data.items():
@@ -151,21 +161,7 @@ def _coerce(name: str, value):
         return list(value)
     if name == "model_options":
         return parse_model_options(value)
-    default = FIELDS[name].default
-    kind = type(default) if default is not None and default is not dataclasses.MISSING else None
-    if name in ("clip_grad", "alpha", "olm_lr", "olm_weight_decay", "pmr_momentum",
-                "opm_q_base", "opm_p_exe", "reconboost_weight1", "reconboost_weight2",
-                "agm_cap", "agm_clip", "amco_sigma", "amco_eps", "greedy_epsilon",
-                "relearning_lambda"):
-        kind = float
-    elif name in ("eval_batch_size", "steps_per_epoch", "frames", "crop_columns", "folds",
-                  "global_batch_size", "lr_step", "probe_every", "modulation_end",
-                  "modulation_start", "pmr_proto_batches", "reconboost_stage_epochs",
-                  "reconboost_correct_epochs", "greedy_window", "relearning_every",
-                  "relearning_times", "relearning_n_init"):
-        kind = int
-    elif name == "reconboost_reset_optimizer":
-        kind = bool
+    kind = _KINDS.get(name)
     try:
         if kind is bool and isinstance(value, str):
             return value.strip().lower() in ("1", "true", "yes", "on")

@@ -56,7 +56,7 @@ from .data import (
 )
 from .imbalance import LogitNorms, epoch_probe
 from .metrics import RunLog, summarize
-from .models import build_model
+from .models import MODEL_FLAGS, build_model, model_from_spec
 from .models.init import apply_init
 
 
@@ -84,8 +84,8 @@ def build_training_model(config: TrainConfig, num_classes: int, *,
     model = build_model(config.model, method.model_fusion(config.fusion), num_classes,
                         config.modalities,
                         trained_unimodal_heads=method.trained_unimodal_heads, index=index,
-                        options=config.model_options, output_layer=method.output_layer,
-                        mmtm=getattr(method, "mmtm", False))
+                        options=config.model_options,
+                        **{flag: getattr(method, flag) for flag in MODEL_FLAGS})
     return apply_init(model, config.init)
 
 
@@ -203,11 +203,7 @@ def model_from_checkpoint(ckpt: dict, shards: ShardSet | None = None) -> torch.n
     if shards is not None:
         check_compatible(ckpt, num_classes=shards.num_classes, classes=shards.classes)
     try:
-        model = build_model(spec["model"], spec["fusion"], spec["num_classes"],
-                            spec["modalities"], spec.get("trained_unimodal_heads", False),
-                            inputs=spec.get("inputs"), options=spec.get("options"),
-                            output_layer=spec.get("output_layer", False),
-                            mmtm=spec.get("mmtm", False))
+        model = model_from_spec(spec)
     except KeyError:
         raise UserError(f"{ckpt.get('path')}: checkpoint has no model description") from None
     load_model_state(model, ckpt)
@@ -637,12 +633,8 @@ def _fit(config: TrainConfig, ctx: D.Context, resume: str | None) -> dict:
 
         # rank 0 wrote best.pt; other ranks (maybe on other machines) get its weights from it
         state = load_checkpoint(os.path.join(run, "best.pt"))["model"] if ctx.main else None
-        best = build_model(c.model, trainer.spec["fusion"], trainer.shards.num_classes,
-                           c.modalities,
-                           trainer.spec["trained_unimodal_heads"], index=trainer.shards.index,
-                           options=c.model_options,
-                           output_layer=trainer.spec.get("output_layer", False),
-                           mmtm=trainer.spec.get("mmtm", False))
+        best = model_from_spec(trainer.spec, index=trainer.shards.index,
+                               options=c.model_options)
         best.load_state_dict(D.broadcast_object(state, ctx))
         best.to(ctx.device)
         summary["linear_probe"] = linear_probe(

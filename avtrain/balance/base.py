@@ -116,7 +116,9 @@ class Balancer:
     needs_heldout = False  # the loop feeds a held-out (val) batch every step
     trained_unimodal_heads = False  # the model's per-modality heads must train the encoders
     default_alpha: float | None = None  # --alpha when not given (None: OGM's dataset value)
+    # parts of the model this method needs (avtrain.models.MODEL_FLAGS; build_model's keywords)
     output_layer = False  # the model passes its fused logits through a Linear(C, C) (AMCo)
+    mmtm = False  # MMTM blocks between the audio and visual encoders (Greedy)
 
     def __init__(self, model: nn.Module, config: dict | None = None, *,
                  modalities: list[str] | None = None, device: torch.device | str = "cpu"):

@@ -32,9 +32,13 @@ from .fusions import FUSIONS, build_fusion
 from .sequence import SEQUENCE_MODELS, build_sequence_model, input_specs
 
 MODALITIES = ("audio", "visual", "text")
+# parts of a model that a balancing method asks for (a class attribute of the same name on its
+# Balancer, `build_model` keyword arguments); recorded in the spec when set, so a checkpoint
+# rebuilds with them (`model_from_spec`)
+MODEL_FLAGS = ("output_layer", "mmtm")
 
-__all__ = ["AVModel", "build_model", "ENCODERS", "FUSIONS", "MODALITIES", "SEQUENCE_MODELS",
-           "model_spec"]
+__all__ = ["AVModel", "build_model", "ENCODERS", "FUSIONS", "MODALITIES", "MODEL_FLAGS",
+           "SEQUENCE_MODELS", "model_from_spec", "model_spec"]
 
 
 class AVModel(nn.Module):
@@ -56,9 +60,7 @@ class AVModel(nn.Module):
         # keep the canonical order (audio first) whatever order the user typed
         self.modalities = [m for m in MODALITIES if m in modalities]
         self.spec = model_spec(encoder, fusion, num_classes, self.modalities,
-                               trained_unimodal_heads, output_layer)
-        if mmtm:
-            self.spec["mmtm"] = True
+                               trained_unimodal_heads, output_layer=output_layer, mmtm=mmtm)
         self.trained_unimodal_heads = bool(trained_unimodal_heads)
         self.encoders = nn.ModuleDict({m: build_encoder(encoder, m) for m in self.modalities})
         dims = {m: self.encoders[m].out_dim for m in self.modalities}
@@ -118,14 +120,24 @@ class AVModel(nn.Module):
 
 
 def model_spec(encoder: str, fusion: str, num_classes: int, modalities, trained_unimodal_heads,
-               output_layer: bool = False) -> dict:
+               **flags: bool) -> dict:
     """What a checkpoint must match to be loaded into a model (stored in every checkpoint).
-    `output_layer` is recorded only when set, so the specs of other models stay as they were."""
+    The MODEL_FLAGS are recorded only when set, so the specs of other models stay as they were."""
     spec = {"model": encoder, "fusion": fusion, "num_classes": int(num_classes),
             "modalities": list(modalities), "trained_unimodal_heads": bool(trained_unimodal_heads)}
-    if output_layer:
-        spec["output_layer"] = True
+    spec.update({flag: True for flag in MODEL_FLAGS if flags.get(flag)})
     return spec
+
+
+def model_from_spec(spec: dict, *, index: dict | None = None,
+                    options: dict | None = None) -> nn.Module:
+    """A fresh model as `spec` describes it (a checkpoint's, a trainer's), flags included.
+    Raises KeyError when the spec lacks its model, fusion, classes or modalities."""
+    return build_model(spec["model"], spec["fusion"], spec["num_classes"], spec["modalities"],
+                       spec.get("trained_unimodal_heads", False), index=index,
+                       inputs=spec.get("inputs"),
+                       options=spec.get("options") if options is None else options,
+                       **{flag: bool(spec.get(flag, False)) for flag in MODEL_FLAGS})
 
 
 def build_model(model: str = "resnet18", fusion: str = "concat", num_classes: int = 2,
