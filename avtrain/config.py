@@ -67,6 +67,7 @@ class TrainConfig:
     val_split: str = "val"
     test_split: str = "test"
     linear_probe: bool = False  # after training: linear probe of the best checkpoint's encoders
+    shapley: bool = True  # after training: each modality's Shapley share of the best's accuracy
     probe_every: int | None = None  # probe each encoder every N epochs on a subset (imbalance.py)
     progress: bool = True  # tqdm bar per epoch
     tensorboard: bool = True

@@ -58,6 +58,7 @@ from .imbalance import LogitNorms, epoch_probe
 from .metrics import RunLog, summarize
 from .models import MODEL_FLAGS, build_model, model_from_spec
 from .models.init import apply_init
+from .shapley import shapley_summary, subsets, zero_absent
 
 
 def _autocast(device: torch.device, amp: bool):
@@ -144,14 +145,18 @@ def _floats(metrics: dict) -> dict:
 @torch.no_grad()
 def evaluate(model, shards: ShardSet, split: str, opts: DataOptions, *, batch_size: int,
              ctx: D.Context | None = None, workers: int = 2, amp: bool = True,
-             progress: bool = False) -> dict:
+             progress: bool = False, shapley: bool = False) -> dict:
     """Metrics of `model` on one split: every sample exactly once across ranks, gathered and
-    summarised on every rank (acc, acc_<modality>, macro_f1, confusion, loss, n)."""
+    summarised on every rank (acc, acc_<modality>, macro_f1, confusion, loss, n). `shapley`
+    adds each modality's Shapley contribution to the fused accuracy (avtrain.shapley: one more
+    forward per proper subset of the modalities, absent inputs zeroed)."""
     ctx = ctx or D.Context()
     bare = bare_model(model)
     was_training = bare.training
     bare.eval()
     labels, keys, preds, loss_sum = [], [], {}, 0.0
+    partial = subsets(bare.modalities)[:-1] if shapley else []  # the full set is `fused`
+    subset_preds: dict[tuple, list] = {s: [] for s in partial}
     loader = eval_loader(shards, split, opts, batch_size=batch_size, rank=ctx.rank,
                          world=ctx.world, workers=workers, device_type=ctx.device.type)
     bar = _bar(loader, progress and ctx.main, f"eval {split}", None)
@@ -163,12 +168,17 @@ def evaluate(model, shards: ShardSet, split: str, opts: DataOptions, *, batch_si
         loss_sum += float(F.cross_entropy(logits["fused"].float(), y, reduction="sum"))
         for name, value in logits.items():
             preds.setdefault(name, []).append(value.argmax(dim=1).cpu().numpy())
+        for subset in partial:
+            with _autocast(ctx.device, amp):
+                fused = bare(zero_absent(batch, subset, bare.modalities))["fused"]
+            subset_preds[subset].append(fused.argmax(dim=1).cpu().numpy())
         labels.append(y.cpu().numpy())
         keys.extend(batch["key"])
     if was_training:
         bare.train()
     local = {"keys": keys, "labels": _cat(labels), "loss": loss_sum,
-             "preds": {k: _cat(v) for k, v in preds.items()}}
+             "preds": {k: _cat(v) for k, v in preds.items()},
+             "subsets": {s: _cat(v) for s, v in subset_preds.items()}}
     parts = D.gather_objects(local, ctx)
     all_keys = [k for p in parts for k in p["keys"]]
     if not all_keys:
@@ -179,6 +189,11 @@ def evaluate(model, shards: ShardSet, split: str, opts: DataOptions, *, batch_si
               for n in names}
     result = summarize(y, merged, shards.num_classes,
                        loss=sum(p["loss"] for p in parts) / len(all_keys))
+    if partial:
+        correct = {s: float(np.mean(np.concatenate([p["subsets"][s] for p in parts]) == y))
+                   for s in partial}
+        result["shapley"] = shapley_summary({**correct, tuple(bare.modalities): result["acc"]},
+                                            bare.modalities)
     result["split"] = split
     result["expected"] = shards.samples(split)
     result["duplicates"] = len(all_keys) - len(set(all_keys))
@@ -215,7 +230,7 @@ def evaluate_checkpoint(ckpt_path: str, shards_path: str, *, split: str = "test"
                         decode_device: str = "cpu", image_size: int | None = None,
                         frames: int | None = None, amp: bool = True,
                         progress: bool = False, cache_dir: str | None = None,
-                        cache_size: str | int | None = None) -> dict:
+                        cache_size: str | int | None = None, shapley: bool = False) -> dict:
     """Load a checkpoint and evaluate it on one split of a shard set (also under torchrun)."""
     ckpt = load_checkpoint(ckpt_path)
     shards = open_shards(shards_path, cache_dir, cache_bytes(cache_size))
@@ -227,7 +242,8 @@ def evaluate_checkpoint(ckpt_path: str, shards_path: str, *, split: str = "test"
         opts = _data_options(ckpt.get("config") or {}, shards, model.modalities, image_size,
                              frames, decode_device)
         result = evaluate(model, shards, split, opts, batch_size=batch_size, ctx=ctx,
-                          workers=workers, amp=amp, progress=progress)
+                          workers=workers, amp=amp, progress=progress,
+                          shapley=shapley and len(model.modalities) > 1)
         result["checkpoint"] = ckpt["path"]
         result["epoch"] = ckpt.get("epoch")
         return result
@@ -628,15 +644,13 @@ def _fit(config: TrainConfig, ctx: D.Context, resume: str | None) -> dict:
         "wall_time": round(trainer.wall_before + time.time() - started, 3),
         "replica_digests": digests, "replicas_in_sync": len(set(digests)) == 1,
     }
+    best = (_best_model(trainer, ctx)
+            if c.linear_probe or (c.shapley and len(trainer.model.modalities) > 1) else None)
+    if c.shapley and len(trainer.model.modalities) > 1:
+        summary["shapley"] = modality_shapley(best, trainer, ctx)
     if c.linear_probe:
         from .probe import linear_probe
 
-        # rank 0 wrote best.pt; other ranks (maybe on other machines) get its weights from it
-        state = load_checkpoint(os.path.join(run, "best.pt"))["model"] if ctx.main else None
-        best = model_from_spec(trainer.spec, index=trainer.shards.index,
-                               options=c.model_options)
-        best.load_state_dict(D.broadcast_object(state, ctx))
-        best.to(ctx.device)
         summary["linear_probe"] = linear_probe(
             best, trainer.shards, trainer.opts, batch_size=c.eval_batch_size or c.batch_size,
             ctx=ctx, workers=c.workers, amp=c.amp, seed=c.seed)
@@ -646,6 +660,28 @@ def _fit(config: TrainConfig, ctx: D.Context, resume: str | None) -> dict:
         _write_text(os.path.join(run, "summary.json"), json.dumps(_clean(summary), indent=2))
     log.close()
     return summary
+
+
+def _best_model(trainer: Trainer, ctx: D.Context) -> torch.nn.Module:
+    """A fresh model holding best.pt's weights, on the device. Rank 0 wrote best.pt; the other
+    ranks (maybe on other machines) get its weights from it."""
+    c = trainer.config
+    state = load_checkpoint(os.path.join(c.run_dir, "best.pt"))["model"] if ctx.main else None
+    best = model_from_spec(trainer.spec, index=trainer.shards.index, options=c.model_options)
+    best.load_state_dict(D.broadcast_object(state, ctx))
+    return best.to(ctx.device)
+
+
+def modality_shapley(model, trainer: Trainer, ctx: D.Context) -> dict:
+    """{split: each modality's Shapley contribution to the fused accuracy} of the best epoch's
+    model on val (and test when the shards have it), as BalanceMM evaluates a trained model."""
+    c = trainer.config
+    splits = [c.val_split] + ([c.test_split] if trainer.has_test
+                              and c.test_split != c.val_split else [])
+    return {split: evaluate(model, trainer.shards, split, trainer.opts,
+                            batch_size=c.eval_batch_size or c.batch_size, ctx=ctx,
+                            workers=c.workers, amp=c.amp, shapley=True)["shapley"]
+            for split in splits}
 
 
 def _clean(value):

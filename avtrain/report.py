@@ -135,6 +135,10 @@ def final_rows(runs: list[Run]) -> list[dict]:
         for m, probe in (s.get("linear_probe") or {}).items():
             if isinstance(probe, dict) and "test_acc" in probe:
                 row[f"probe_{m}"] = probe["test_acc"]
+        shapley = (s.get("shapley") or {}).get("test") or {}
+        for m in run.modalities:  # each modality's Shapley share of the test accuracy
+            if m in shapley:
+                row[f"shapley_{m}"] = shapley[m]
         rows.append(row)
     if any(run.summary.get("protocol", "val") != "val" for run in runs):
         for row, run in zip(rows, runs):  # say how each best epoch was chosen
