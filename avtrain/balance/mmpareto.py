@@ -127,7 +127,7 @@ def _combine(g_mm: torch.Tensor, g_uni: torch.Tensor, like: list[torch.Tensor],
     n_new = torch.stack(torch._foreach_norm(list(_unflatten_dense_tensors(new, like))))
     ratio = n_sum / n_new
     factor = gamma * torch.where(ratio > 1, ratio, torch.ones_like(ratio))
-    new.mul_(torch.repeat_interleave(factor, counts, output_size=g_mm.numel()))
+    new.mul_(torch.repeat_interleave(factor, counts.to(factor.device), output_size=g_mm.numel()))
     return new, cos, conflict, w_mm, w_uni
 
 
