@@ -262,6 +262,28 @@ def test_two_gloo_processes_equal_one_with_the_global_batch(tmp_path):
     assert_ranks_equal_one(ranks, one)
 
 
+def _ddp_bn_run(rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    t = conflicting(trainer(bn=True))
+    per = BATCH // world
+    data = make_batches(7 + rank, BATCH, 3, CLASSES)  # different data per rank
+    params, metrics, _ = our_train(t, data, slice(0, per), steps=3)
+    buffers = {k: b.clone() for k, b in t.model.named_buffers()}
+    return {"params": params[-1], "metrics": metrics, "buffers": buffers}
+
+
+def test_ranks_stay_identical_with_batchnorm(tmp_path):
+    # per-rank BatchNorm statistics differ, so no equality with one process; but rank 0's
+    # buffers are broadcast before each forward (as DDP's) and the gradients are averaged, so
+    # the ranks' parameters stay equal and only the last forward's running statistics differ
+    ranks = run_gloo(_ddp_bn_run, tmp_path)
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    for name, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][name]), name
+    assert any(not torch.equal(b, ranks[1]["buffers"][k])
+               for k, b in ranks[0]["buffers"].items() if b.is_floating_point())
+
+
 # --- the real trainer ---------------------------------------------------------------------------
 
 
@@ -347,6 +369,8 @@ def test_models_without_unimodal_heads_are_refused():
     model = build_model("tiny", "concat", 3, ["audio", "visual"])
     with pytest.raises(UserError, match="trained unimodal heads"):
         build_balancer("mmpareto", model, {}, modalities=model.modalities)
+    with pytest.raises(UserError, match="not a sequence model"):
+        build_balancer("mmpareto", nn.Linear(2, 2), {}, modalities=["audio", "visual"])
     model = build_model("tiny", "concat", 3, ["audio", "visual"], True, mmtm=True)
     with pytest.raises(UserError, match="not MMTM blocks"):
         build_balancer("mmpareto", model, {}, modalities=model.modalities)
