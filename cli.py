@@ -565,6 +565,9 @@ def _fit_options(f):
                      "random_state=0, as released; needs scikit-learn) [default: torch]"),
         click.option("--relearning-n-init", type=int, help="Re-learning: k-means runs, the "
                      "best inertia kept [default: 10, sklearn's default before 1.4]"),
+        click.option("--mmpareto-gamma", type=float, help="MMPareto: factor on every encoder "
+                     "gradient after the Pareto combination and the rescale to the summed "
+                     "gradient's norm, > 0 [default: 1.5, the released gamma]"),
     ]
     for opt in reversed(opts):
         f = opt(f)

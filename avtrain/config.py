@@ -107,6 +107,7 @@ class TrainConfig:
     relearning_times: int | None = None  # Re-learning at most this many times; None: 3
     relearning_kmeans: str = "torch"  # torch | sklearn: Re-learning's k-means
     relearning_n_init: int | None = None  # Re-learning k-means runs (best inertia); None: 10
+    mmpareto_gamma: float | None = None  # MMPareto gradient factor; None: 1.5 (released gamma)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -29,6 +29,7 @@ from .amco import AMCo, amco_masked_count, amco_share_sums
 from .base import Balancer
 from .greedy import Greedy, greedy_rule, greedy_speed_difference
 from .mla import MLA, owm_update, project_gradient
+from .mmpareto import MMPareto, min_norm_weight, mmpareto_gradient, mmpareto_weights
 from .ogm import OGM, OGMGE, modulated_parameters, ogm_coefficients, ogm_scores
 from .olm import OLM, OLMCom, olm_ratios
 from .opm import OPM, opm_drop_probabilities
@@ -69,6 +70,7 @@ register(AMCo)
 register(Greedy)
 register(MLA)
 register(ReLearning)
+register(MMPareto)
 
 __all__ = ["Balancer", "METHODS", "register", "get_method", "build_balancer",
            "ogm_coefficients", "ogm_scores", "modulated_parameters", "olm_ratios",
@@ -77,3 +79,4 @@ __all__ = ["Balancer", "METHODS", "register", "get_method", "build_balancer",
            "amco_masked_count", "amco_share_sums", "greedy_rule", "greedy_speed_difference",
            "owm_update", "project_gradient", "minmax_scale", "kmeans", "purity",
            "relearning_weight"]
+__all__ += ["min_norm_weight", "mmpareto_weights", "mmpareto_gradient"]

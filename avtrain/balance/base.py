@@ -41,7 +41,7 @@ Which level each method of issue #19 needs -- the test of this design:
 | none, OGM, OGM-GE | hooks | CE, then gradients scaled (and noised) before the step |
 | OLM, OLM-com | hooks | loss of weighted logits, own optimizer after the step; held-out forward via `feed_heldout` |
 | PMR | hooks + start_epoch | prototypes before each epoch; the step is CE plus a prototype CE on the weak modality, read from the same forward (encoder outputs kept by forward hooks) |
-| MMPareto | owns the step | backward of the multimodal and of each unimodal loss separately (`autograd.grad` w.r.t. the encoders), min-norm combination, one step |
+| MMPareto | owns the step | one forward of the bare model; `autograd.grad` of the multimodal and of each unimodal loss w.r.t. the encoders (and heads), averaged over the ranks by hand in one flat all-reduce; per encoder min-norm or equal weights by the cosine, each tensor rescaled up to the summed gradient's norm, times gamma; one step |
 | MLA | owns the step | one encoder forward of the bare model, then per modality: CE of the shared head's logits, backward, gradients all-reduced by hand, head-gradient edit, optimizer step; its model is built with the `shared` fusion (`model_fusion`) |
 | ReconBoost | owns the step | alternates which modality's learner is updated; reconcilement term from the other's frozen output |
 | AGM | owns the step | extra forwards of the bare model with modalities' inputs zeroed (eval mode, with grad, as released) give each modality's Shapley contribution; the gradient reaching each contribution is scaled in the one backward, which DDP reduces whole |
