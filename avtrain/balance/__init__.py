@@ -4,7 +4,7 @@ Adding a method is one module with a `Balancer` subclass plus one `register` lin
 
 Methods: `none` (CE on the fused logits), `ogm`, `ogm_ge` (ogm.py), `olm`, `olm_com` (olm.py),
 `pmr` (pmr.py), `opm` (opm.py), `reconboost` (reconboost.py), `agm` (agm.py), `amco` (amco.py),
-`greedy` (greedy.py), `mla` (mla.py), `relearning` (relearning.py). How a method plugs in (hooks,
+`greedy` (greedy.py), `mla` (mla.py), `relearning` (relearning.py), `mmpareto` (mmpareto.py). How a method plugs in (hooks,
 or owning the whole step) is in base.py.
 Their rules are reusable on their own: `ogm_scores(logits, labels, modalities)`,
 `ogm_coefficients(scores, alpha)`, `modulated_parameters(encoder, "conv"|"encoder")` and
@@ -17,7 +17,8 @@ and `prototype_logits(features, prototypes)`, `opm_drop_probabilities(scores, q_
 `greedy_speed_difference(m_sums)` and `greedy_rule(state, d, ...)`,
 `owm_update(P, r, alpha)` and `project_gradient(grad, P, mode)` (MLA's head-gradient edit),
 `minmax_scale(x)`, `kmeans(x, k)`, `purity(labels, clusters)` and
-`relearning_weight(p_train, p_val, lam)`.
+`relearning_weight(p_train, p_val, lam)`, `min_norm_weight`, `mmpareto_weights` and
+`mmpareto_gradient` (MMPareto's combination).
 """
 
 from __future__ import annotations
