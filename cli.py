@@ -568,6 +568,17 @@ def _fit_options(f):
         click.option("--mmpareto-gamma", type=float, help="MMPareto: factor on every encoder "
                      "gradient after the Pareto combination and the rescale to the summed "
                      "gradient's norm, > 0 [default: 1.5, the released gamma]"),
+        click.option("--valuation-level", type=click.Choice(["sample", "modality"]),
+                     help="Valuation: re-sample per sample from each modality's Shapley "
+                     "contribution (sample_level.py) or by the modalities' mean contribution "
+                     "gap (modality_level.py) [default: sample, the paper's method]"),
+        click.option("--valuation-warmup", type=int, help="Valuation: epochs trained on the "
+                     "data as it is before the re-sampling starts [default: 5, as released]"),
+        click.option("--valuation-part-ratio", type=float, help="Valuation, modality level: "
+                     "share of the training set drawn to estimate the gap [default: 0.2, as "
+                     "released]"),
+        click.option("--valuation-alpha", type=float, help="Valuation, modality level: factor "
+                     "on the gap difference, the re-sampled share [default: 1, as released]"),
     ]
     for opt in reversed(opts):
         f = opt(f)

@@ -108,6 +108,10 @@ class TrainConfig:
     relearning_kmeans: str = "torch"  # torch | sklearn: Re-learning's k-means
     relearning_n_init: int | None = None  # Re-learning k-means runs (best inertia); None: 10
     mmpareto_gamma: float | None = None  # MMPareto gradient factor; None: 1.5 (released gamma)
+    valuation_level: str = "sample"  # valuation: sample | modality (the two released scripts)
+    valuation_warmup: int | None = None  # valuation: epochs as they are; None: 5 (released)
+    valuation_part_ratio: float | None = None  # valuation modality level: Z; None: 0.2 (released)
+    valuation_alpha: float | None = None  # valuation modality level; None: 1 (released)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

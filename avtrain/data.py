@@ -310,6 +310,8 @@ def decode_sample(sample: dict, opts: DataOptions, rng: np.random.Generator | No
     if "cls" not in sample:
         raise ValueError(f"sample {key} has no .cls member")
     out = {"key": key, "label": int(bytes(sample["cls"]).decode("ascii").strip())}
+    if "__keep__" in sample:  # a re-sampled stream (`copies`): which modalities this copy keeps
+        out["keep"] = int(sample["__keep__"])
     for m in opts.features:  # precomputed [time, dim] sequences
         if f"{m}.npy" not in sample:
             raise ValueError(f"sample {key} has no .{m}.npy member")
@@ -355,6 +357,8 @@ def decode_sample(sample: dict, opts: DataOptions, rng: np.random.Generator | No
 def collate(samples: list[dict]) -> dict:
     batch = {"key": [s["key"] for s in samples],
              "label": torch.tensor([s["label"] for s in samples], dtype=torch.long)}
+    if "keep" in samples[0]:
+        batch["keep"] = torch.tensor([s["keep"] for s in samples], dtype=torch.long)
     if "audio" in samples[0] and "audio_len" not in samples[0]:
         specs = [s["audio"] for s in samples]
         height = max(x.shape[-2] for x in specs)
@@ -437,6 +441,16 @@ def _slice_for(rank: int, world: int):
     return functools.partial(_slice_stage, rank=rank, world=world)
 
 
+def _copies_stage(src, *, copies: dict[str, tuple[int, ...]], everything: int):
+    """Each sample as it is (keeping every modality), then one more time per entry of
+    `copies[key]`, each with its modality mask (bit i: the model's i-th modality is kept): the
+    re-sampled training set of a data-level method, mixed by the shuffle stage after it."""
+    for sample in src:
+        yield {**sample, "__keep__": everything}
+        for mask in copies.get(sample["__key__"], ()):
+            yield {**sample, "__keep__": mask}
+
+
 def _shuffle_stage(src, *, bufsize: int, seed: int, epoch: int, rank: int, salt: int):
     """A shuffle buffer that starts yielding after `min(100, bufsize)` samples and grows by
     one sample per yield up to `bufsize` (so the first batch does not wait for a full buffer).
@@ -515,17 +529,24 @@ def _loader(pipeline, workers: int, device_type: str, limit: int | None):
 def train_loader(shards: ShardSet, split: str, opts: DataOptions, *, batch_size: int,
                  steps: int, epoch: int = 0, seed: int = 0, rank: int = 0, world: int = 1,
                  workers: int = 2, shuffle_buffer: int = 1000, augment: bool = True,
-                 device_type: str = "cpu", salt: int | None = None):
+                 device_type: str = "cpu", salt: int | None = None,
+                 copies: dict[str, tuple[int, ...]] | None = None, modalities: int = 0):
     """An endless, shuffled stream of full batches, cut to `steps` per epoch; augmented unless
     `augment=False` (OLM-com's held-out val stream with --olm-heldout eval). `salt` gives a
-    second stream (the held-out one) its own order and augmentation draws."""
+    second stream (the held-out one) its own order and augmentation draws. `copies` (sample key
+    -> modality masks, over the model's `modalities` in order) re-samples the stream: every
+    batch then has a "keep" mask per sample (the valuation method)."""
     salt = (0 if augment else 99) if salt is None else salt
     urls = shards.urls(split)
+    resample = ([functools.partial(_copies_stage, copies=copies,
+                                   everything=(1 << modalities) - 1)]
+                if copies is not None else [])
     pipeline = wds.DataPipeline(
         wds.ResampledShards(urls, seed=wds.utils.make_seed(seed, epoch, salt),
                             deterministic=True, worker_seed=_same_everywhere),
         _slice_for(rank, world),
         _tars(shards),
+        *resample,
         _shuffle(shuffle_buffer, seed, epoch, rank, salt),
         _decode(opts, (seed if not salt else wds.utils.make_seed(seed, salt)) if augment
                 else None, epoch, rank),

@@ -348,17 +348,23 @@ class Trainer:
         c, ctx = self.config, self.ctx
         self.balancer.start_epoch(self._epoch_context(epoch))  # may run the model in eval mode
         self.net.train()
+        copies = self.balancer.train_copies()  # a data-level method's re-sampled training set
+        steps = self.steps
+        if copies is not None and not c.steps_per_epoch:  # the epoch grows with the copies
+            extra = sum(len(masks) for masks in copies.values())
+            steps = (self.shards.samples("train") + extra) // (c.batch_size * ctx.world)
         loader = train_loader(self.shards, "train", self.opts, batch_size=c.batch_size,
-                              steps=self.steps, epoch=epoch, seed=c.seed, rank=ctx.rank,
+                              steps=steps, epoch=epoch, seed=c.seed, rank=ctx.rank,
                               world=ctx.world, workers=c.workers, shuffle_buffer=c.shuffle_buffer,
-                              device_type=ctx.device.type)
+                              device_type=ctx.device.type, copies=copies,
+                              modalities=len(self.model.modalities))
         heldout = iter(self._heldout_loader(epoch)) if self.balancer.needs_heldout else None
         loss_sum = torch.zeros((), device=ctx.device)
         correct = torch.zeros((), device=ctx.device)
         seen = 0
         norms = LogitNorms()
         started = time.time()
-        bar = _bar(loader, c.progress and ctx.main, f"epoch {epoch}", self.steps)
+        bar = _bar(loader, c.progress and ctx.main, f"epoch {epoch}", steps)
         for batch in bar:
             batch = to_device(batch, ctx.device, self.opts)
             labels = batch["label"]
@@ -373,7 +379,7 @@ class Trainer:
         totals = D.all_reduce_sum(torch.stack([loss_sum, correct.float(),
                                                torch.tensor(float(seen), device=ctx.device)]),
                                   ctx).tolist()
-        steps_done = max(1, self.steps)
+        steps_done = max(1, steps)
         return {"loss": totals[0] / (steps_done * ctx.world), "acc": totals[1] / max(1, totals[2]),
                 "step_time": (time.time() - started) / steps_done,
                 "logit_norm": norms.result(ctx)}

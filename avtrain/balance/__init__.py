@@ -37,6 +37,7 @@ from .opm import OPM, opm_drop_probabilities
 from .pmr import PMR, pmr_coefficients, prototype_logits
 from .reconboost import ReconBoost, boosting_loss, reconboost_stage
 from .relearning import ReLearning, kmeans, minmax_scale, purity, relearning_weight
+from .valuation import Valuation, modality_gap, sample_copies, valuation_contributions
 
 METHODS: dict[str, type[Balancer]] = {}
 
@@ -72,6 +73,7 @@ register(Greedy)
 register(MLA)
 register(ReLearning)
 register(MMPareto)
+register(Valuation)
 
 __all__ = ["Balancer", "METHODS", "register", "get_method", "build_balancer",
            "ogm_coefficients", "ogm_scores", "modulated_parameters", "olm_ratios",
@@ -81,3 +83,4 @@ __all__ = ["Balancer", "METHODS", "register", "get_method", "build_balancer",
            "owm_update", "project_gradient", "minmax_scale", "kmeans", "purity",
            "relearning_weight"]
 __all__ += ["min_norm_weight", "mmpareto_weights", "mmpareto_gradient"]
+__all__ += ["valuation_contributions", "sample_copies", "modality_gap"]

@@ -50,6 +50,7 @@ Which level each method of issue #19 needs -- the test of this design:
 | G-Blending | hooks + start_epoch | per-branch loss weights, re-estimated every super-epoch from held-out data in `start_epoch` |
 | Re-learning | start_epoch | re-initialises encoders between epochs; the step is the baseline's |
 | AMCo | owns the step + a fusion forward hook | the dependent modality's unimodal logits are masked (BalanceMM masks class logits, not encoder features): the hook replaces the fusion's output by the sum of the masked unimodal logits inside the one forward of `ctx.net`; fused + unimodal CE, one backward; the model carries BalanceMM's `linear_star` (`output_layer`) |
+| valuation | start_epoch + `train_copies` + a fusion pre-hook | every training sample valued in eval mode (`eval_batches("train")`: each modality's Shapley contribution to the sample's right prediction); the next epoch's stream adds copies of samples that keep one modality alone (`train_copies`, a re-sampled training set); the pre-hook zeroes each copy's dropped features before the fusion; CE as the baseline |
 
 `step_metrics()` returns 0-d tensors that the loop turns into numbers only when it logs, so no
 method forces a host sync per step. `state_dict()` / `load_state_dict()` hold everything that
@@ -168,6 +169,13 @@ class Balancer:
     def heldout(self, logits: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
         """A held-out batch's logits (no grad), for methods with `needs_heldout`; called after
         the training forward and before `loss()`, so the step sees this batch's losses."""
+
+    def train_copies(self) -> dict[str, tuple[int, ...]] | None:
+        """Asked after `start_epoch`: extra copies of training samples for this epoch (a
+        data-level method): sample key -> one modality mask per copy (bit i keeps the model's
+        i-th modality; the others' features are zeroed). The epoch's steps grow with them.
+        None: the training stream as it is."""
+        return None
 
     def end_epoch(self, epoch: int) -> None:
         """Called once after each training epoch."""
