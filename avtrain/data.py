@@ -58,6 +58,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from avprep.errors import UserError
 from avprep.storage import ShardOpener, Store, finish_stream
 
+from .tarstream import tar_samples
+
 # torchvision is imported above, not lazily: forked loader workers (new ones every epoch)
 # inherit it instead of each paying its import, which takes seconds.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -243,9 +245,19 @@ def resolve_crop(draw: np.ndarray, height: int, width: int) -> tuple[int, int, i
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def normalise_frames(x: torch.Tensor) -> torch.Tensor:
+    """uint8 frames [..., 3, H, W] -> float32, ImageNet normalised: torchvision's ToTensor then
+    Normalize, the same operations in the same order (so the same numbers)."""
+    shape = (3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(shape)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(shape)
+    return x.float().div_(255.0).sub_(mean).div_(std)
+
+
 def transform_frames(images: list[torch.Tensor], size: int, draw: np.ndarray | None,
-                     eval_resize: str = "crop") -> torch.Tensor:
-    """uint8 [3, H, W] frames -> float32 [T, 3, size, size], ImageNet normalised.
+                     eval_resize: str = "crop", normalise: bool = True) -> torch.Tensor:
+    """uint8 [3, H, W] frames -> float32 [T, 3, size, size], ImageNet normalised (uint8 with
+    `normalise=False`: the loaders normalise whole batches after the copy, in `to_device`).
 
     Train (`draw` given): a random resized crop and flip; a draw of shape [41] is shared by all
     frames of the clip (consistent in time), one of shape [T, 41] gives each frame its own.
@@ -267,10 +279,8 @@ def transform_frames(images: list[torch.Tensor], size: int, draw: np.ndarray | N
             img = TF.resize(img, size, antialias=True)
             img = TF.center_crop(img, [size, size])
         out.append(img)
-    x = torch.stack(out).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    x = torch.stack(out)
+    return normalise_frames(x) if normalise else x
 
 
 def pick_frames(n: int, t: int, rng: np.random.Generator | None, policy: str = "random"
@@ -304,6 +314,36 @@ def crop_spectrogram(spec: np.ndarray, columns: int | None, rng: np.random.Gener
     return spec[:, start:start + columns]
 
 
+@functools.lru_cache(maxsize=64)
+def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool, int]:
+    """(dtype, shape, fortran order, data offset) of an .npy header; the shards' arrays share a
+    handful of headers, so each is parsed once (numpy's parse compiles the header each time)."""
+    stream = io.BytesIO(header)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version in ((2, 0), (3, 0)):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f"unsupported .npy version {version}")
+    if dtype.hasobject:
+        raise ValueError(".npy member holds Python objects; refusing to unpickle it")
+    return dtype, shape, fortran, stream.tell()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """An .npy member as a read-only array over its bytes (no pickle, ever): np.load's result
+    without its copy and its per-call header parse."""
+    if data[:6] != b"\x93NUMPY":
+        raise ValueError("not an .npy member")
+    size = 10 + int.from_bytes(data[8:10], "little") if data[6] == 1 else \
+        12 + int.from_bytes(data[8:12], "little")
+    dtype, shape, fortran, offset = _npy_layout(bytes(data[:size]))
+    count = math.prod(shape)
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return array.reshape(shape, order="F" if fortran else "C")
+
+
 def decode_sample(sample: dict, opts: DataOptions, rng: np.random.Generator | None) -> dict:
     """One raw WebDataset sample (member name -> bytes) -> tensors. `rng` None means eval."""
     key = sample["__key__"]
@@ -315,8 +355,8 @@ def decode_sample(sample: dict, opts: DataOptions, rng: np.random.Generator | No
     for m in opts.features:  # precomputed [time, dim] sequences
         if f"{m}.npy" not in sample:
             raise ValueError(f"sample {key} has no .{m}.npy member")
-        seq = np.load(io.BytesIO(sample[f"{m}.npy"]), allow_pickle=False)
-        seq = np.asarray(seq, dtype=np.float32).reshape(-1, seq.shape[-1])
+        seq = load_npy(sample[f"{m}.npy"])
+        seq = np.array(seq, dtype=np.float32).reshape(-1, seq.shape[-1])  # a writable copy
         out[m], out[f"{m}_len"] = torch.from_numpy(seq), seq.shape[0]
     if "text" in opts.modalities and "text" not in opts.features:  # the raw transcript
         from avtrain.models.text import encode_text
@@ -326,14 +366,15 @@ def decode_sample(sample: dict, opts: DataOptions, rng: np.random.Generator | No
     if "audio" in opts.modalities and "audio" not in opts.features:
         if "spec.npy" not in sample:
             raise ValueError(f"sample {key} has no .spec.npy member")
-        spec = np.load(io.BytesIO(sample["spec.npy"]), allow_pickle=False)
+        spec = load_npy(sample["spec.npy"])
         crop_rng = rng
         if rng is None and opts.eval_crop == "random" and opts.crop_columns:
             crop_rng = np.random.default_rng([opts.eval_seed, zlib.crc32(key.encode("utf-8"))])
-        spec = crop_spectrogram(np.asarray(spec, dtype=np.float32), opts.crop_columns, crop_rng)
+        spec = crop_spectrogram(spec.astype(np.float32, copy=False), opts.crop_columns,
+                                crop_rng)
         if opts.audio_layout == "time_freq":
             spec = spec.T
-        out["audio"] = torch.from_numpy(np.ascontiguousarray(spec)).unsqueeze(0)
+        out["audio"] = torch.from_numpy(np.array(spec, order="C")).unsqueeze(0)  # writable
     if "visual" in opts.modalities and "visual" not in opts.features:
         names = sorted((int(m.group(1)), k) for k in sample if (m := FRAME_MEMBER.match(k)))
         chosen = [names[i][1] for i in pick_frames(len(names), opts.frames, rng, opts.frame_pick)]
@@ -346,11 +387,12 @@ def decode_sample(sample: dict, opts: DataOptions, rng: np.random.Generator | No
             out["visual_jpeg"], out["visual_draw"] = jpegs, draw
         elif jpegs:
             images = [decode_jpeg(j, mode=ImageReadMode.RGB) for j in jpegs]
-            out["visual"] = transform_frames(images, opts.image_size, draw, opts.eval_resize)
+            out["visual"] = transform_frames(images, opts.image_size, draw, opts.eval_resize,
+                                             normalise=False)
         else:  # a clip without frames: black frames, so eval still counts it
             out["visual"] = transform_frames(
                 [torch.zeros(3, opts.image_size, opts.image_size, dtype=torch.uint8)]
-                * opts.frames, opts.image_size, None)
+                * opts.frames, opts.image_size, None, normalise=False)
     return out
 
 
@@ -384,12 +426,15 @@ def collate(samples: list[dict]) -> dict:
 
 
 def to_device(batch: dict, device: torch.device, opts: DataOptions) -> dict:
-    """Move a batch to the device; with `decode_device="cuda"` decode its JPEGs there."""
+    """Move a batch to the device, its uint8 frames normalised there (a quarter of the bytes
+    cross the worker queue and the bus); with `decode_device="cuda"` decode its JPEGs there."""
     out = dict(batch)
     non_blocking = device.type == "cuda"
     for name, value in batch.items():
         if isinstance(value, torch.Tensor):
             out[name] = value.to(device, non_blocking=non_blocking)
+    if "visual" in out and out["visual"].dtype == torch.uint8:  # frames travel as uint8
+        out["visual"] = normalise_frames(out["visual"])
     if "visual_jpeg" in out:
         clips = out.pop("visual_jpeg")
         draws = out.pop("visual_draw")
@@ -492,26 +537,28 @@ def _decode(opts: DataOptions, seed: int | None, epoch: int, rank: int):
 
 
 def _tar_stage(src, *, opener, handler):
-    """Like webdataset's tarfile_to_samples, but each tar is opened by the shard set's own
-    opener (its prefix only, fsspec streams for remote stores, never gopen's `pipe:`)."""
-    def files():
-        for item in src:
-            url = item["url"]
-            try:
-                stream = opener(url)
-            except Exception as exn:
-                exn.args = (*exn.args, url)
-                if handler(exn):
-                    continue
+    """Each tar's samples (avtrain.tarstream: webdataset's grouping, less Python per member),
+    each tar opened by the shard set's own opener (its prefix only, fsspec streams for remote
+    stores, never gopen's `pipe:`). A tar that fails part-way is reported by `handler` and the
+    stream goes on with the next one."""
+    for item in src:
+        url = item["url"]
+        try:
+            stream = opener(url)
+        except Exception as exn:
+            exn.args = (*exn.args, url)
+            if handler(exn):
+                continue
+            raise
+        try:
+            yield from tar_samples(stream, url)
+            finish_stream(stream)
+        except Exception as exn:
+            exn.args = (*exn.args, url)
+            if not handler(exn):
                 raise
-            try:
-                yield from wds.tariterators.tar_file_expander(
-                    [{"url": url, "stream": stream}], handler=handler)
-                finish_stream(stream)
-            finally:
-                stream.close()
-
-    return wds.tariterators.group_by_keys(files(), handler=handler)
+        finally:
+            stream.close()
 
 
 def _tars(shards: ShardSet):

@@ -24,6 +24,7 @@ from avtrain.data import (
     open_shards,
     pick_frames,
     resolve_crop,
+    to_device,
     train_loader,
 )
 
@@ -59,11 +60,19 @@ def test_train_batch_layout(train_shards):
     b = batches[0]
     assert b["audio"].dtype == torch.float32 and b["audio"].shape[:2] == (4, 1)
     assert b["audio"].shape[2] == 129  # synth preset: STFT 256 -> 129 bins
-    assert b["visual"].shape == (4, 3, 3, 32, 32) and b["visual"].dtype == torch.float32
+    # frames travel as uint8 (a quarter of the bytes through the worker queue and the bus)
+    assert b["visual"].shape == (4, 3, 3, 32, 32) and b["visual"].dtype == torch.uint8
     assert b["label"].dtype == torch.long and b["label"].shape == (4,)
     assert len(b["key"]) == 4
+    on = to_device(b, torch.device("cpu"), opts)
+    assert on["visual"].dtype == torch.float32 and on["visual"].shape == (4, 3, 3, 32, 32)
     # ImageNet-normalised: values centred near 0, not raw 0..255 or 0..1
-    assert -3.5 < float(b["visual"].min()) < 0 < float(b["visual"].max()) < 3.5
+    assert -3.5 < float(on["visual"].min()) < 0 < float(on["visual"].max()) < 3.5
+    # exactly torchvision's ToTensor + Normalize of those uint8 frames
+    want = (b["visual"].float() / 255 - torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)) \
+        / torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    assert torch.equal(on["visual"], want)
+    assert torch.equal(on["audio"], b["audio"]) and on["key"] == b["key"]
 
 
 def test_train_stream_is_a_function_of_seed_and_epoch(train_shards):
