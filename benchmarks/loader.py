@@ -141,15 +141,54 @@ def rate(batches, batch_size: int, count: int, warmup: int) -> float:
     return batch_size * count / (time.perf_counter() - start)
 
 
+def limit_rate(shards, opts, frames: int, image_size: int, rounds: int = 3) -> float:
+    """The decode-and-augment limit, samples/s on one core: the chosen frames of the same train
+    samples, already in memory (no I/O, no tar), decoded with torchvision and given the
+    RandomResizedCrop + flip + ImageNet normalisation, in this process on one thread."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from avtrain.data import FRAME_MEMBER, _crop_draw, pick_frames, transform_frames
+    from avtrain.tarstream import tar_samples
+
+    clips = []
+    for url in shards.urls("train"):
+        with open(url, "rb") as f:
+            for sample in tar_samples(f, url):
+                names = sorted(k for k in sample if FRAME_MEMBER.match(k))
+                clips.append([sample[k] for k in names])
+    rng = np.random.default_rng(0)
+    chosen = [[clip[i] for i in pick_frames(len(clip), frames, rng)] for clip in clips]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    best = float("inf")
+    try:
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for jpegs in chosen:
+                images = [decode_jpeg(torch.frombuffer(bytearray(j), dtype=torch.uint8),
+                                      mode=ImageReadMode.RGB) for j in jpegs]
+                transform_frames(images, image_size, _crop_draw(rng))
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(before)
+    return len(chosen) / best
+
+
 def warmup(args) -> int:
     return max(1, args.workers)
 
 
 def shard_rate(shards, opts, args, round_no: int) -> float:
+    """Batches ready for the model: the loader's, then `to_device` (which normalises the uint8
+    frames), so the rate counts every step between the tar and the network."""
+    from avtrain.data import to_device
+
     loader = train_loader(shards, "train", opts, batch_size=args.batch_size,
                           steps=args.batches + warmup(args), epoch=round_no, workers=args.workers,
                           shuffle_buffer=args.shuffle_buffer)
-    return rate(loader, args.batch_size, args.batches, warmup(args))
+    cpu = torch.device("cpu")
+    return rate((to_device(b, cpu, opts) for b in loader), args.batch_size, args.batches,
+                warmup(args))
 
 
 def seed_rate(dataset, args) -> float:
@@ -201,8 +240,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--batches", type=int, default=12, help="timed batches per round")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--frames", type=int, default=1)
+    ap.add_argument("--workers", default="1,2", help="loader workers, comma-separated")
+    ap.add_argument("--frames", default="1,3", help="frames per clip, comma-separated")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--shuffle-buffer", type=int, default=200)
     ap.add_argument("--model-steps", type=int, default=3)
@@ -222,17 +261,30 @@ def main(argv=None) -> int:
     print(f"data ready in {time.time() - t0:.1f} s: {len(items)} train clips under {work}")
 
     shards = open_shards(shards_dir)
-    opts = DataOptions.for_shards(shards, image_size=args.image_size, frames=args.frames)
-    dataset = SeedStyleDataset(seed_dir, items, args.frames, args.image_size)
-    ours, seed = [], []
-    for r in range(args.rounds):
-        ours.append(shard_rate(shards, opts, args, r))
-        seed.append(seed_rate(dataset, args))
-        print(f"round {r}: shards {ours[-1]:.1f} samples/s, seed-style {seed[-1]:.1f} samples/s")
-    best_ours, best_seed = max(ours), max(seed)
-
+    configs = [(int(f), int(w)) for f in args.frames.split(",") for w in args.workers.split(",")]
+    rows, limits = [], {}
+    for frames, workers in configs:
+        run = argparse.Namespace(**{**vars(args), "frames": frames, "workers": workers})
+        opts = DataOptions.for_shards(shards, image_size=args.image_size, frames=frames)
+        dataset = SeedStyleDataset(seed_dir, items, frames, args.image_size)
+        if frames not in limits:
+            limits[frames] = limit_rate(shards, opts, frames, args.image_size)
+            print(f"limit, {frames} frame(s): {limits[frames]:.1f} samples/s per core")
+        ours, seed = [], []
+        for r in range(args.rounds):
+            ours.append(shard_rate(shards, opts, run, r))
+            seed.append(seed_rate(dataset, run))
+            print(f"{frames} frame(s), {workers} worker(s), round {r}: shards {ours[-1]:.1f} "
+                  f"samples/s, seed-style {seed[-1]:.1f} samples/s")
+        rows.append((frames, workers, limits[frames], max(ours), max(seed), ours, seed))
+    frames0, workers0 = configs[0]
+    best_ours = next(r[3] for r in rows if r[:2] == (frames0, workers0))
+    opts = DataOptions.for_shards(shards, image_size=args.image_size, frames=frames0)
     sample = next(iter(train_loader(shards, "train", opts, batch_size=args.batch_size, steps=1,
                                     workers=0, shuffle_buffer=16)))
+    from avtrain.data import to_device
+
+    sample = to_device(sample, torch.device("cpu"), opts)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -252,18 +304,25 @@ def main(argv=None) -> int:
         "",
         f"Data: {len(items)} synth train clips (H.264 256x256, 3 s) as `cremad`-preset shards "
         f"(spectrogram {spec_shape}, 1 fps JPEG frames at 256 px); batch {args.batch_size}, "
-        f"{args.frames} frame(s) per clip cropped to {args.image_size} px, "
-        f"{args.workers} loader worker(s), {args.batches} timed batches x {args.rounds} rounds; "
-        f"model steps with {torch.get_num_threads()} torch thread(s).",
+        f"frames cropped to {args.image_size} px, {args.batches} timed batches x "
+        f"{args.rounds} interleaved rounds (fastest kept); model steps with "
+        f"{torch.get_num_threads()} torch thread(s).",
         "",
-        "| loader | samples/s (best round) | rounds |",
-        "|---|---:|---|",
-        f"| shards (`avtrain.data.train_loader`) | {best_ours:.1f} | "
-        f"{', '.join(f'{x:.1f}' for x in ours)} |",
-        f"| seed-style folder (pickle + JPEG folder, PIL) | {best_seed:.1f} | "
-        f"{', '.join(f'{x:.1f}' for x in seed)} |",
+        "Limit: the same samples' chosen frames, in memory, decoded (torchvision) + "
+        "RandomResizedCrop 224 + flip + ImageNet normalisation in one process on one thread: "
+        "samples/s per core. Shards: `train_loader` then `to_device` (batches ready for the "
+        "model). Seed: the folder loader below.",
         "",
-        f"Shard loader / seed-style: **{best_ours / best_seed:.2f}x**.",
+        "| frames | workers | limit / core | shards | seed-style | shards per worker / limit "
+        "| shards / seed-style | rounds (shards; seed) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for frames, workers, limit, ours, seed, all_ours, all_seed in rows:
+        lines.append(
+            f"| {frames} | {workers} | {limit:.1f} | {ours:.1f} | {seed:.1f} | "
+            f"**{ours / workers / limit:.2f}x** | **{ours / seed:.2f}x** | "
+            f"{', '.join(f'{x:.0f}' for x in all_ours)}; {', '.join(f'{x:.0f}' for x in all_seed)} |")
+    lines += [
         "",
         f"| model ({device.type}, batch {args.batch_size}) | train samples/s | steps/s | "
         "loader headroom (shard loader / model) |",
