@@ -5,8 +5,9 @@
     for batch in train_loader(shards, "train", opts, batch_size=64, steps=100, epoch=0): ...
     for batch in eval_loader(shards, "test", opts, batch_size=64): ...
 
-A batch is a dict: "audio" [B, 1, F, T] float32, "visual" [B, T, 3, H, W] float32 (ImageNet
-normalised), "label" [B] long, "key" list of str. Sequences are right-padded with zeros and come
+A batch is a dict: "audio" [B, 1, F, T] float32, "visual" [B, T, 3, H, W] uint8 (cropped and
+flipped; `to_device` makes it float32, ImageNet normalised, on the device: a quarter of the
+bytes cross the worker queue and the bus), "label" [B] long, "key" list of str. Sequences are right-padded with zeros and come
 with their lengths: "text" [B, L] long UTF-8 byte ids of the `{key}.txt` transcript (0 = pad)
 and "text_len" [B]; a modality the index lists under `features` (avprep import-features) is
 read from `{key}.{modality}.npy` as [B, T, D] float32 with "{modality}_len" [B] (0 where the
