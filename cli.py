@@ -579,6 +579,10 @@ def _fit_options(f):
                      "released]"),
         click.option("--valuation-alpha", type=float, help="Valuation, modality level: factor "
                      "on the gap difference, the re-sampled share [default: 1, as released]"),
+        click.option("--gblending-super-epoch", type=int, help="G-Blending: epochs between "
+                     "weight estimates [default: 10, BalanceMM's trainer_config.yaml]"),
+        click.option("--gblending-offline/--no-gblending-offline", default=None,
+                     help="G-Blending: one estimate before training (BalanceMM 'offline')"),
     ]
     for opt in reversed(opts):
         f = opt(f)

@@ -112,6 +112,8 @@ class TrainConfig:
     valuation_warmup: int | None = None  # valuation: epochs as they are; None: 5 (released)
     valuation_part_ratio: float | None = None  # valuation modality level: Z; None: 0.2 (released)
     valuation_alpha: float | None = None  # valuation modality level; None: 1 (released)
+    gblending_super_epoch: int | None = None  # G-Blending re-estimate period; None: 10 (BalanceMM)
+    gblending_offline: bool | None = None  # G-Blending one estimate before training (BalanceMM offline)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
