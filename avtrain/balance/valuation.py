@@ -213,10 +213,7 @@ class Valuation(Balancer):
     def value(self, batches, autocast) -> tuple[list[str], torch.Tensor]:
         """Every training sample's contributions, gathered from all ranks, in key order."""
         bare = self.bare
-        if _dist.world_size() > 1:  # eval mode reads BatchNorm statistics: rank 0's everywhere
-            for m in self.modalities:
-                for buf in bare.encoders[m].buffers():
-                    dist.broadcast(buf, src=0)
+        _dist.broadcast_buffers(bare.encoders[m] for m in self.modalities)  # eval reads them
         was_training = bare.training
         bare.eval()
         keys: list[str] = []
