@@ -38,6 +38,7 @@ from .pmr import PMR, pmr_coefficients, prototype_logits
 from .reconboost import ReconBoost, boosting_loss, reconboost_stage
 from .relearning import ReLearning, kmeans, minmax_scale, purity, relearning_weight
 from .valuation import Valuation, modality_gap, sample_copies, valuation_contributions
+from .cml import CML, cml_confidence, cml_order, cml_penalty_terms
 
 METHODS: dict[str, type[Balancer]] = {}
 
@@ -74,6 +75,7 @@ register(MLA)
 register(ReLearning)
 register(MMPareto)
 register(Valuation)
+register(CML)
 
 __all__ = ["Balancer", "METHODS", "register", "get_method", "build_balancer",
            "ogm_coefficients", "ogm_scores", "modulated_parameters", "olm_ratios",
@@ -84,3 +86,4 @@ __all__ = ["Balancer", "METHODS", "register", "get_method", "build_balancer",
            "relearning_weight"]
 __all__ += ["min_norm_weight", "mmpareto_weights", "mmpareto_gradient"]
 __all__ += ["valuation_contributions", "sample_copies", "modality_gap"]
+__all__ += ["cml_confidence", "cml_order", "cml_penalty_terms"]
