@@ -28,6 +28,7 @@ from avprep.errors import UserError
 from .agm import AGM, agm_coefficients, agm_contributions
 from .amco import AMCo, amco_masked_count, amco_share_sums
 from .base import Balancer
+from .cml import CML, cml_confidence, cml_order, cml_penalty_terms
 from .greedy import Greedy, greedy_rule, greedy_speed_difference
 from .mla import MLA, owm_update, project_gradient
 from .mmpareto import MMPareto, min_norm_weight, mmpareto_gradient, mmpareto_weights
@@ -38,7 +39,6 @@ from .pmr import PMR, pmr_coefficients, prototype_logits
 from .reconboost import ReconBoost, boosting_loss, reconboost_stage
 from .relearning import ReLearning, kmeans, minmax_scale, purity, relearning_weight
 from .valuation import Valuation, modality_gap, sample_copies, valuation_contributions
-from .cml import CML, cml_confidence, cml_order, cml_penalty_terms
 
 METHODS: dict[str, type[Balancer]] = {}
 
