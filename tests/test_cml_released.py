@@ -222,9 +222,9 @@ def test_three_modalities_equal_the_reference():
                for m in metrics[:4]) == 8  # two removals per modulated step
 
 
-def _ddp_run(rank: int, world: int) -> dict:
+def _ddp_run(rank: int, world: int, form: str = "balancemm") -> dict:
     torch.manual_seed(2)  # weights under which the global hinge is active in several steps
-    t = trainer(bn=False)
+    t = trainer(bn=False, form=form)
     per = BATCH // world
     data = make_batches(7, BATCH, sum(n for _, n in STEPS), CLASSES)
     params, metrics, _ = our_train(t, data, slice(rank * per, (rank + 1) * per))
@@ -234,9 +234,14 @@ def _ddp_run(rank: int, world: int) -> dict:
     return {"params": params[-1], "metrics": metrics}
 
 
-def test_two_gloo_processes_equal_one_with_the_global_batch(tmp_path):
-    ranks = run_gloo(_ddp_run, tmp_path)
-    one = _ddp_run(0, 1)
+def _ddp_run_authors(rank: int, world: int) -> dict:
+    return _ddp_run(rank, world, "authors")
+
+
+@pytest.mark.parametrize("fn", [_ddp_run, _ddp_run_authors])
+def test_two_gloo_processes_equal_one_with_the_global_batch(tmp_path, fn):
+    ranks = run_gloo(fn, tmp_path)
+    one = fn(0, 1)
     assert any(m["penalty"] > 0 for m in one["metrics"])
     assert_ranks_equal_one(ranks, one)
 

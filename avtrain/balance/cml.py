@@ -48,7 +48,7 @@ Where we differ, and why:
 - DDP: BalanceMM runs DataParallel, so its hinge is over the sum of the whole (gathered) batch.
   We all-reduce the detached batch sum to gate the hinge globally and scale the local sum by
   the world size, so DDP's gradient average equals the gradient of lam * max(0, global sum);
-  one process: identical to BalanceMM;
+  the loss value holds the global hinge on every rank; one process: identical to BalanceMM;
 - BalanceMM's trainer at 4c1482f calls `model.Unimodality_Calculate()`, which the model renamed
   to `unimodality_calculate` (it fails with AttributeError there); the semantics are those of
   the method before the rename (commit 4909c17~1, the same formula).
@@ -173,6 +173,9 @@ class CML(Balancer):
         else:
             penalty_value = glob.sum()
             penalty = local_t.sum() * world
+        # the value is the global hinge (what BalanceMM's loss holds), the gradient this rank's
+        # share of it (DDP averages the ranks' gradients)
+        penalty = penalty - penalty.detach() + penalty_value
         loss = total_ce / len(self.modalities) + self.lam * penalty
         self._metrics = {"penalty": penalty_value.detach(),
                          "conf_fused": conf_full.detach().mean(),
