@@ -579,6 +579,12 @@ def _fit_options(f):
                      "released]"),
         click.option("--valuation-alpha", type=float, help="Valuation, modality level: factor "
                      "on the gap difference, the re-sampled share [default: 1, as released]"),
+        click.option("--cml-lam", type=float, help="CML: weight of the confidence ranking "
+                     "hinge, >= 0 [default: 0.1, BalanceMM's lam]"),
+        click.option("--cml-form", type=click.Choice(["balancemm", "authors"]),
+                     help="CML hinge: balancemm (max(0, batch sum of subset minus full "
+                     "confidence), BalanceMM's CML_trainer) or authors (per-sample ReLU with "
+                     "the CPM-Nets sign trick, QingyangZhang/CML) [default: balancemm]"),
     ]
     for opt in reversed(opts):
         f = opt(f)

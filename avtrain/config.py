@@ -112,6 +112,8 @@ class TrainConfig:
     valuation_warmup: int | None = None  # valuation: epochs as they are; None: 5 (released)
     valuation_part_ratio: float | None = None  # valuation modality level: Z; None: 0.2 (released)
     valuation_alpha: float | None = None  # valuation modality level; None: 1 (released)
+    cml_lam: float | None = None  # CML weight of the confidence hinge; None: 0.1 (BalanceMM lam)
+    cml_form: str = "balancemm"  # CML hinge: balancemm (on the batch sum) | authors (per sample)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

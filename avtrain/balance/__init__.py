@@ -28,6 +28,7 @@ from avprep.errors import UserError
 from .agm import AGM, agm_coefficients, agm_contributions
 from .amco import AMCo, amco_masked_count, amco_share_sums
 from .base import Balancer
+from .cml import CML, cml_confidence, cml_order, cml_penalty_terms
 from .greedy import Greedy, greedy_rule, greedy_speed_difference
 from .mla import MLA, owm_update, project_gradient
 from .mmpareto import MMPareto, min_norm_weight, mmpareto_gradient, mmpareto_weights
@@ -74,6 +75,7 @@ register(MLA)
 register(ReLearning)
 register(MMPareto)
 register(Valuation)
+register(CML)
 
 __all__ = ["Balancer", "METHODS", "register", "get_method", "build_balancer",
            "ogm_coefficients", "ogm_scores", "modulated_parameters", "olm_ratios",
@@ -84,3 +86,4 @@ __all__ = ["Balancer", "METHODS", "register", "get_method", "build_balancer",
            "relearning_weight"]
 __all__ += ["min_norm_weight", "mmpareto_weights", "mmpareto_gradient"]
 __all__ += ["valuation_contributions", "sample_copies", "modality_gap"]
+__all__ += ["cml_confidence", "cml_order", "cml_penalty_terms"]
