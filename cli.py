@@ -579,6 +579,11 @@ def _fit_options(f):
                      "released]"),
         click.option("--valuation-alpha", type=float, help="Valuation, modality level: factor "
                      "on the gap difference, the re-sampled share [default: 1, as released]"),
+        click.option("--mbsd-rs-on", type=click.Choice(["auto", "logits", "probs"]),
+                     help="MBSD: what its RS term compares between two modalities' outputs; "
+                     "auto: logits for two modalities, softmax probabilities for three or "
+                     "more, as BalanceMM's MBSD_trainer.py [default: auto; MBSD's window "
+                     "--modulation-start/--modulation-end defaults: 0/80, BalanceMM's]"),
     ]
     for opt in reversed(opts):
         f = opt(f)

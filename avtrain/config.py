@@ -112,6 +112,8 @@ class TrainConfig:
     valuation_warmup: int | None = None  # valuation: epochs as they are; None: 5 (released)
     valuation_part_ratio: float | None = None  # valuation modality level: Z; None: 0.2 (released)
     valuation_alpha: float | None = None  # valuation modality level; None: 1 (released)
+    mbsd_rs_on: str = "auto"  # MBSD RS term on: auto (BalanceMM: logits for 2, probs for 3+) |
+    # logits | probs
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
