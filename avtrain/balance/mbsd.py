@@ -6,9 +6,11 @@ the fused and unimodal logits 119-121, two modalities 130-159, three 160-224, ou
 226-228), balancemm/models/avclassify_model.py (`unimodality_calculate` 277-300: concat's weight
 split z_m = f_m . W_m^T + b/M) and configs/trainer_config.yaml (MBSD block, lines 47-50:
 modulation_starts 0, modulation_ends 80; its `modality: 2` is never read). BalanceBenchmark's
-README lists MBSD among the objective methods without a paper reference, and no code of the
-method's authors was found (code index and web pages searched for the trainer's rule), so the
-reference is BalanceMM's trainer as written. No code is copied; tests/test_mbsd_released.py
+README lists MBSD among the objective methods; its algorithm table (images/Algorithms.jpeg)
+cites it only as "MBSD [Liu et al., 2023]" (objective, imbalance indicator "performance
+score", two modalities). The full reference was not found here, nor any code of the authors
+(code index, issue threads and web pages searched for the name and for the trainer's rule), so
+the reference is BalanceMM's trainer as written. No code is copied; tests/test_mbsd_released.py
 checks our steps against a plain-torch reference of that trainer.
 
 One step inside the window [--modulation-start, --modulation-end] (inclusive), B the batch,
