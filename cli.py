@@ -585,6 +585,11 @@ def _fit_options(f):
                      help="CML hinge: balancemm (max(0, batch sum of subset minus full "
                      "confidence), BalanceMM's CML_trainer) or authors (per-sample ReLU with "
                      "the CPM-Nets sign trick, QingyangZhang/CML) [default: balancemm]"),
+        click.option("--mbsd-rs-on", type=click.Choice(["auto", "logits", "probs"]),
+                     help="MBSD: what its RS term compares between two modalities' outputs; "
+                     "auto: logits for two modalities, softmax probabilities for three or "
+                     "more, as BalanceMM's MBSD_trainer.py [default: auto; MBSD's window "
+                     "--modulation-start/--modulation-end defaults: 0/80, BalanceMM's]"),
     ]
     for opt in reversed(opts):
         f = opt(f)

@@ -114,6 +114,8 @@ class TrainConfig:
     valuation_alpha: float | None = None  # valuation modality level; None: 1 (released)
     cml_lam: float | None = None  # CML weight of the confidence hinge; None: 0.1 (BalanceMM lam)
     cml_form: str = "balancemm"  # CML hinge: balancemm (on the batch sum) | authors (per sample)
+    mbsd_rs_on: str = "auto"  # MBSD RS term on: auto (BalanceMM: logits for 2, probs for 3+) |
+    # logits | probs
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

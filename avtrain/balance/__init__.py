@@ -30,6 +30,7 @@ from .amco import AMCo, amco_masked_count, amco_share_sums
 from .base import Balancer
 from .cml import CML, cml_confidence, cml_order, cml_penalty_terms
 from .greedy import Greedy, greedy_rule, greedy_speed_difference
+from .mbsd import MBSD, mbsd_loss, mbsd_pair_terms
 from .mla import MLA, owm_update, project_gradient
 from .mmpareto import MMPareto, min_norm_weight, mmpareto_gradient, mmpareto_weights
 from .ogm import OGM, OGMGE, modulated_parameters, ogm_coefficients, ogm_scores
@@ -76,6 +77,7 @@ register(ReLearning)
 register(MMPareto)
 register(Valuation)
 register(CML)
+register(MBSD)
 
 __all__ = ["Balancer", "METHODS", "register", "get_method", "build_balancer",
            "ogm_coefficients", "ogm_scores", "modulated_parameters", "olm_ratios",
@@ -87,3 +89,4 @@ __all__ = ["Balancer", "METHODS", "register", "get_method", "build_balancer",
 __all__ += ["min_norm_weight", "mmpareto_weights", "mmpareto_gradient"]
 __all__ += ["valuation_contributions", "sample_copies", "modality_gap"]
 __all__ += ["cml_confidence", "cml_order", "cml_penalty_terms"]
+__all__ += ["mbsd_loss", "mbsd_pair_terms"]
