@@ -64,7 +64,14 @@ import torch.nn.functional as F
 from avprep.errors import UserError
 
 from . import _dist
-from ._checks import choice, number, require_two_modalities
+from ._checks import (
+    choice,
+    fused_model,
+    modulation_window,
+    number,
+    require_two_modalities,
+    summed_fusion,
+)
 from .base import Balancer, EpochContext
 from .ogm import _mix
 
@@ -109,21 +116,11 @@ class CML(Balancer):
         if not self.lam >= 0:
             raise UserError(f"--cml-lam must be a number >= 0, got {self.lam}")
         self.form = choice(c, "cml_form", "balancemm", FORMS)
-        self.start = int(number(c, "modulation_start", 0))
-        self.end = int(number(c, "modulation_end", 80))
-        if self.end < self.start:
-            raise UserError(f"--modulation-end ({self.end}) is before --modulation-start "
-                            f"({self.start}); the window [start, end] is inclusive")
+        self.start, self.end = modulation_window(c, 0, 80)
         self.seed = int(number(c, "seed", 0))
-        bare = getattr(model, "module", model)
-        fusion = getattr(bare, "fusion", None)
-        if getattr(bare, "encoders", None) is None or fusion is None:
-            raise UserError("--method cml needs a model with per-modality encoders and a fusion "
-                            "(not a sequence model)")
-        if not fusion.decomposable or bare.aux_heads:
-            raise UserError(f"--method cml removes a modality's summand from the fused logits: "
-                            f"use --fusion concat (BalanceMM's) or sum, not "
-                            f"{bare.spec['fusion']}")
+        bare = fused_model(model, self.name)
+        summed_fusion(bare, self.name, "removes a modality's summand from the fused logits")
+        fusion = bare.fusion
         self.fusion = fusion
         self.epoch = -1
         self.removed: list[str] = []

@@ -63,10 +63,8 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from avprep.errors import UserError
-
 from . import _dist
-from ._checks import choice, number, require_two_modalities
+from ._checks import choice, fused_model, modulation_window, require_two_modalities, summed_fusion
 from .base import Balancer
 
 
@@ -118,21 +116,10 @@ class MBSD(Balancer):
         super().__init__(model, config, modalities=modalities, device=device)
         c = self.config
         require_two_modalities(self.name, self.modalities)
-        self.start = int(number(c, "modulation_start", 0))
-        self.end = int(number(c, "modulation_end", 80))
-        if self.end < self.start:
-            raise UserError(f"--modulation-end ({self.end}) is before --modulation-start "
-                            f"({self.start}); the window [start, end] is inclusive")
+        self.start, self.end = modulation_window(c, 0, 80)
         self.rs_on = choice(c, "mbsd_rs_on", "auto", ("auto", "logits", "probs"))
-        bare = getattr(model, "module", model)
-        fusion = getattr(bare, "fusion", None)
-        if getattr(bare, "encoders", None) is None or fusion is None:
-            raise UserError("--method mbsd needs a model with per-modality encoders and a fusion "
-                            "(not a sequence model)")
-        if not fusion.decomposable or bare.aux_heads:
-            raise UserError(f"--method mbsd trains the per-modality logits of the fused layer: "
-                            f"use --fusion concat (BalanceMM's) or sum, not "
-                            f"{bare.spec['fusion']}")
+        bare = fused_model(model, self.name)
+        summed_fusion(bare, self.name, "trains the per-modality logits of the fused layer")
         self._metrics: dict[str, torch.Tensor] = {}
 
     def loss(self, logits, labels, *, epoch, step):
