@@ -153,3 +153,20 @@ def assert_one_error_line(out, words: str | None, run) -> None:
     if words:
         assert words in lines[0]
     assert not (run / "metrics.jsonl").exists()
+
+
+def train_steps(t, data, steps, part=slice(None)):
+    """Our real step over `steps` ((epoch, n_steps), ...) of `data` (batch dicts, or
+    make_batches items cut to `part`) -> (parameters, step metrics, losses) after each step."""
+    params, metrics, losses, step = [], [], [], 0
+    for epoch, n_steps in steps:
+        t.model.train()
+        for _ in range(n_steps):
+            t.step = step
+            batch = data[step] if isinstance(data[step], dict) else as_batch(data[step], part)
+            loss, _ = t.train_step(batch, epoch)
+            metrics.append({k: float(v) for k, v in t.balancer.step_metrics().items()})
+            losses.append(float(loss.detach()))
+            params.append({k: p.detach().clone() for k, p in t.model.named_parameters()})
+            step += 1
+    return params, metrics, losses

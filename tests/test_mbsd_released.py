@@ -31,6 +31,7 @@ from released import (
     method_fit_args,
     run_gloo,
     step_trainer,
+    train_steps,
 )
 from test_balance_ogm import build_test_shards, step_records
 
@@ -176,18 +177,7 @@ def trainer(fusion="concat", bn=True, **extra):
 
 
 def our_train(t, data, part=slice(None), steps=STEPS):
-    params, metrics, losses, step = [], [], [], 0
-    for epoch, n_steps in steps:
-        t.model.train()
-        for _ in range(n_steps):
-            t.step = step
-            batch = data[step] if isinstance(data[step], dict) else as_batch(data[step], part)
-            loss, _ = t.train_step(batch, epoch)
-            metrics.append({k: float(v) for k, v in t.balancer.step_metrics().items()})
-            losses.append(float(loss.detach()))
-            params.append({k: p.detach().clone() for k, p in t.model.named_parameters()})
-            step += 1
-    return params, metrics, losses
+    return train_steps(t, data, steps, part)
 
 
 def _compare(t, data, unimodal, steps=STEPS):
