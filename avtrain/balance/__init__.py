@@ -29,6 +29,7 @@ from .agm import AGM, agm_coefficients, agm_contributions
 from .amco import AMCo, amco_masked_count, amco_share_sums
 from .base import Balancer
 from .greedy import Greedy, greedy_rule, greedy_speed_difference
+from .lfm import LFM, lfm_alignment, lfm_alpha_update, lfm_fitted_alpha
 from .mla import MLA, owm_update, project_gradient
 from .mmpareto import MMPareto, min_norm_weight, mmpareto_gradient, mmpareto_weights
 from .ogm import OGM, OGMGE, modulated_parameters, ogm_coefficients, ogm_scores
@@ -74,6 +75,7 @@ register(MLA)
 register(ReLearning)
 register(MMPareto)
 register(Valuation)
+register(LFM)
 
 __all__ = ["Balancer", "METHODS", "register", "get_method", "build_balancer",
            "ogm_coefficients", "ogm_scores", "modulated_parameters", "olm_ratios",
@@ -84,3 +86,4 @@ __all__ = ["Balancer", "METHODS", "register", "get_method", "build_balancer",
            "relearning_weight"]
 __all__ += ["min_norm_weight", "mmpareto_weights", "mmpareto_gradient"]
 __all__ += ["valuation_contributions", "sample_copies", "modality_gap"]
+__all__ += ["lfm_alignment", "lfm_alpha_update", "lfm_fitted_alpha"]
