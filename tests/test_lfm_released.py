@@ -321,7 +321,7 @@ def test_resume_is_exact(shards, tmp_path):
 def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
     from cli import avtrain
 
-    args = method_fit_args("lfm", shards, tmp_path / "run", 1, **extra)
+    args = method_fit_args("lfm", shards, tmp_path / "run", 1, **{"lfm_heldout_size": 2, **extra})
     out = CliRunner().invoke(avtrain, args)
     assert out.exit_code != 0
     lines = [x for x in out.output.splitlines() if x.strip()]
