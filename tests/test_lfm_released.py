@@ -30,6 +30,7 @@ from released import (
     step_trainer,
 )
 from test_balance_ogm import build_test_shards, step_records
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from avtrain.balance import lfm_alignment, lfm_alpha_update, lfm_fitted_alpha
 from avtrain.balance.base import EpochContext
@@ -102,13 +103,20 @@ def ref_alignment(p, q):  # Crema_epoch_learnable.py lines 37-44
 
 def ref_forward(model, batch):  # AVClassifier: o_a, o_v (result_b = their sum)
     out = model(batch)
-    return out["audio"], out["visual"]
+    return [out[m] for m in model.modalities]
+
+
+def ref_objectives(outs, label):
+    """0.5 o_v + 0.5 o_a and Alignment(o_a, o_v); for N modalities the mean of the logits and
+    the alignment summed over all pairs / their number (BalanceMM's manual_combinations)."""
+    pairs = [(i, j) for i in range(len(outs) - 1) for j in range(i + 1, len(outs))]
+    align = sum(ref_alignment(outs[i], outs[j]) for i, j in pairs) / len(pairs)
+    mean = outs[1] * 0.5 + outs[0] * 0.5 if len(outs) == 2 else sum(outs) / len(outs)
+    return F.cross_entropy(mean, label, reduction="none").mean(), align
 
 
 def ref_alpha(epoch, val_batch, model, alpha, lr_alpha):  # lines 55-97
-    o_a, o_v = ref_forward(model, val_batch)
-    loss_alignment = ref_alignment(o_a, o_v)
-    loss_cls = F.cross_entropy(0.5 * o_v + 0.5 * o_a, val_batch["label"], reduction="none").mean()
+    loss_cls, loss_alignment = ref_objectives(ref_forward(model, val_batch), val_batch["label"])
     total = alpha[0] * loss_cls + alpha[1] * loss_alignment
     theta_grads = torch.autograd.grad(total, model.parameters(), create_graph=True)
     cls_grads = torch.autograd.grad(loss_cls, model.parameters(), retain_graph=True,
@@ -125,21 +133,20 @@ def ref_alpha(epoch, val_batch, model, alpha, lr_alpha):  # lines 55-97
     return alpha, lr_alpha
 
 
-def ref_train(model, data, held, steps=STEPS):
+def ref_train(model, data, held, steps=STEPS, init=0.95):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    alpha, lr_alpha = [0.05, 0.95], LR_ALPHA
+    alpha, lr_alpha = [1 - init, init], LR_ALPHA  # the released cls_k = [0.05, 0.95]
     records, params, step = [], [], 0
     for epoch, n_steps in steps:
         if epoch > 0:
             model.eval()  # val() of the previous epoch
-        alpha, lr_alpha = ref_alpha(epoch, held, model, alpha, lr_alpha)
+        with sdpa_kernel([SDPBackend.MATH]):  # text: only this kernel has a double backward
+            alpha, lr_alpha = ref_alpha(epoch, held, model, alpha, lr_alpha)
         model.train()
         for _ in range(n_steps):
             batch = data[step]
             optimizer.zero_grad()
-            o_a, o_v = ref_forward(model, batch)
-            loss_alignment = ref_alignment(o_a, o_v)
-            loss_cls = F.cross_entropy(0.5 * o_v + 0.5 * o_a, batch["label"])
+            loss_cls, loss_alignment = ref_objectives(ref_forward(model, batch), batch["label"])
             loss = 2 * (alpha[0] * loss_cls + alpha[1] * loss_alignment)
             loss.backward()
             optimizer.step()
@@ -175,7 +182,7 @@ def our_train(t, data, held_batch, part=slice(None), steps=STEPS):
         t.model.train()
         for _ in range(n_steps):
             t.step = step
-            batch = as_batch(data[step], part)
+            batch = data[step] if isinstance(data[step], dict) else as_batch(data[step], part)
             loss, _ = t.train_step(batch, epoch)
             metrics.append({k: float(v) for k, v in t.balancer.step_metrics().items()})
             losses.append(float(loss.detach()))
@@ -209,6 +216,41 @@ def test_steps_equal_the_released_step():
         torch.testing.assert_close(dict(t.model.named_buffers())[name], buf, **TOL)
 
 
+def test_three_modalities_equal_the_reference():
+    from avtrain.models.text import encode_text, pad_tokens
+
+    torch.manual_seed(0)
+    t = trainer(modalities=["audio", "visual", "text"], lfm_alpha_init=0.5)
+    for module in t.model.modules():  # no dropout: both runs must see the same network
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(module, torch.nn.MultiheadAttention):
+            module.dropout = 0.0
+    g = torch.Generator().manual_seed(11)
+    data = []
+    for audio, visual, y in make_batches(7, BATCH, 5, CLASSES):
+        words = [" ".join(["abc", "de", "f"][j] * (1 + int(y[i]))
+                          for j in torch.randint(0, 3, (3,), generator=g).tolist())
+                 for i in range(BATCH)]
+        tokens, _ = pad_tokens([encode_text(w) for w in words])
+        data.append({"audio": audio, "visual": visual, "text": tokens, "label": y})
+    held, data = data[0], data[1:]
+    steps = ((0, 2), (1, 2))
+    ref = copy.deepcopy(t.model)
+    want_records, want_params = ref_train(ref, data, {k: v[:HELD] for k, v in held.items()},
+                                          steps, init=0.5)
+    got_params, got_metrics, _ = our_train(t, data, held, steps=steps)
+    for want, got in zip(want_records, got_metrics):
+        for key in ("alpha_cls", "alpha_align", "loss_cls", "loss_align"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-6), key
+    for got, want in zip(got_params, want_params):
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], **TOL)
+    # from 0.5 (BalanceMM's init is 0.05): epoch 0's step moves it without the clip
+    assert got_metrics[0]["alpha_align"] != pytest.approx(0.5)
+    assert 0.05 < got_metrics[0]["alpha_align"] < 0.95
+
+
 def test_fitted_schedule_and_fused_input():
     torch.manual_seed(0)
     t = trainer(lfm_schedule="fitted", lfm_cls_input="fused")
@@ -218,9 +260,10 @@ def test_fitted_schedule_and_fused_input():
     assert metrics[2]["alpha_cls"] == pytest.approx(0.24775889655, abs=1e-7)
     assert t.balancer.heldout is None  # no held-out batch drawn
     # the fused input: CE of the summed logits (the last step's loss_cls by hand)
-    logits = t.model(as_batch(data[3]))
-    t.balancer.loss(logits, data[3][2], epoch=10, step=3)
-    want = F.cross_entropy(logits["audio"] + logits["visual"], data[3][2])
+    with torch.no_grad():
+        logits = t.model(as_batch(data[3]))
+        t.balancer.loss(logits, data[3][2], epoch=10, step=3)
+        want = F.cross_entropy(logits["audio"] + logits["visual"], data[3][2])
     assert float(t.balancer.step_metrics()["loss_cls"]) == pytest.approx(float(want), rel=1e-6)
 
 
