@@ -579,10 +579,6 @@ def _fit_options(f):
                      "released]"),
         click.option("--valuation-alpha", type=float, help="Valuation, modality level: factor "
                      "on the gap difference, the re-sampled share [default: 1, as released]"),
-        click.option("--gblending-super-epoch", type=int, help="G-Blending: epochs between "
-                     "weight estimates [default: 10, BalanceMM's trainer_config.yaml]"),
-        click.option("--gblending-offline/--no-gblending-offline", default=None,
-                     help="G-Blending: one estimate before training (BalanceMM 'offline')"),
         click.option("--cml-lam", type=float, help="CML: weight of the confidence ranking "
                      "hinge, >= 0 [default: 0.1, BalanceMM's lam]"),
         click.option("--cml-form", type=click.Choice(["balancemm", "authors"]),
@@ -613,6 +609,15 @@ def _fit_options(f):
         click.option("--lfm-heldout-size", type=int, help="LFM: training samples drawn once "
                      "for the weight step, shared evenly by the processes [default: 8, the "
                      "authors' 16 // 2]"),
+        click.option("--gblending-super-epoch", type=int, help="G-Blending: epochs between "
+                     "weight estimates (each trains a copy of the model this many epochs per "
+                     "branch), >= 2 [default: 10, BalanceMM's trainer_config.yaml]"),
+        click.option("--gblending-offline/--no-gblending-offline", default=None,
+                     help="G-Blending: one estimate before training, over --epochs epochs "
+                     "(BalanceMM's method 'offline') [default: online, BalanceMM's]"),
+        click.option("--gblending-weights", help="G-Blending: fixed branch weights "
+                     "'W_AUDIO,W_VISUAL[,...],W_FUSED' instead of the estimate (the authors' VMZ "
+                     "--audio_weight/--visual_weight/--av_weight) [default: estimated]"),
     ]
     for opt in reversed(opts):
         f = opt(f)

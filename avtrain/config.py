@@ -112,8 +112,6 @@ class TrainConfig:
     valuation_warmup: int | None = None  # valuation: epochs as they are; None: 5 (released)
     valuation_part_ratio: float | None = None  # valuation modality level: Z; None: 0.2 (released)
     valuation_alpha: float | None = None  # valuation modality level; None: 1 (released)
-    gblending_super_epoch: int | None = None  # G-Blending re-estimate period; None: 10 (BalanceMM)
-    gblending_offline: bool | None = None  # G-Blending one estimate before training (BalanceMM offline)
     cml_lam: float | None = None  # CML weight of the confidence hinge; None: 0.1 (BalanceMM lam)
     cml_form: str = "balancemm"  # CML hinge: balancemm (on the batch sum) | authors (per sample)
     mbsd_rs_on: str = "auto"  # MBSD RS term on: auto (BalanceMM: logits for 2, probs for 3+) |
@@ -124,6 +122,12 @@ class TrainConfig:
     lfm_cls_input: str = "mean"  # LFM CE input: mean of unimodal logits (authors) | fused
     lfm_alpha_mode: str = "released"  # LFM alpha step: released (train at epoch 0) | train
     lfm_heldout_size: int | None = None  # LFM held-out samples; None: 8 (authors' 16 // 2)
+    gblending_super_epoch: int | None = None  # G-Blending re-estimate period in epochs; None: 10
+    # (BalanceMM trainer_config.yaml)
+    gblending_offline: bool | None = None  # G-Blending one estimate before training (BalanceMM
+    # method: offline); None: False (BalanceMM's default method: online)
+    gblending_weights: str | None = None  # G-Blending fixed weights 'w_audio,w_visual,...,w_fused'
+    # (the authors' VMZ flags); None: estimated (BalanceMM)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -28,8 +28,8 @@ from avprep.errors import UserError
 from .agm import AGM, agm_coefficients, agm_contributions
 from .amco import AMCo, amco_masked_count, amco_share_sums
 from .base import Balancer
-from .gblending import GBlending, gblending_weights
 from .cml import CML, cml_confidence, cml_order, cml_penalty_terms
+from .gblending import GBlending, gblending_ogr, gblending_weights
 from .greedy import Greedy, greedy_rule, greedy_speed_difference
 from .lfm import LFM, lfm_alignment, lfm_alpha_update, lfm_fitted_alpha
 from .mbsd import MBSD, mbsd_loss, mbsd_pair_terms
@@ -78,10 +78,10 @@ register(MLA)
 register(ReLearning)
 register(MMPareto)
 register(Valuation)
-register(GBlending)
 register(CML)
 register(MBSD)
 register(LFM)
+register(GBlending)
 
 __all__ = ["Balancer", "METHODS", "register", "get_method", "build_balancer",
            "ogm_coefficients", "ogm_scores", "modulated_parameters", "olm_ratios",
@@ -92,7 +92,7 @@ __all__ = ["Balancer", "METHODS", "register", "get_method", "build_balancer",
            "relearning_weight"]
 __all__ += ["min_norm_weight", "mmpareto_weights", "mmpareto_gradient"]
 __all__ += ["valuation_contributions", "sample_copies", "modality_gap"]
-__all__ += ["gblending_weights"]
 __all__ += ["cml_confidence", "cml_order", "cml_penalty_terms"]
 __all__ += ["mbsd_loss", "mbsd_pair_terms"]
 __all__ += ["lfm_alignment", "lfm_alpha_update", "lfm_fitted_alpha"]
+__all__ += ["gblending_weights", "gblending_ogr"]

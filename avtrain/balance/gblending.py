@@ -1,50 +1,80 @@
 """Gradient-Blending: a weighted sum of per-branch losses, weights from held-out OGR estimates.
 
 Paper: W. Wang, D. Tran, M. Feiszli, "What Makes Training Multi-modal Classification Networks
-Hard?", CVPR 2020. The authors' code is Caffe2 (facebookresearch/VMZ) and not a reference
-here; BalanceMM's trainer is: GeWu-Lab/BalanceBenchmark (commit 4c1482f)
-balancemm/trainer/GBlending_trainer.py (the schedule 92-101, the weighted loss
-`training_step` 292-303, the estimate `super_epoch_origin` 306-376) and
-configs/trainer_config.yaml (GBlending block, lines 34-39: method online, super_epoch 10).
-No code is copied; tests/test_gblending_released.py checks ours against a reference written
-from those semantics.
+Hard?", CVPR 2020 (arXiv 1905.12681).
 
-Level: hooks + start_epoch.
+What the authors released (facebookresearch/VMZ, Caffe2, PR #119 "Av dev", on main at commit
+4cc542d): the *weighted loss* only, with the weights given by hand --
+c2/lib/models/audio_visual_model.py lines 483-498 (with `g_blend` an extra FC classifier on the
+audio stream's and on the visual stream's last layer beside the joint AV head),
+c2/lib/models/loss/loss_creator.py `add_weighted_loss` lines 119-200 (softmax CE of each head,
+averaged over the batch, scaled by its weight, summed) and c2/tools/train_net.py lines 578-585 (`--audio_weight` 0, `--visual_weight`
+0, `--av_weight` 1 by default); c2/tutorials/gradient_blending.md lists weights computed
+offline. The *estimate* of the weights was not released, in Caffe2 or in PyTorch (VMZ's pt/
+has no G-Blend). The estimate here follows BalanceMM's re-implementation: GeWu-Lab/
+BalanceBenchmark (commit 4c1482f) balancemm/trainer/GBlending_trainer.py (`__init__` 28-31:
+super_epoch, offline; `fit` 92-101: the schedule; `training_step` 292-303: the weighted loss;
+`super_epoch_origin` 306-376: the estimate), balancemm/train.py 82-88 (the temporary model and
+optimizer, the optimizer's state at creation kept as `temp_optimizer_origin`),
+balancemm/models/avclassify_model.py 256-275 (`padding`: the listed modalities' inputs are
+zeroed) and configs/trainer_config.yaml lines 34-39 (GBlending: method online, super_epoch 10).
+No code is copied; tests/test_gblending_released.py checks ours against a plain-torch
+reference written from those lines.
 
-- step (BalanceMM 292-303): loss = sum over branches k in (modalities..., fused) of
-  w_k * CE_mean(logits_k, y), one backward, one step. The unimodal heads train the encoders
-  (`trained_unimodal_heads`).
-- schedule (BalanceMM 92-95): before every epoch e with e % super_epoch == 0 (epoch 0 included)
-  the weights are re-estimated; `--gblending-offline` sets super_epoch = the run's epochs
-  (BalanceMM `method: offline`, line 30-31), i.e. one estimate before training.
-- estimate (BalanceMM 306-376), per branch k: a copy of the model (the current weights, train
-  mode) and a fresh optimizer of the run's kind and settings (BalanceMM resets its temp
-  optimizer to the state it was built with, line 314) are trained for super_epoch epochs of
-  the run's steps per epoch, on the fused logits' CE with every *other* modality's input
-  zeroed (BalanceMM `padding`; the fused branch sees all inputs). L^T: the sum of the batch
-  losses during the first and during the last of those epochs (train mode, while training);
-  L^V: the sum of the batch losses over the whole `val` split after the first and after the
-  last epoch (eval mode, no grad). G = L^V_last - L^V_first, O = (L^V_last - L^T_last) -
+Level: hooks (`loss`) + start_epoch.
+
+- step (VMZ loss_creator.py 194-200; BalanceMM 292-303): loss = sum over the branches k in
+  (modalities..., fused) of w_k * CE_mean(logits_k, y); one backward, one step. The unimodal
+  logits come from each modality's own classifier on its encoder's features, not detached
+  (`trained_unimodal_heads`, VMZ's a_last_out / v_last_out), for every fusion.
+- schedule (BalanceMM 92-95): before every epoch e with e % super_epoch == 0 (epoch 0
+  included; also after --resume) the weights are re-estimated. `--gblending-offline`: super_epoch
+  = --epochs (BalanceMM line 30-31), i.e. one estimate before training whose temporary
+  training runs --epochs epochs. `--gblending-weights`: fixed weights, no estimate (the
+  authors' released interface).
+- estimate (BalanceMM 306-376), per branch k: a copy of the model (its current weights and
+  buffers, train mode) and a fresh optimizer of the run's kind and settings at the initial lr
+  (BalanceMM reloads `temp_optimizer_origin` for each branch, line 314) train super_epoch
+  epochs of the run's steps per epoch on the CE of the *fused* logits, with every other
+  modality's input zeroed (BalanceMM `padding`; the fused branch zeroes none). L^T: the sum of
+  the batch losses while training in the first and in the last of those epochs; L^V: the sum
+  of the per-batch mean losses over the whole `--val-split` after the first and after the last
+  epoch (eval mode, no grad). G = L^V_last - L^V_first, O = (L^V_last - L^T_last) -
   (L^V_first - L^T_first), w_k = |G| / O^2, normalised to sum 1 (`gblending_weights`).
 
-Where BalanceMM deviates from the paper (we keep BalanceMM's, as the method's reference):
-the paper measures G and O between the start and the end of a super-epoch (the weights before
-it); BalanceMM's "first" values are taken after one epoch of the temporary training and its
-train losses are running sums while training, not a re-evaluation; it takes |G| / O^2 with the
-absolute value (the paper: G / O^2 with G a decrease); it sums batch losses rather than
-averaging. BalanceMM's `test_loader` argument is its val loader (fit line 95); here the held
-out split is always `--val-split` (the run refuses to start without one).
+Where BalanceMM deviates from the paper (we keep BalanceMM's, our reference for the estimate):
+the paper measures G and O between the start and the end of a super-epoch; BalanceMM's "first"
+values are taken after one epoch of the temporary training, its train losses are running sums
+while training (not a re-evaluation), it takes |G| / O^2 (the paper: G as a decrease), it sums
+batch losses instead of averaging, and it measures each unimodal branch by the fused output of
+a zero-padded input, not by the unimodal head. BalanceMM's `test_loader` is its val loader
+(fit line 95). BalanceMM's unimodal logits are concat's weight split of the fused layer
+(avclassify_model.py 277-300), not the authors' separate heads: we keep the authors' heads
+(the only part of the step they released); on `concat` BalanceMM's unimodal CE would also train
+the fused layer's slices, ours trains the heads.
 
 Where we differ from BalanceMM, and why:
-- the temporary training reads `ectx.batches(steps)` (a seeded stream of the train split, with
-  train transforms), so a resumed run re-estimates exactly; BalanceMM re-reads its loader;
-- DDP: the temporary model's gradients are averaged over the ranks by hand (it is not
-  DDP-wrapped) and the loss sums are summed over the ranks, so every rank holds the same
-  weights; BalanceMM estimates on each rank separately;
+- data: the temporary training reads one seeded stream of the train split (`ectx.batches`,
+  train transforms), super_epoch x steps batches, the same for every branch, so a resumed run
+  re-estimates exactly; BalanceMM's loader reshuffles for every pass (a different order for
+  every branch and temporary epoch);
+- DDP: the temporary model is not DDP-wrapped: its gradients are averaged over the ranks by
+  hand (one flat all-reduce a step), its BatchNorm buffers start from rank 0's and are
+  broadcast from rank 0 before each val pass, L^T is averaged over the ranks (the global
+  batch's mean loss, as one process given the global batch) and L^V summed over them (each rank
+  reads its part of the val split in whole batches); every rank gets the same weights.
+  BalanceMM runs one process (MultiModalParallel);
+- BalanceMM's single-device path (train.py 214-219) calls fit without `temp_optimizer_origin`
+  and cannot run; we follow its DDP path (82-88);
+- BalanceMM starts with no weights (`weights = {}`) and a resume at an epoch that is not due
+  would fail; ours are in `state_dict`;
+- O = 0 makes BalanceMM raise ZeroDivisionError; ours stops with a RuntimeError naming the
+  branch;
 - any number of modalities (the rule is per branch; BalanceMM loops over its modalities).
 
 Signal (`step_metrics`, constant between estimates): gblend_w_<branch> for every branch.
-State for --resume: the current weights (the schedule is a function of the epoch).
+State for --resume: the weights, the last estimate's loss sums (L^T, L^V first and last, G, O)
+and its epoch; the schedule is a function of the epoch.
 """
 
 from __future__ import annotations
@@ -53,22 +83,31 @@ import copy
 import dataclasses
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from avprep.errors import UserError
 
 from . import _dist
-from ._checks import number
+from ._checks import number, require_two_modalities
 from .base import Balancer, EpochContext
+
+STATS = ("train_first", "val_first", "train_last", "val_last", "G", "O")
 
 
 def gblending_weights(G, O) -> torch.Tensor:  # noqa: E741 - the paper's names
-    """w_k = |G_k| / O_k^2, normalised (BalanceMM 361-372). float64 [K]."""
+    """w_k = |G_k| / O_k^2, normalised to sum 1 (BalanceMM 361-372). float64 [K]."""
     G = torch.as_tensor(G, dtype=torch.float64)
     O = torch.as_tensor(O, dtype=torch.float64)  # noqa: E741
     w = G.abs() / O.pow(2)
     return w / w.sum()
+
+
+def gblending_ogr(train_first, val_first, train_last, val_last):
+    """(G, O) of BalanceMM 361-364 from the four loss sums (tensors or floats)."""
+    g = val_last - val_first
+    o = (val_last - train_last) - (val_first - train_first)
+    return g, o
 
 
 class GBlending(Balancer):
@@ -80,38 +119,61 @@ class GBlending(Balancer):
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):
         super().__init__(model, config, modalities=modalities, device=device)
         c = self.config
-        se = number(c, "gblending_super_epoch", 10)
-        if se != int(se) or se < 2:
-            raise UserError(f"--gblending-super-epoch must be a whole number of at least 2, "
-                            f"got {c.get('gblending_super_epoch')}")
-        self.super_epoch = int(se)
-        if c.get("gblending_offline"):
-            self.super_epoch = max(2, int(c.get("epochs") or self.super_epoch))
-        samples = c.get("split_samples")
-        val = c.get("val_split") or "val"
-        if samples is not None and not samples.get(val):
-            raise UserError(f"--method gblending estimates its weights on held-out data and "
-                            f"needs a non-empty {val!r} split (--val-split), found none")
+        require_two_modalities(self.name, self.modalities)
         self.branches = [*self.modalities, "fused"]
         k = len(self.branches)
-        self.weights = torch.full((k,), 1.0 / k, dtype=torch.float64)
-        self.last_stats = torch.zeros(4, k, dtype=torch.float64)  # G, O, ... for the log
-        self._metrics = self._as_metrics()
+        se = number(c, "gblending_super_epoch", 10)
+        if se != int(se) or se < 2:
+            raise UserError(f"--gblending-super-epoch must be a whole number of at least 2 (the "
+                            f"estimate compares its first and last epoch), got "
+                            f"{c.get('gblending_super_epoch')}")
+        self.super_epoch = int(se)
+        if c.get("gblending_offline"):
+            epochs = int(number(c, "epochs", 0))
+            if epochs < 2:
+                raise UserError(f"--gblending-offline estimates over --epochs epochs and needs "
+                                f"at least 2, got --epochs {epochs}")
+            self.super_epoch = epochs
+        self.fixed = c.get("gblending_weights") is not None
+        if self.fixed:
+            self.weights = self._parse_weights(c.get("gblending_weights"))
+        else:
+            self.weights = torch.full((k,), 1.0 / k, dtype=torch.float64)
+            val = c.get("val_split") or "val"
+            if val == "train":
+                raise UserError("--method gblending estimates its weights on held-out data: "
+                                "--val-split must not be the train split")
+            samples = c.get("split_samples")
+            if samples is not None and not samples.get(val):
+                raise UserError(f"--method gblending estimates its weights on held-out data "
+                                f"and needs a non-empty {val!r} split (--val-split), found none")
+        self.stats = torch.zeros(len(STATS), k, dtype=torch.float64)
+        self.estimated_at = -1  # epoch of the last estimate (-1: none yet)
+        self._refresh()
 
-    def _as_metrics(self):
-        return {f"gblend_w_{b}": self.weights[i].to(torch.float32).to(self.device)
-                for i, b in enumerate(self.branches)}
+    def _parse_weights(self, text) -> torch.Tensor:
+        names = ",".join(f"W_{b.upper()}" for b in self.branches)
+        try:
+            values = [float(v) for v in str(text).split(",")]
+        except ValueError:
+            values = []
+        if (len(values) != len(self.branches) or min(values) < 0 or sum(values) <= 0
+                or any(v != v for v in values)):
+            raise UserError(f"--gblending-weights must be {len(self.branches)} numbers >= 0 "
+                            f"({names}), not all 0, got {text!r}")
+        return torch.tensor(values, dtype=torch.float64)
 
-    def _w(self):
-        if not hasattr(self, "_w_dev") or self._w_dev is None:
-            self._w_dev = self.weights.to(torch.float32).to(self.device)
-        return self._w_dev
+    def _refresh(self) -> None:
+        """The weights as the step uses them (float32 on the device) and as it logs them."""
+        self._w = self.weights.to(device=self.device, dtype=torch.float32)
+        self._metrics = {f"gblend_w_{b}": self._w[i] for i, b in enumerate(self.branches)}
+
+    # -- the step --
 
     def loss(self, logits, labels, *, epoch, step):
-        w = self._w()
-        total = 0.0
-        for i, b in enumerate(self.branches):
-            total = total + w[i] * F.cross_entropy(logits[b].float(), labels)
+        total = self._w[0] * F.cross_entropy(logits[self.branches[0]].float(), labels)
+        for i, b in enumerate(self.branches[1:], start=1):
+            total = total + self._w[i] * F.cross_entropy(logits[b].float(), labels)
         return total
 
     def step_metrics(self):
@@ -120,7 +182,7 @@ class GBlending(Balancer):
     # -- the estimate --
 
     def due(self, epoch: int) -> bool:
-        return epoch % self.super_epoch == 0
+        return not self.fixed and epoch % self.super_epoch == 0
 
     def start_epoch(self, ctx: EpochContext) -> None:
         if not self.due(ctx.epoch):
@@ -128,17 +190,21 @@ class GBlending(Balancer):
         if ctx.eval_batches is None:
             raise RuntimeError("--method gblending needs whole-split batches (eval_batches)")
         bare = getattr(ctx.model, "module", ctx.model)
-        G, O = [], []  # noqa: E741
-        for b in self.branches:
-            g, o = self._measure(bare, ctx, b)
-            G.append(g)
-            O.append(o)
-        self.weights = gblending_weights(G, O)
-        self.last_stats = torch.tensor([G, O], dtype=torch.float64)
-        self._w_dev = None
-        self._metrics = self._as_metrics()
+        sums = torch.stack([self._measure(bare, ctx, b) for b in self.branches], dim=1)
+        g, o = gblending_ogr(*sums)
+        weights = gblending_weights(g, o)
+        bad = ~torch.isfinite(weights)
+        if bool(bad.any()):  # once per estimate, not per step
+            raise RuntimeError(f"G-Blending estimate at epoch {ctx.epoch}: no finite weights "
+                               f"(O = {o.tolist()}, G = {g.tolist()} for {self.branches})")
+        self.weights = weights
+        self.stats = torch.cat([sums, g[None], o[None]]).cpu()
+        self.estimated_at = ctx.epoch
+        self._refresh()
 
     def _optimizer(self, params):
+        """A fresh optimizer of the run's kind and settings (BalanceMM's temp optimizer at its
+        state when built, train.py 86-87 and trainer line 314)."""
         from avtrain.config import TrainConfig
         from avtrain.loop import build_optimizer
 
@@ -146,7 +212,8 @@ class GBlending(Balancer):
         c = TrainConfig(**{k: v for k, v in self.config.items() if k in names})
         return build_optimizer(c, params)
 
-    def _masked(self, batch, branch):
+    def _masked(self, batch: dict, branch: str) -> dict:
+        """BalanceMM's `padding`: every other modality's input zeroed (none for fused)."""
         if branch == "fused":
             return batch
         out = dict(batch)
@@ -155,57 +222,62 @@ class GBlending(Balancer):
                 out[m] = torch.zeros_like(batch[m])
         return out
 
-    def _measure(self, bare, ctx: EpochContext, branch: str) -> tuple[float, float]:
-        """(G, O) of one branch: BalanceMM's temporary training (see the module docstring)."""
+    def _measure(self, bare, ctx: EpochContext, branch: str) -> torch.Tensor:
+        """[L^T_first, L^V_first, L^T_last, L^V_last] (float64) of one branch: BalanceMM's
+        temporary training (see the module docstring)."""
         temp = copy.deepcopy(bare)
-        temp.train()
+        _dist.broadcast_buffers([temp])
         opt = self._optimizer(temp.parameters())
+        params = [p for p in temp.parameters() if p.requires_grad]
         world = _dist.world_size()
-        first = last = (0.0, 0.0)
+        steps = ctx.steps_per_epoch
+        stream = iter(ctx.batches(steps * self.super_epoch))
+        out = torch.zeros(4, dtype=torch.float64, device=self.device)
         for e in range(self.super_epoch):
             temp.train()
             train_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-            for batch in ctx.batches(ctx.steps_per_epoch):
+            for _ in range(steps):
+                batch = next(stream)
                 opt.zero_grad(set_to_none=True)
                 with ctx.autocast():
-                    out = temp(self._masked(batch, branch))
-                loss = F.cross_entropy(out["fused"].float(), batch["label"])
+                    logits = temp(self._masked(batch, branch))["fused"]
+                loss = F.cross_entropy(logits.float(), batch["label"])
                 loss.backward()
                 if world > 1:
-                    for p in temp.parameters():
-                        if p.grad is not None:
-                            dist.all_reduce(p.grad)
-                            p.grad.div_(world)
+                    grads = [p.grad for p in params if p.grad is not None]
+                    flat = _dist.mean_(_flatten_dense_tensors(grads))
+                    torch._foreach_copy_(grads, list(_unflatten_dense_tensors(flat, grads)))
                 opt.step()
                 train_sum += loss.detach().double()
-            if e == 0 or e == self.super_epoch - 1:
-                temp.eval()
-                val_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-                with torch.no_grad():
-                    for batch in ctx.eval_batches(ctx.val_split):
-                        with ctx.autocast():
-                            out = temp(self._masked(batch, branch))
-                        # BalanceMM: mean CE of each val batch, summed over the batches
-                        val_sum += F.cross_entropy(out["fused"].float(),
-                                                   batch["label"]).double()
-                sums = torch.stack([train_sum, val_sum])
-                if world > 1:
-                    dist.all_reduce(sums)
-                pair = (float(sums[0]), float(sums[1]))
-                if e == 0:
-                    first = pair
-                if e == self.super_epoch - 1:
-                    last = pair
-        g = last[1] - first[1]
-        o = (last[1] - last[0]) - (first[1] - first[0])
-        return g, o
+            if e not in (0, self.super_epoch - 1):
+                continue
+            _dist.broadcast_buffers([temp])
+            temp.eval()
+            val_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+            with torch.no_grad():
+                for batch in ctx.eval_batches(ctx.val_split):
+                    with ctx.autocast():
+                        logits = temp(self._masked(batch, branch))["fused"]
+                    # BalanceMM 349-350: the mean CE of each val batch, summed over the batches
+                    val_sum += F.cross_entropy(logits.float(), batch["label"]).double()
+            pair = torch.stack([_dist.mean_(train_sum), _dist.sum_(val_sum)])
+            if e == 0:
+                out[0:2] = pair
+            if e == self.super_epoch - 1:
+                out[2:4] = pair
+        return out
+
+    # -- --resume --
 
     def state_dict(self):
-        return {"weights": self.weights.clone(), "stats": self.last_stats.clone()}
+        return {"weights": self.weights.detach().cpu().clone(), "stats": self.stats.clone(),
+                "estimated_at": self.estimated_at}
 
     def load_state_dict(self, state):
-        if "weights" in state:
+        if "weights" not in state:
+            return
+        if not self.fixed:  # fixed weights come from the command line
             self.weights = state["weights"].to(torch.float64).cpu()
-            self.last_stats = state.get("stats", self.last_stats)
-            self._w_dev = None
-            self._metrics = self._as_metrics()
+        self.stats = state.get("stats", self.stats).to(torch.float64).cpu()
+        self.estimated_at = int(state.get("estimated_at", -1))
+        self._refresh()
