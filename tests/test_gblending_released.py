@@ -299,6 +299,8 @@ def test_fixed_weights_are_the_authors_loss():
     t.balancer.start_epoch(epoch_context(t, 0, None, val))  # not due: no stream is read
     assert t.balancer.estimated_at == -1
     assert t.balancer.weights.tolist() == [0.014, 0.630, 0.356]
+    assert trainer(gblending_weights=[0.014, 0.63, 0.356]).balancer.weights.tolist() == \
+        [0.014, 0.630, 0.356]  # a YAML list
     batch = data[0]
     logits = t.model(batch)
     y = batch["label"]

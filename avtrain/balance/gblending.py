@@ -8,14 +8,15 @@ What the authors released (facebookresearch/VMZ, Caffe2, PR #119 "Av dev", on ma
 c2/lib/models/audio_visual_model.py lines 483-498 (with `g_blend` an extra FC classifier on the
 audio stream's and on the visual stream's last layer beside the joint AV head),
 c2/lib/models/loss/loss_creator.py `add_weighted_loss` lines 119-200 (softmax CE of each head,
-averaged over the batch, scaled by its weight, summed) and c2/tools/train_net.py lines 578-585 (`--audio_weight` 0, `--visual_weight`
-0, `--av_weight` 1 by default); c2/tutorials/gradient_blending.md lists weights computed
+averaged over the batch, scaled by its weight, summed) and c2/tools/train_net.py lines 578-585
+(`--audio_weight` 0, `--visual_weight` 0, `--av_weight` 1 by default); c2/tutorials/gradient_blending.md lists weights computed
 offline. The *estimate* of the weights was not released, in Caffe2 or in PyTorch (VMZ's pt/
 has no G-Blend). The estimate here follows BalanceMM's re-implementation: GeWu-Lab/
 BalanceBenchmark (commit 4c1482f) balancemm/trainer/GBlending_trainer.py (`__init__` 28-31:
 super_epoch, offline; `fit` 92-101: the schedule; `training_step` 292-303: the weighted loss;
-`super_epoch_origin` 306-376: the estimate), balancemm/train.py 82-88 (the temporary model and
-optimizer, the optimizer's state at creation kept as `temp_optimizer_origin`),
+`super_epoch_origin` 306-376: the estimate), balancemm/train.py `train_and_test` 82-88 (the
+temporary model and optimizer, the optimizer's state at creation kept as
+`temp_optimizer_origin`; `linear_probe_eval` 214-219 omits that argument of `fit`),
 balancemm/models/avclassify_model.py 256-275 (`padding`: the listed modalities' inputs are
 zeroed) and configs/trainer_config.yaml lines 34-39 (GBlending: method online, super_epoch 10).
 No code is copied; tests/test_gblending_released.py checks ours against a plain-torch
@@ -36,11 +37,13 @@ Level: hooks (`loss`) + start_epoch.
   buffers, train mode) and a fresh optimizer of the run's kind and settings at the initial lr
   (BalanceMM reloads `temp_optimizer_origin` for each branch, line 314) train super_epoch
   epochs of the run's steps per epoch on the CE of the *fused* logits, with every other
-  modality's input zeroed (BalanceMM `padding`; the fused branch zeroes none). L^T: the sum of
+  modality's input zeroed (BalanceMM `padding`; the fused branch zeroes none), no gradient
+  clipping (BalanceMM has none; --clip-grad is the main step's). L^T: the sum of
   the batch losses while training in the first and in the last of those epochs; L^V: the sum
   of the per-batch mean losses over the whole `--val-split` after the first and after the last
   epoch (eval mode, no grad). G = L^V_last - L^V_first, O = (L^V_last - L^T_last) -
-  (L^V_first - L^T_first), w_k = |G| / O^2, normalised to sum 1 (`gblending_weights`).
+  (L^V_first - L^T_first) (`gblending_ogr`), w_k = |G| / O^2, normalised to sum 1
+  (`gblending_weights`).
 
 Where BalanceMM deviates from the paper (we keep BalanceMM's, our reference for the estimate):
 the paper measures G and O between the start and the end of a super-epoch; BalanceMM's "first"
@@ -64,12 +67,10 @@ Where we differ from BalanceMM, and why:
   batch's mean loss, as one process given the global batch) and L^V summed over them (each rank
   reads its part of the val split in whole batches); every rank gets the same weights.
   BalanceMM runs one process (MultiModalParallel);
-- BalanceMM's single-device path (train.py 214-219) calls fit without `temp_optimizer_origin`
-  and cannot run; we follow its DDP path (82-88);
 - BalanceMM starts with no weights (`weights = {}`) and a resume at an epoch that is not due
   would fail; ours are in `state_dict`;
-- O = 0 makes BalanceMM raise ZeroDivisionError; ours stops with a RuntimeError naming the
-  branch;
+- O = 0 makes BalanceMM raise ZeroDivisionError; ours stops with a RuntimeError that gives
+  every branch's G and O (also when every G is 0: no finite weights);
 - any number of modalities (the rule is per branch; BalanceMM loops over its modalities).
 
 Signal (`step_metrics`, constant between estimates): gblend_w_<branch> for every branch.
@@ -153,8 +154,9 @@ class GBlending(Balancer):
 
     def _parse_weights(self, text) -> torch.Tensor:
         names = ",".join(f"W_{b.upper()}" for b in self.branches)
+        items = text if isinstance(text, (list, tuple)) else str(text).split(",")  # YAML list
         try:
-            values = [float(v) for v in str(text).split(",")]
+            values = [float(v) for v in items]
         except ValueError:
             values = []
         if (len(values) != len(self.branches) or min(values) < 0 or sum(values) <= 0
