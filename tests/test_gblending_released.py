@@ -357,6 +357,18 @@ def test_two_gloo_processes_equal_one_with_the_global_batch(tmp_path):
     assert not torch.allclose(w, torch.full_like(w, 1 / 3), atol=1e-3)
 
 
+def test_no_finite_weights_stop_the_run(monkeypatch):
+    # a still copy (lr 0, no BatchNorm statistics) and one batch repeated: the loss sums repeat,
+    # G = O = 0, 0/0 for every branch
+    torch.manual_seed(0)
+    t = trainer(bn=False)
+    monkeypatch.setattr(t.balancer, "_optimizer", lambda params: torch.optim.SGD(params, lr=0.0))
+    data, _, val = dataset()
+    stream = [data[0]] * (STEPS * SE)
+    with pytest.raises(RuntimeError, match="no finite weights"):
+        t.balancer.start_epoch(epoch_context(t, 0, stream, val))
+
+
 # --- the real trainer ---------------------------------------------------------------------------
 
 
@@ -435,3 +447,26 @@ def test_offline_needs_two_epochs(shards, tmp_path):
                                                "--gblending-offline"))
     assert_one_error_line(out, "--gblending-offline estimates over --epochs epochs",
                           tmp_path / "run")
+
+
+def test_torchrun_two_processes_estimate_the_same_weights(shards, tmp_path):
+    import os
+    import subprocess
+
+    from held import HUNG_AFTER_S
+    from test_balance_ddp import AVTRAIN, TORCHRUN
+
+    if not os.path.exists(TORCHRUN):
+        pytest.skip("torchrun not installed")
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", AVTRAIN,
+                           *fit_args(shards, run, 2, gblending_super_epoch=2)],
+                          capture_output=True, text=True, timeout=HUNG_AFTER_S, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["replicas_in_sync"]  # the weights' digest too
+    steps = step_records(run)
+    assert len(steps) == 6
+    assert sum(steps[0][f"gblend_w_{b}"] for b in BRANCHES) == pytest.approx(1.0, abs=1e-6)

@@ -65,8 +65,9 @@ Where we differ from BalanceMM, and why:
   hand (one flat all-reduce a step), its BatchNorm buffers start from rank 0's and are
   broadcast from rank 0 before each val pass, L^T is averaged over the ranks (the global
   batch's mean loss, as one process given the global batch) and L^V summed over them (each rank
-  reads its part of the val split in whole batches); every rank gets the same weights.
-  BalanceMM runs one process (MultiModalParallel);
+  reads its part of the val split in whole batches, so a partial last batch may fall
+  elsewhere than in one process); every rank gets the same weights. BalanceMM runs one process
+  (MultiModalParallel);
 - BalanceMM starts with no weights (`weights = {}`) and a resume at an epoch that is not due
   would fail; ours are in `state_dict`;
 - O = 0 makes BalanceMM raise ZeroDivisionError; ours stops with a RuntimeError that gives
