@@ -449,6 +449,7 @@ def test_offline_needs_two_epochs(shards, tmp_path):
                           tmp_path / "run")
 
 
+@pytest.mark.slow  # ~17 s: two processes of the real loop; `-m "not slow"` leaves it out
 def test_torchrun_two_processes_estimate_the_same_weights(shards, tmp_path):
     import os
     import subprocess
