@@ -334,11 +334,36 @@ class SharedHeadFusion(Fusion):
         return self.fuse(self.modality_logits(feats))
 
 
+class CosineFusion(ConcatFusion):
+    """MMCosine (Xu et al., ICASSP 2023): fused = Σ_m s·cos(f_m, W_m), no bias.
+
+    Authors' code GeWu-Lab/MMCosine_ICASSP23 @ 00ba0a9, main_CD.py lines 113-118 (train) and
+    185-189 (eval): the concat model's fc_out weight is split per modality (W_m, columns of
+    modality m), features and each class row of W_m are L2-normalised, the cosine logits are
+    multiplied by `scaling` (released default 10, line 59; BalanceMM's trainer_config.yaml
+    uses 15) and summed; fc_out.bias exists but is unused. N modalities: the split is by
+    widths (as BalanceMM's MMCosine_trainer.py lines 115-121 do for 2 or 3).
+    """
+
+    decomposable = True
+    scaling = 10.0
+
+    def modality_logits(self, feats):
+        weights = torch.split(self.fc_out.weight, self.dims, dim=1)
+        return {m: self.scaling * (nn.functional.normalize(feats[m], dim=1)
+                                   @ nn.functional.normalize(w, dim=1).t())
+                for m, w in zip(self.modalities, weights)}
+
+    def forward(self, feats):
+        parts = self.modality_logits(feats)
+        return sum(parts[m] for m in self.modalities)
+
+
 FUSIONS: dict[str, Callable[..., Fusion]] = {
     "sum": SumFusion, "concat": ConcatFusion, "film": FiLMFusion, "gated": GatedFusion,
     "bilinear": BilinearFusion, "attention": AttentionFusion,
     "bilinear_tanh": BilinearTanhFusion, "mha": MHAFusion, "boost": BoostFusion,
-    "shared": SharedHeadFusion,
+    "shared": SharedHeadFusion, "cosine": CosineFusion,
 }
 
 
