@@ -579,6 +579,36 @@ def _fit_options(f):
                      "released]"),
         click.option("--valuation-alpha", type=float, help="Valuation, modality level: factor "
                      "on the gap difference, the re-sampled share [default: 1, as released]"),
+        click.option("--cml-lam", type=float, help="CML: weight of the confidence ranking "
+                     "hinge, >= 0 [default: 0.1, BalanceMM's lam]"),
+        click.option("--cml-form", type=click.Choice(["balancemm", "authors"]),
+                     help="CML hinge: balancemm (max(0, batch sum of subset minus full "
+                     "confidence), BalanceMM's CML_trainer) or authors (per-sample ReLU with "
+                     "the CPM-Nets sign trick, QingyangZhang/CML) [default: balancemm]"),
+        click.option("--mbsd-rs-on", type=click.Choice(["auto", "logits", "probs"]),
+                     help="MBSD: what its RS term compares between two modalities' outputs; "
+                     "auto: logits for two modalities, softmax probabilities for three or "
+                     "more, as BalanceMM's MBSD_trainer.py [default: auto; MBSD's window "
+                     "--modulation-start/--modulation-end defaults: 0/80, BalanceMM's]"),
+        click.option("--lfm-schedule", type=click.Choice(["learnable", "fitted"]),
+                     help="LFM: the weights of CE and alignment, learned before each epoch by "
+                     "a hypergradient on a held-out batch (Crema_epoch_learnable.py) or the "
+                     "authors' polynomials of the epoch fitted on CREMA-D (Crema_epoch.py) "
+                     "[default: learnable]"),
+        click.option("--lfm-alpha-init", type=float, help="LFM: initial weight of the "
+                     "alignment, in [0.05, 0.95] [default: 0.95, the authors'; BalanceMM 0.05]"),
+        click.option("--lfm-lr-alpha", type=float, help="LFM: step size of the alignment "
+                     "weight, halved every 20 epochs [default: 1e-4, as released]"),
+        click.option("--lfm-cls-input", type=click.Choice(["mean", "fused"]),
+                     help="LFM: CE on the mean of the unimodal logits (the authors') or on the "
+                     "fused logits (BalanceMM) [default: mean]"),
+        click.option("--lfm-alpha-mode", type=click.Choice(["released", "train"]),
+                     help="LFM: the held-out forward of the weight step in train mode at epoch "
+                     "0 and eval mode after (the authors' loop) or always train (BalanceMM) "
+                     "[default: released]"),
+        click.option("--lfm-heldout-size", type=int, help="LFM: training samples drawn once "
+                     "for the weight step, shared evenly by the processes [default: 8, the "
+                     "authors' 16 // 2]"),
     ]
     for opt in reversed(opts):
         f = opt(f)

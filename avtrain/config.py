@@ -112,6 +112,16 @@ class TrainConfig:
     valuation_warmup: int | None = None  # valuation: epochs as they are; None: 5 (released)
     valuation_part_ratio: float | None = None  # valuation modality level: Z; None: 0.2 (released)
     valuation_alpha: float | None = None  # valuation modality level; None: 1 (released)
+    cml_lam: float | None = None  # CML weight of the confidence hinge; None: 0.1 (BalanceMM lam)
+    cml_form: str = "balancemm"  # CML hinge: balancemm (on the batch sum) | authors (per sample)
+    mbsd_rs_on: str = "auto"  # MBSD RS term on: auto (BalanceMM: logits for 2, probs for 3+) |
+    # logits | probs
+    lfm_schedule: str = "learnable"  # LFM weights: learnable (paper, released) | fitted
+    lfm_alpha_init: float | None = None  # LFM initial a_align; None: 0.95 (authors; BalanceMM 0.05)
+    lfm_lr_alpha: float | None = None  # LFM lr of a_align; None: 1e-4 (released)
+    lfm_cls_input: str = "mean"  # LFM CE input: mean of unimodal logits (authors) | fused
+    lfm_alpha_mode: str = "released"  # LFM alpha step: released (train at epoch 0) | train
+    lfm_heldout_size: int | None = None  # LFM held-out samples; None: 8 (authors' 16 // 2)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -126,3 +126,47 @@ def method_fit_args(method: str, shards, run, epochs: int, *fixed: str, **extra)
     for key, value in extra.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     return args
+
+
+def fit_and_resume(args_for, full, part, epochs: int = 3) -> tuple[dict, dict]:
+    """`avtrain fit` for `epochs` into `full`; for epochs - 1 into `part`, then `--resume` to
+    `epochs`. `args_for(run, epochs)` gives the fit arguments. Returns both last checkpoints."""
+    from click.testing import CliRunner
+
+    from avtrain.checkpoint import load_checkpoint
+    from cli import avtrain
+
+    runner = CliRunner()
+    for run, n in ((full, epochs), (part, epochs - 1)):
+        out = runner.invoke(avtrain, args_for(run, n))
+        assert out.exit_code == 0, out.output
+    out = runner.invoke(avtrain, ["fit", "--resume", str(part), "--epochs", str(epochs)])
+    assert out.exit_code == 0, out.output
+    return load_checkpoint(str(full / "last.pt")), load_checkpoint(str(part / "last.pt"))
+
+
+def assert_one_error_line(out, words: str | None, run) -> None:
+    """A refused command: non-zero exit, one `Error:` line (naming `words`), nothing trained."""
+    assert out.exit_code != 0
+    lines = [x for x in out.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), out.output
+    if words:
+        assert words in lines[0]
+    assert not (run / "metrics.jsonl").exists()
+
+
+def train_steps(t, data, steps, part=slice(None)):
+    """Our real step over `steps` ((epoch, n_steps), ...) of `data` (batch dicts, or
+    make_batches items cut to `part`) -> (parameters, step metrics, losses) after each step."""
+    params, metrics, losses, step = [], [], [], 0
+    for epoch, n_steps in steps:
+        t.model.train()
+        for _ in range(n_steps):
+            t.step = step
+            batch = data[step] if isinstance(data[step], dict) else as_batch(data[step], part)
+            loss, _ = t.train_step(batch, epoch)
+            metrics.append({k: float(v) for k, v in t.balancer.step_metrics().items()})
+            losses.append(float(loss.detach()))
+            params.append({k: p.detach().clone() for k, p in t.model.named_parameters()})
+            step += 1
+    return params, metrics, losses

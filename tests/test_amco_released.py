@@ -26,11 +26,14 @@ import torch.nn as nn
 from click.testing import CliRunner
 from released import (
     as_batch,
+    assert_one_error_line,
     assert_ranks_equal_one,
+    fit_and_resume,
     make_batches,
     method_fit_args,
     run_gloo,
     step_trainer,
+    train_steps,
 )
 from test_balance_ogm import build_test_shards, step_records
 
@@ -166,18 +169,7 @@ def trainer(fusion="concat", bn=True):
 
 
 def our_train(t, data, part=slice(None), steps=STEPS):
-    params, metrics, losses, step = [], [], [], 0
-    for epoch, n_steps in steps:
-        t.model.train()
-        for _ in range(n_steps):
-            t.step = step
-            batch = data[step] if isinstance(data[step], dict) else as_batch(data[step], part)
-            loss, _ = t.train_step(batch, epoch)
-            metrics.append({k: float(v) for k, v in t.balancer.step_metrics().items()})
-            losses.append(float(loss.detach()))
-            params.append({k: p.detach().clone() for k, p in t.model.named_parameters()})
-            step += 1
-    return params, metrics, losses
+    return train_steps(t, data, steps, part)
 
 
 def _compare(t, data, unimodal, steps=STEPS, sigma=SIGMA):
@@ -293,16 +285,9 @@ def test_cli_one_epoch_on_synth_logs_the_signal(shards, tmp_path):
 
 
 def test_resume_is_exact(shards, tmp_path):
-    from avtrain.checkpoint import load_checkpoint
-    from cli import avtrain
 
-    runner = CliRunner()
     full, part = tmp_path / "full", tmp_path / "part"
-    assert runner.invoke(avtrain, fit_args(shards, full, 3)).exit_code == 0
-    assert runner.invoke(avtrain, fit_args(shards, part, 2)).exit_code == 0
-    out = runner.invoke(avtrain, ["fit", "--resume", str(part), "--epochs", "3"])
-    assert out.exit_code == 0, out.output
-    a, b = load_checkpoint(str(full / "last.pt")), load_checkpoint(str(part / "last.pt"))
+    a, b = fit_and_resume(lambda run, epochs: fit_args(shards, run, epochs), full, part)
     assert a["step"] == b["step"] == 9
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-6, atol=1e-7)
@@ -331,11 +316,7 @@ def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
     from cli import avtrain
 
     out = CliRunner().invoke(avtrain, fit_args(shards, tmp_path / "run", 1, **extra))
-    assert out.exit_code != 0
-    lines = [x for x in out.output.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:"), out.output
-    assert words in lines[0]
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert_one_error_line(out, words, tmp_path / "run")
 
 
 def test_models_without_summed_unimodal_logits_are_refused():

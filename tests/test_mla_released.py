@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from released import (
     as_batch,
+    assert_one_error_line,
     assert_ranks_equal_one,
+    fit_and_resume,
     make_batches,
     method_fit_args,
     run_gloo,
@@ -359,16 +361,9 @@ def test_cli_one_epoch_on_synth_logs_the_signal_and_evaluates_with_the_gate(shar
 
 
 def test_resume_is_exact(shards, tmp_path):
-    from avtrain.checkpoint import load_checkpoint
-    from cli import avtrain
 
-    runner = CliRunner()
     full, part = tmp_path / "full", tmp_path / "part"
-    assert runner.invoke(avtrain, fit_args(shards, full, 3)).exit_code == 0
-    assert runner.invoke(avtrain, fit_args(shards, part, 2)).exit_code == 0
-    out = runner.invoke(avtrain, ["fit", "--resume", str(part), "--epochs", "3"])
-    assert out.exit_code == 0, out.output
-    a, b = load_checkpoint(str(full / "last.pt")), load_checkpoint(str(part / "last.pt"))
+    a, b = fit_and_resume(lambda run, epochs: fit_args(shards, run, epochs), full, part)
     assert a["step"] == b["step"] == 9
     torch.testing.assert_close(a["balancer"]["P"], b["balancer"]["P"], rtol=1e-6, atol=1e-7)
     assert int(a["balancer"]["updates"]) == int(b["balancer"]["updates"]) == 18
@@ -398,11 +393,7 @@ def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
         i = args.index("--fusion")
         args = args[:i] + args[i + 2:]
     out = CliRunner().invoke(avtrain, args)
-    assert out.exit_code != 0
-    lines = [x for x in out.output.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:"), out.output
-    assert words in lines[0]
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert_one_error_line(out, words, tmp_path / "run")
 
 
 def test_models_without_the_shared_head_are_refused():

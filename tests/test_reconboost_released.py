@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from released import (
     as_batch,
+    assert_one_error_line,
     assert_ranks_equal_one,
     make_batches,
     method_fit_args,
@@ -380,11 +381,7 @@ def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
     from cli import avtrain
 
     out = CliRunner().invoke(avtrain, fit_args(shards, tmp_path / "run", 1, **extra))
-    assert out.exit_code != 0
-    lines = [x for x in out.output.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:"), out.output
-    assert words in lines[0]
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert_one_error_line(out, words, tmp_path / "run")
 
 
 def test_three_modalities_cycle_the_learners():

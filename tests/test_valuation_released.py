@@ -20,7 +20,15 @@ import pytest
 import torch
 import torch.nn as nn
 from click.testing import CliRunner
-from released import as_batch, assert_ranks_equal_one, make_batches, run_gloo, step_trainer
+from released import (
+    as_batch,
+    assert_one_error_line,
+    assert_ranks_equal_one,
+    fit_and_resume,
+    make_batches,
+    run_gloo,
+    step_trainer,
+)
 from test_balance_ogm import build_test_shards, step_records
 
 from avtrain.balance import modality_gap, sample_copies, valuation_contributions
@@ -316,16 +324,9 @@ def test_cli_run_grows_the_epoch_and_logs_the_signal(shards, tmp_path):
 
 
 def test_resume_is_exact(shards, tmp_path):
-    from avtrain.checkpoint import load_checkpoint
-    from cli import avtrain
 
-    runner = CliRunner()
     full, part = tmp_path / "full", tmp_path / "part"
-    assert runner.invoke(avtrain, fit_args(shards, full, 3)).exit_code == 0
-    assert runner.invoke(avtrain, fit_args(shards, part, 2)).exit_code == 0
-    out = runner.invoke(avtrain, ["fit", "--resume", str(part), "--epochs", "3"])
-    assert out.exit_code == 0, out.output
-    a, b = load_checkpoint(str(full / "last.pt")), load_checkpoint(str(part / "last.pt"))
+    a, b = fit_and_resume(lambda run, epochs: fit_args(shards, run, epochs), full, part)
     assert a["step"] == b["step"]
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-6, atol=1e-7)
@@ -348,8 +349,4 @@ def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
     from cli import avtrain
 
     out = CliRunner().invoke(avtrain, fit_args(shards, tmp_path / "run", 1, *extra))
-    assert out.exit_code != 0
-    lines = [x for x in out.output.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:"), out.output
-    assert words in lines[0]
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert_one_error_line(out, words, tmp_path / "run")

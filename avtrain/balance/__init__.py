@@ -28,7 +28,10 @@ from avprep.errors import UserError
 from .agm import AGM, agm_coefficients, agm_contributions
 from .amco import AMCo, amco_masked_count, amco_share_sums
 from .base import Balancer
+from .cml import CML, cml_confidence, cml_order, cml_penalty_terms
 from .greedy import Greedy, greedy_rule, greedy_speed_difference
+from .mbsd import MBSD, mbsd_loss, mbsd_pair_terms
+from .lfm import LFM, lfm_alignment, lfm_alpha_update, lfm_fitted_alpha
 from .mla import MLA, owm_update, project_gradient
 from .mmpareto import MMPareto, min_norm_weight, mmpareto_gradient, mmpareto_weights
 from .ogm import OGM, OGMGE, modulated_parameters, ogm_coefficients, ogm_scores
@@ -74,6 +77,9 @@ register(MLA)
 register(ReLearning)
 register(MMPareto)
 register(Valuation)
+register(CML)
+register(MBSD)
+register(LFM)
 
 __all__ = ["Balancer", "METHODS", "register", "get_method", "build_balancer",
            "ogm_coefficients", "ogm_scores", "modulated_parameters", "olm_ratios",
@@ -84,3 +90,6 @@ __all__ = ["Balancer", "METHODS", "register", "get_method", "build_balancer",
            "relearning_weight"]
 __all__ += ["min_norm_weight", "mmpareto_weights", "mmpareto_gradient"]
 __all__ += ["valuation_contributions", "sample_copies", "modality_gap"]
+__all__ += ["cml_confidence", "cml_order", "cml_penalty_terms"]
+__all__ += ["mbsd_loss", "mbsd_pair_terms"]
+__all__ += ["lfm_alignment", "lfm_alpha_update", "lfm_fitted_alpha"]

@@ -30,3 +30,34 @@ def choice(config: dict, key: str, default: str, choices: tuple[str, ...]) -> st
         raise UserError(f"--{key.replace('_', '-')} must be one of {', '.join(choices)}, "
                         f"got {value!r}")
     return value
+
+
+def modulation_window(config: dict, start: int, end: int | None) -> tuple[int, int | None]:
+    """The modulation window [--modulation-start, --modulation-end] (inclusive, 0-based epochs),
+    with a method's defaults; `end` None: no end unless given."""
+    first = int(number(config, "modulation_start", start))
+    value = config.get("modulation_end")
+    last = (int(number(config, "modulation_end", end)) if value is not None or end is not None
+            else None)
+    if last is not None and last < first:
+        raise UserError(f"--modulation-end ({last}) is before --modulation-start ({first}); "
+                        "the window [start, end] is inclusive")
+    return first, last
+
+
+def fused_model(model, method: str):
+    """The bare model (DDP's `.module`), refused in one line unless it has per-modality encoders
+    and a fusion, as the methods that work on the fusion's inputs or outputs need."""
+    bare = getattr(model, "module", model)
+    if getattr(bare, "encoders", None) is None or getattr(bare, "fusion", None) is None:
+        raise UserError(f"--method {method} needs a model with per-modality encoders and a fusion "
+                        "(not a sequence model)")
+    return bare
+
+
+def summed_fusion(bare, method: str, why: str) -> None:
+    """Refuse fusions whose fused logits are not the sum of per-modality logits of the fused
+    layer (concat's weight slices, sum's summands)."""
+    if not bare.fusion.decomposable or bare.aux_heads:
+        raise UserError(f"--method {method} {why}: use --fusion concat (BalanceMM's) or sum, "
+                        f"not {bare.spec['fusion']}")

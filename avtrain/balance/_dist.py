@@ -37,3 +37,12 @@ def mean_(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t.div_(n)
     return t
+
+
+def broadcast_buffers(modules) -> None:
+    """Rank 0's buffers (BatchNorm statistics) on every rank, before an eval-mode pass: DDP
+    broadcasts them at each training forward, and the last step updated them per rank."""
+    if world_size() > 1:
+        for module in modules:
+            for buf in module.buffers():
+                dist.broadcast(buf, src=0)

@@ -91,7 +91,7 @@ from torch import nn
 from avprep.errors import UserError
 
 from . import _dist
-from ._checks import choice, number, require_two_modalities
+from ._checks import choice, modulation_window, number, require_two_modalities
 from .base import Balancer, StepContext
 
 AFTER_WINDOW = ("hold", "reset")
@@ -194,11 +194,7 @@ class AGM(Balancer):
         self.alpha = number(c, "alpha", self.default_alpha)
         if not self.alpha >= 0:
             raise UserError(f"--alpha must be 0 or more, got {c.get('alpha')}")
-        self.start = int(number(c, "modulation_start", 0))
-        self.end = int(number(c, "modulation_end", 19))
-        if self.end < self.start:
-            raise UserError(f"--modulation-end ({self.end}) is before --modulation-start "
-                            f"({self.start}); the window [start, end] is inclusive")
+        self.start, self.end = modulation_window(c, 0, 19)
         self.cap = number(c, "agm_cap", 10.0)
         if not self.cap > 0:
             raise UserError(f"--agm-cap must be above 0 (inf: no cap), got {c.get('agm_cap')}")

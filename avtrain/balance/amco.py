@@ -73,7 +73,7 @@ import torch.nn.functional as F
 from avprep.errors import UserError
 
 from . import _dist
-from ._checks import number, require_two_modalities
+from ._checks import fused_model, modulation_window, number, require_two_modalities, summed_fusion
 from .base import Balancer, EpochContext, StepContext
 from .ogm import _mix
 
@@ -123,21 +123,11 @@ class AMCo(Balancer):
         self.eps = number(c, "amco_eps", 0.3)
         if not (self.eps > 0 and math.isfinite(self.eps)):
             raise UserError(f"--amco-eps must be a number above 0, got {self.eps}")
-        self.start = int(number(c, "modulation_start", 0))
-        self.end = int(number(c, "modulation_end", 80))
-        if self.end < self.start:
-            raise UserError(f"--modulation-end ({self.end}) is before --modulation-start "
-                            f"({self.start}); the window [start, end] is inclusive")
+        self.start, self.end = modulation_window(c, 0, 80)
         self.seed = int(number(c, "seed", 0))
-        bare = getattr(model, "module", model)
-        fusion = getattr(bare, "fusion", None)
-        if getattr(bare, "encoders", None) is None or fusion is None:
-            raise UserError("--method amco needs a model with per-modality encoders and a fusion "
-                            "(not a sequence model)")
-        if not fusion.decomposable or bare.aux_heads:
-            raise UserError(f"--method amco masks per-modality logits that sum to the fused "
-                            f"ones: use --fusion concat (BalanceMM's) or sum, not "
-                            f"{bare.spec['fusion']}")
+        bare = fused_model(model, self.name)
+        summed_fusion(bare, self.name, "masks per-modality logits that sum to the fused ones")
+        fusion = bare.fusion
         if getattr(bare, "output_layer", None) is None:
             raise UserError("--method amco needs the model built with its output layer "
                             "(build_model(..., output_layer=True))")

@@ -51,6 +51,9 @@ Which level each method of issue #19 needs -- the test of this design:
 | Re-learning | start_epoch | re-initialises encoders between epochs; the step is the baseline's |
 | AMCo | owns the step + a fusion forward hook | the dependent modality's unimodal logits are masked (BalanceMM masks class logits, not encoder features): the hook replaces the fusion's output by the sum of the masked unimodal logits inside the one forward of `ctx.net`; fused + unimodal CE, one backward; the model carries BalanceMM's `linear_star` (`output_layer`) |
 | valuation | start_epoch + `train_copies` + a fusion pre-hook | every training sample valued in eval mode (`eval_batches("train")`: each modality's Shapley contribution to the sample's right prediction); the next epoch's stream adds copies of samples that keep one modality alone (`train_copies`, a re-sampled training set); the pre-hook zeroes each copy's dropped features before the fusion; CE as the baseline |
+| CML | hooks (`loss`) | one forward; subset logits are the fused logits minus removed modalities' summands (one random order per epoch); CE of each, hinge on subset-minus-full max-softmax confidence, gated on the all-reduced batch sum under DDP |
+| MBSD | hooks | the loss only: CE of the fused and of each modality's logits (the fused layer's split) plus, per pair, BalanceMM's sample-weighted KL and RS terms between the stronger and weaker modality's true-class probability / outputs, in the window |
+| LFM | hooks + start_epoch | the loss is CE of the mean unimodal logits plus the logit alignment, weighted; the weights' hypergradient step (double backward on a held-out batch, bare model) in `start_epoch` |
 
 `step_metrics()` returns 0-d tensors that the loop turns into numbers only when it logs, so no
 method forces a host sync per step. `state_dict()` / `load_state_dict()` hold everything that

@@ -85,7 +85,7 @@ from avprep.errors import UserError
 from avtrain.models.fusions import SumFusion
 
 from . import _dist
-from ._checks import choice, number, require_two_modalities
+from ._checks import choice, modulation_window, number, require_two_modalities
 from .base import Balancer, StepContext
 
 
@@ -170,11 +170,7 @@ class Greedy(Balancer):
             raise UserError(f"--greedy-window must be a whole number of steps, 1 or more, got "
                             f"{c.get('greedy_window')}")
         self.window = int(window)
-        self.start = int(number(c, "modulation_start", 1))
-        self.end = None if c.get("modulation_end") is None else int(c["modulation_end"])
-        if self.end is not None and self.end < self.start:
-            raise UserError(f"--modulation-end ({self.end}) is before --modulation-start "
-                            f"({self.start}); the window [start, end] is inclusive")
+        self.start, self.end = modulation_window(c, 1, None)
         self.loss_kind = choice(c, "greedy_loss", "unimodal", ("unimodal", "fused"))
         if self.loss_kind == "unimodal" and not bare.fusion.decomposable:
             raise UserError(f"--greedy-loss unimodal (released: the sum of the branches' CE) "

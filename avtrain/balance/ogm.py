@@ -24,7 +24,7 @@ from torch import nn
 from avprep.errors import UserError
 
 from . import _dist
-from ._checks import choice, number, require_two_modalities
+from ._checks import choice, modulation_window, number, require_two_modalities
 from .base import Balancer
 
 GE_EPS = 1e-8  # added to each gradient's std, as the released code
@@ -147,11 +147,7 @@ class OGM(Balancer):
         self.alpha = number(c, "alpha", 0.8)
         if self.alpha < 0:
             raise UserError(f"--alpha must be 0 or more, got {c.get('alpha')}")
-        self.start = int(number(c, "modulation_start", 0))
-        self.end = int(number(c, "modulation_end", 50))
-        if self.end < self.start:
-            raise UserError(f"--modulation-end ({self.end}) is before --modulation-start "
-                            f"({self.start}); the window [start, end] is inclusive")
+        self.start, self.end = modulation_window(c, 0, 50)
         self.modulate = choice(c, "modulate", "conv", ("conv", "encoder"))
         self.seed = int(number(c, "seed", 0))
         encoders = getattr(getattr(model, "module", model), "encoders", None)

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from avprep.errors import UserError
 
 from . import _dist
-from ._checks import number, require_two_modalities
+from ._checks import fused_model, modulation_window, number, require_two_modalities
 from .base import Balancer, StepContext
 from .ogm import _mix
 
@@ -114,16 +114,9 @@ class OPM(Balancer):
         self.p_exe = number(c, "opm_p_exe", 0.7)
         if not 0 <= self.p_exe <= 1:
             raise UserError(f"--opm-p-exe must be in [0, 1], got {self.p_exe}")
-        self.start = int(number(c, "modulation_start", 6))
-        self.end = None if c.get("modulation_end") is None else int(c["modulation_end"])
-        if self.end is not None and self.end < self.start:
-            raise UserError(f"--modulation-end ({self.end}) is before --modulation-start "
-                            f"({self.start}); the window [start, end] is inclusive")
+        self.start, self.end = modulation_window(c, 6, None)
         self.seed = int(number(c, "seed", 0))
-        bare = getattr(model, "module", model)
-        if getattr(bare, "encoders", None) is None or getattr(bare, "fusion", None) is None:
-            raise UserError("--method opm needs a model with per-modality encoders and a fusion "
-                            "(not a sequence model)")
+        bare = fused_model(model, self.name)
         self.bare = bare
         self.dims = torch.tensor([float(bare.encoders[m].out_dim) for m in self.modalities],
                                  device=self.device)

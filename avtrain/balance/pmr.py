@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from avprep.errors import UserError
 
 from . import _dist
-from ._checks import number, require_two_modalities
+from ._checks import modulation_window, number, require_two_modalities
 from .base import Balancer, EpochContext
 
 
@@ -96,11 +96,7 @@ class PMR(Balancer):
         self.alpha = number(c, "alpha", self.default_alpha)
         if not self.alpha >= 0:
             raise UserError(f"--alpha must be 0 or more, got {c.get('alpha')}")
-        self.start = int(number(c, "modulation_start", 0))
-        self.end = int(number(c, "modulation_end", 100))
-        if self.end < self.start:
-            raise UserError(f"--modulation-end ({self.end}) is before --modulation-start "
-                            f"({self.start}); the window [start, end] is inclusive")
+        self.start, self.end = modulation_window(c, 0, 100)
         self.momentum = number(c, "pmr_momentum", 0.2)
         if not 0 <= self.momentum < 1:
             raise UserError(f"--pmr-momentum must be in [0, 1), got {self.momentum}")

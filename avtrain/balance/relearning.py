@@ -329,10 +329,7 @@ class ReLearning(Balancer):
         if self.initial is None:
             raise RuntimeError("relearning: the initial encoder weights are gone")
         bare = getattr(ctx.model, "module", ctx.model)
-        if _dist.world_size() > 1:  # eval mode reads BatchNorm statistics: rank 0's everywhere
-            for m in self.modalities:
-                for buf in bare.encoders[m].buffers():
-                    dist.broadcast(buf, src=0)
+        _dist.broadcast_buffers(bare.encoders[m] for m in self.modalities)  # eval reads them
         was_training = bare.training
         bare.eval()
         train = self._encode(bare, ctx.eval_batches("train"), ctx.autocast)

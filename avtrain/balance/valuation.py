@@ -98,7 +98,7 @@ from avprep.errors import UserError
 
 from ..shapley import subsets
 from . import _dist
-from ._checks import choice, number, require_two_modalities
+from ._checks import choice, fused_model, number, require_two_modalities
 from .base import Balancer, EpochContext, StepContext
 
 LEVELS = ("sample", "modality")
@@ -176,10 +176,7 @@ class Valuation(Balancer):
         if not self.alpha >= 0:
             raise UserError(f"--valuation-alpha must be 0 or more, got {self.alpha}")
         self.seed = int(number(c, "seed", 0))
-        bare = getattr(model, "module", model)
-        if getattr(bare, "encoders", None) is None or getattr(bare, "fusion", None) is None:
-            raise UserError("--method valuation needs a model with per-modality encoders and a "
-                            "fusion (not a sequence model)")
+        bare = fused_model(model, self.name)
         self.bare = bare
         bare.fusion.register_forward_pre_hook(self._mask)
         self.copies: dict[str, tuple[int, ...]] | None = None
@@ -213,10 +210,7 @@ class Valuation(Balancer):
     def value(self, batches, autocast) -> tuple[list[str], torch.Tensor]:
         """Every training sample's contributions, gathered from all ranks, in key order."""
         bare = self.bare
-        if _dist.world_size() > 1:  # eval mode reads BatchNorm statistics: rank 0's everywhere
-            for m in self.modalities:
-                for buf in bare.encoders[m].buffers():
-                    dist.broadcast(buf, src=0)
+        _dist.broadcast_buffers(bare.encoders[m] for m in self.modalities)  # eval reads them
         was_training = bare.training
         bare.eval()
         keys: list[str] = []
