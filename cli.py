@@ -609,6 +609,14 @@ def _fit_options(f):
         click.option("--lfm-heldout-size", type=int, help="LFM: training samples drawn once "
                      "for the weight step, shared evenly by the processes [default: 8, the "
                      "authors' 16 // 2]"),
+        click.option("--mmcosine-scaling", type=float, help="MMCosine: factor s on each "
+                     "modality's cosine logits, > 0 [default: 10, the authors' main_CD.py; "
+                     "BalanceMM's trainer_config.yaml uses 15]"),
+        click.option("--mmcosine-eval-fused", type=click.Choice(["concat", "cosine"]),
+                     help="MMCosine: fused logits at evaluation: concat (the model's plain "
+                     "W.[f_a; f_v] + b, as the authors' valid; per-modality logits stay "
+                     "cosine) or cosine (the summed scaled cosines, as in training and "
+                     "BalanceMM's val_loop) [default: concat]"),
     ]
     for opt in reversed(opts):
         f = opt(f)
