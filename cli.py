@@ -407,7 +407,8 @@ def _fit_options(f):
                      "[default: none]"),
         click.option("--fusion", help="sum, concat, film, gated, bilinear, attention, "
                      "bilinear_tanh, mha, boost (ReconBoost's shared head), shared (one head "
-                     "for every modality; mla builds it from concat) [default: concat]"),
+                     "for every modality; mla builds it from concat), cosine (MMCosine's normalised "
+                     "concat; mmcosine builds it from concat) [default: concat]"),
         click.option("--model", help="Encoders: resnet18 or tiny; or a sequence transformer: "
                      "emt, mbt, umt, ca [default: resnet18]"),
         click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE",

@@ -27,8 +27,10 @@ from released import (
     fit_and_resume,
     make_batches,
     method_fit_args,
+    no_dropout,
     run_gloo,
     step_trainer,
+    text_batches,
     train_steps,
 )
 from test_balance_ogm import build_test_shards, step_records
@@ -71,6 +73,21 @@ def test_cosine_fusion_hand_computed():
     assert torch.allclose(f.modality_logits(feats)["audio"], torch.tensor([[15.0, 12.0]]))
     f.train()
     assert torch.allclose(f(feats), torch.tensor([[15.0, -3.0]]))
+
+
+def test_three_modalities_of_different_widths_split_by_width():
+    f = build_fusion("cosine", ["audio", "visual", "text"], {"audio": 1, "visual": 2, "text": 1}, 2)
+    with torch.no_grad():  # columns: audio | visual visual | text
+        f.fc_out.weight.copy_(torch.tensor([[2.0, 3.0, 4.0, -5.0], [1.0, -4.0, 3.0, 1.0]]))
+    feats = {"audio": torch.tensor([[7.0]]), "visual": torch.tensor([[3.0, 4.0]]),
+             "text": torch.tensor([[2.0]])}
+    parts = f.modality_logits(feats)
+    # audio: 1 . (1, 1) -> 10, 10; visual: (0.6, 0.8) . (0.6, 0.8) = 1, . (-0.8, 0.6) = 0;
+    # text: 1 . (-1, 1) -> -10, 10; fused: 10 + 10 - 10 = 10, 10 + 0 + 10 = 20
+    assert torch.allclose(parts["audio"], torch.tensor([[10.0, 10.0]]))
+    assert torch.allclose(parts["visual"], torch.tensor([[10.0, 0.0]]), atol=1e-6)
+    assert torch.allclose(parts["text"], torch.tensor([[-10.0, 10.0]]))
+    assert torch.allclose(f(feats), torch.tensor([[10.0, 20.0]]))
 
 
 def test_signal_hand_computed():
@@ -204,25 +221,11 @@ def test_cosine_eval_is_the_training_sum():
 
 
 def test_three_modalities_equal_the_reference():
-    from avtrain.models.text import encode_text, pad_tokens
-
     torch.manual_seed(0)
     t = step_trainer("mmcosine", "concat", CLASSES, optimizer="sgd", lr=0.05,
                      modalities=["audio", "visual", "text"])
-    for module in t.model.modules():  # no dropout: both runs must see the same network
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        if isinstance(module, nn.MultiheadAttention):
-            module.dropout = 0.0
-    g = torch.Generator().manual_seed(11)
-    data = []
-    for audio, visual, y in make_batches(7, BATCH, 3, CLASSES):
-        words = [" ".join(["abc", "de", "f"][j] * (1 + int(y[i]))
-                          for j in torch.randint(0, 3, (3,), generator=g).tolist())
-                 for i in range(BATCH)]
-        tokens, _ = pad_tokens([encode_text(w) for w in words])
-        data.append({"audio": audio, "visual": visual, "text": tokens, "label": y})
-    _compare(t, data, 10.0, ((0, 2), (1, 1)))
+    no_dropout(t.model)
+    _compare(t, text_batches(7, BATCH, 3, CLASSES), 10.0, ((0, 2), (1, 1)))
 
 
 def _ddp_run(rank: int, world: int) -> dict:
