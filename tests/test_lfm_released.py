@@ -34,6 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from avtrain.balance import lfm_alignment, lfm_alpha_update, lfm_fitted_alpha
 from avtrain.balance.base import EpochContext
+from avtrain.balance.lfm import _gather_padded
 
 CLASSES, BATCH, HELD = 3, 6, 4
 STEPS = ((0, 2), (1, 2), (2, 2))  # (epoch, steps)
@@ -294,6 +295,20 @@ def test_two_gloo_processes_equal_one_with_the_global_batch(tmp_path):
     one = _ddp_run(0, 1)
     assert len({round(m["alpha_align"], 9) for m in one["metrics"]}) == 3
     assert_ranks_equal_one(ranks, one)
+
+
+def _gather_tokens(rank: int, world: int) -> dict:
+    # rank 0's token batch is padded to length 2, rank 1's to length 4
+    tokens = torch.arange(1, 2 * (2 + 2 * rank) + 1).reshape(2, 2 + 2 * rank) + 10 * rank
+    return {"text": _gather_padded(tokens), "label": _gather_padded(torch.tensor([rank, rank]))}
+
+
+def test_held_out_pieces_of_different_token_lengths_are_padded_and_gathered(tmp_path):
+    ranks = run_gloo(_gather_tokens, tmp_path)
+    want = torch.tensor([[1, 2, 0, 0], [3, 4, 0, 0], [11, 12, 13, 14], [15, 16, 17, 18]])
+    for got in ranks:
+        assert torch.equal(got["text"], want)
+        assert torch.equal(got["label"], torch.tensor([0, 0, 1, 1]))
 
 
 # --- the real trainer ---------------------------------------------------------------------------

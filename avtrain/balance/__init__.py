@@ -30,8 +30,8 @@ from .amco import AMCo, amco_masked_count, amco_share_sums
 from .base import Balancer
 from .cml import CML, cml_confidence, cml_order, cml_penalty_terms
 from .greedy import Greedy, greedy_rule, greedy_speed_difference
-from .mbsd import MBSD, mbsd_loss, mbsd_pair_terms
 from .lfm import LFM, lfm_alignment, lfm_alpha_update, lfm_fitted_alpha
+from .mbsd import MBSD, mbsd_loss, mbsd_pair_terms
 from .mla import MLA, owm_update, project_gradient
 from .mmcosine import MMCosine, mmcosine_signal
 from .mmpareto import MMPareto, min_norm_weight, mmpareto_gradient, mmpareto_weights

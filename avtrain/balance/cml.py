@@ -11,7 +11,9 @@ steps written in the test from these semantics):
 - the authors' code, QingyangZhang/CML (commit 9d2496e): cpm/CPM_Nets.py `rank_loss` 98-124
   (confidence = max softmax, 112-113; per sample ReLU((conf_fewer - conf_more) * sign), summed
   over the batch and over the nested subsets, 121-123; sign "trick 1", 122: 0 where the smaller
-  subset is right and the larger one wrong) and its weight `belta` 168; miwae/train.py 221-308
+  subset is right and the larger one wrong; input num has num views removed, cpm/util/get_sn.py
+  `get_sn_for_multi_input` 39-59, so index num + 1 is the smaller subset) and its weight
+  `belta` 168; miwae/train.py 221-308
   (nested subsets by a per-sample random order of removed views, their inputs replaced by the
   training mean, 67-86 and 229-234; every subset a separate forward of the same model in train
   mode, 280-291; the rank loss 294-302 with another sign and a detached "trick 2"; weight

@@ -64,11 +64,11 @@ gradient averaging give exactly the global batch's gradient; nothing needs gathe
 step must give the same a on every rank: each rank contributes heldout_size / world of its
 first batch, the pieces are all-gathered into one held-out batch, and every rank computes the
 same hypergradient on the bare model (no DDP forward) -- the one-process run with that batch.
+Token batches (text) may be padded to different lengths on different ranks: each piece is
+padded with 0 (the pad id, masked by the encoder) to the longest before the all-gather.
 
 The hypergradient runs in fp32 on the bare model with the math attention kernel (the fused
-SDPA kernels have no double backward; the text encoder needs it). Open: under DDP with text,
-the ranks' token batches may be padded to different lengths and the all-gather of the held-out
-pieces needs equal shapes (pad with 0 to the longest first; not done yet).
+SDPA kernels have no double backward; the text encoder needs it).
 
 Other differences: the log of p is log_softmax (the released softmax().log(), equal up to
 rounding, finite where p underflows). The weights are device tensors (no `.item()`; the
@@ -87,7 +87,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from avprep.errors import UserError
 
 from . import _dist
-from ._checks import choice, number, require_two_modalities
+from ._checks import choice, fused_model, number, require_two_modalities
 from .base import Balancer, EpochContext
 
 # Crema_epoch.py lines 49-50: a_cls(e) and a_align(e) = sum_i c_i * e**i
@@ -127,6 +127,20 @@ def lfm_alpha_update(align: torch.Tensor, lr: float, grad: torch.Tensor, epoch: 
     return 1.0 - align, align, lr
 
 
+def _gather_padded(piece: torch.Tensor) -> torch.Tensor:
+    """All ranks' `piece`s concatenated in rank order; a [B, L, ...] piece whose L differs
+    between ranks (padded tokens) is padded with 0 at the end of dim 1 to the longest first."""
+    world = _dist.world_size()
+    if piece.dim() >= 2:
+        longest = torch.tensor(piece.shape[1], device=piece.device)
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX)  # once per run, not in the step
+        pad = [0, 0] * (piece.dim() - 2) + [0, int(longest) - piece.shape[1]]
+        piece = F.pad(piece, pad)
+    pieces = [torch.empty_like(piece) for _ in range(world)]
+    dist.all_gather(pieces, piece.contiguous())
+    return torch.cat(pieces)
+
+
 class LFM(Balancer):
     """CE of the mean unimodal logits plus a logit alignment, weighted by a learned schedule."""
 
@@ -158,11 +172,7 @@ class LFM(Balancer):
             raise UserError(f"--lfm-heldout-size {self.heldout_size} needs "
                             f"{self.heldout_size // world} samples of each process's first "
                             f"batch, above --batch-size {batch}")
-        bare = getattr(model, "module", model)
-        fusion = getattr(bare, "fusion", None)
-        if getattr(bare, "encoders", None) is None or fusion is None:
-            raise UserError("--method lfm needs a model with per-modality encoders and a fusion "
-                            "(not a sequence model)")
+        bare = fused_model(model, self.name)
         if bare.spec["fusion"] not in ("sum", "concat") or bare.aux_heads:
             raise UserError(f"--method lfm aligns and classifies with per-modality logits "
                             f"that train the encoders: use --fusion sum (the authors' model) or "
@@ -192,12 +202,11 @@ class LFM(Balancer):
         per = self.heldout_size // _dist.world_size()
         batch = next(iter(ctx.batches(1)))
         keys = [*self.modalities, "label"]
+        keys += [f"{m}_len" for m in self.modalities if f"{m}_len" in batch]
         part = {k: batch[k][:per].contiguous() for k in keys}
         if _dist.world_size() > 1:
             for k in keys:
-                pieces = [torch.empty_like(part[k]) for _ in range(_dist.world_size())]
-                dist.all_gather(pieces, part[k])
-                part[k] = torch.cat(pieces)
+                part[k] = _gather_padded(part[k])
         return part
 
     def hypergradient(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
