@@ -268,7 +268,7 @@ def test_cli_one_epoch_on_synth_logs_the_signal(shards, tmp_path):
                 "mmcosine_loss_visual"):
         assert all(key in r for r in steps), key
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["method"] == "mmcosine"
+    assert summary["method"] == "mmcosine" and summary["fusion"] == "cosine"
     from avtrain.checkpoint import load_checkpoint
     from avtrain.report import balancing_keys, load_run
 

@@ -15,9 +15,11 @@ Audio-Visual Fine-Grained Learning", ICASSP 2023. Authors' code: GeWu-Lab/MMCosi
 - `valid` lines 181-198: per-modality predictions from the scaled cosines (185-189), the fused
   prediction from the model's own output `out` (196), i.e. the concat layer
   W.[a; v] + b with nothing normalised;
-- `main` lines 229-265: no `weight_init` (imported, never called), SGD(lr 1e-3, momentum 0.9,
+- `main` lines 224-265: no `weight_init` (imported, never called), SGD(lr 1e-3, momentum 0.9,
   wd 1e-4) over all parameters, StepLR(100, 0.1); models/fusion_modules.py `ConcatFusion`
-  (lines 20-28: fc_out = Linear(1024, classes)). main_vox2.py (lines 123-127) is the same rule.
+  (lines 20-28: fc_out = Linear(1024, classes)). main_vox2.py computes the same training
+  logits (lines 123-128; its loss and backward, 136-142, sit in the non-mmcosine branch as
+  indented) and scores its verification pairs with the cosine sum (182-193).
 
 BalanceMM's re-implementation: GeWu-Lab/BalanceBenchmark (4c1482f)
 balancemm/trainer/MMCosine_trainer.py (`training_step` 92-137: the same cosine logits for two

@@ -352,7 +352,7 @@ class CosineFusion(ConcatFusion):
     the split is by widths (as BalanceMM's MMCosine_trainer.py lines 115-121 do for 2 or 3).
 
     In eval mode the fused logits follow `eval_rule` (a buffer, so a checkpoint evaluates as
-    it was trained): `cosine` (this fusion's default, BalanceMM's val_loop lines 224-233) or
+    it was trained): `cosine` (this fusion's default, BalanceMM's validation_step lines 224-233) or
     `concat` -- the authors' `valid` (main_CD.py lines 181, 196) predicts from the model's own
     concat output W.[f_a; f_v] + b (features and weights not normalised, the untrained bias),
     and normalises only the per-modality logits. `scaling` is a buffer for the same reason.
