@@ -122,6 +122,8 @@ class TrainConfig:
     lfm_cls_input: str = "mean"  # LFM CE input: mean of unimodal logits (authors) | fused
     lfm_alpha_mode: str = "released"  # LFM alpha step: released (train at epoch 0) | train
     lfm_heldout_size: int | None = None  # LFM held-out samples; None: 8 (authors' 16 // 2)
+    mmcosine_scaling: float | None = None  # MMCosine s; None: 10 (authors' main_CD.py; BalanceMM 15)
+    mmcosine_eval_fused: str = "concat"  # MMCosine eval fused logits: concat (authors') | cosine
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
