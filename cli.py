@@ -407,7 +407,8 @@ def _fit_options(f):
                      "[default: none]"),
         click.option("--fusion", help="sum, concat, film, gated, bilinear, attention, "
                      "bilinear_tanh, mha, boost (ReconBoost's shared head), shared (one head "
-                     "for every modality; mla builds it from concat) [default: concat]"),
+                     "for every modality; mla builds it from concat), cosine (MMCosine's normalised "
+                     "concat; mmcosine builds it from concat) [default: concat]"),
         click.option("--model", help="Encoders: resnet18 or tiny; or a sequence transformer: "
                      "emt, mbt, umt, ca [default: resnet18]"),
         click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE",
@@ -618,6 +619,14 @@ def _fit_options(f):
         click.option("--gblending-weights", help="G-Blending: fixed branch weights "
                      "'W_AUDIO,W_VISUAL[,...],W_FUSED' instead of the estimate (the authors' VMZ "
                      "--audio_weight/--visual_weight/--av_weight) [default: estimated]"),
+        click.option("--mmcosine-scaling", type=float, help="MMCosine: factor s on each "
+                     "modality's cosine logits, > 0 [default: 10, the authors' main_CD.py; "
+                     "BalanceMM's trainer_config.yaml uses 15]"),
+        click.option("--mmcosine-eval-fused", type=click.Choice(["concat", "cosine"]),
+                     help="MMCosine: fused logits at evaluation: concat (the model's plain "
+                     "W.[f_a; f_v] + b, as the authors' valid; per-modality logits stay "
+                     "cosine) or cosine (the summed scaled cosines, as in training and "
+                     "BalanceMM's val_loop) [default: concat]"),
     ]
     for opt in reversed(opts):
         f = opt(f)

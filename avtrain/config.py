@@ -128,6 +128,8 @@ class TrainConfig:
     # method: offline); None: False (BalanceMM's default method: online)
     gblending_weights: str | None = None  # G-Blending fixed weights 'w_audio,w_visual,...,w_fused'
     # (the authors' VMZ flags); None: estimated (BalanceMM)
+    mmcosine_scaling: float | None = None  # MMCosine s; None: 10 (authors' main_CD.py; BalanceMM 15)
+    mmcosine_eval_fused: str = "concat"  # MMCosine eval fused logits: concat (authors') | cosine
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -5,9 +5,10 @@
     for batch in train_loader(shards, "train", opts, batch_size=64, steps=100, epoch=0): ...
     for batch in eval_loader(shards, "test", opts, batch_size=64): ...
 
-A batch is a dict: "audio" [B, 1, F, T] float32, "visual" [B, T, 3, H, W] uint8 (cropped and
-flipped; `to_device` makes it float32, ImageNet normalised, on the device: a quarter of the
-bytes cross the worker queue and the bus), "label" [B] long, "key" list of str. Sequences are right-padded with zeros and come
+A batch is a dict: "audio" [B, 1, F, T] in the shards' dtype (float16; `to_device` makes it
+float32 on the device), "visual" [B, T, 3, H, W] uint8 (cropped and flipped; `to_device` makes
+it float32, ImageNet normalised, on the device: a quarter of the bytes cross the worker queue
+and the bus), "label" [B] long, "key" list of str. Sequences are right-padded with zeros and come
 with their lengths: "text" [B, L] long UTF-8 byte ids of the `{key}.txt` transcript (0 = pad)
 and "text_len" [B]; a modality the index lists under `features` (avprep import-features) is
 read from `{key}.{modality}.npy` as [B, T, D] float32 with "{modality}_len" [B] (0 where the
@@ -371,11 +372,11 @@ def decode_sample(sample: dict, opts: DataOptions, rng: np.random.Generator | No
         crop_rng = rng
         if rng is None and opts.eval_crop == "random" and opts.crop_columns:
             crop_rng = np.random.default_rng([opts.eval_seed, zlib.crc32(key.encode("utf-8"))])
-        spec = crop_spectrogram(spec.astype(np.float32, copy=False), opts.crop_columns,
-                                crop_rng)
+        spec = crop_spectrogram(spec, opts.crop_columns, crop_rng)  # in the stored dtype
         if opts.audio_layout == "time_freq":
             spec = spec.T
-        out["audio"] = torch.from_numpy(np.array(spec, order="C")).unsqueeze(0)  # writable
+        # the window only, C order, writable, still float16: `to_device` converts per batch
+        out["audio"] = torch.from_numpy(np.array(spec, order="C")).unsqueeze(0)
     if "visual" in opts.modalities and "visual" not in opts.features:
         names = sorted((int(m.group(1)), k) for k in sample if (m := FRAME_MEMBER.match(k)))
         chosen = [names[i][1] for i in pick_frames(len(names), opts.frames, rng, opts.frame_pick)]
@@ -428,7 +429,9 @@ def collate(samples: list[dict]) -> dict:
 
 def to_device(batch: dict, device: torch.device, opts: DataOptions) -> dict:
     """Move a batch to the device, its uint8 frames normalised there (a quarter of the bytes
-    cross the worker queue and the bus); with `decode_device="cuda"` decode its JPEGs there."""
+    cross the worker queue and the bus) and its float16 spectrograms (as the shards store them:
+    half the bytes, and one vectorised conversion per batch instead of one per sample in the
+    workers) made float32 there; with `decode_device="cuda"` decode its JPEGs there."""
     out = dict(batch)
     non_blocking = device.type == "cuda"
     for name, value in batch.items():
@@ -436,6 +439,8 @@ def to_device(batch: dict, device: torch.device, opts: DataOptions) -> dict:
             out[name] = value.to(device, non_blocking=non_blocking)
     if "visual" in out and out["visual"].dtype == torch.uint8:  # frames travel as uint8
         out["visual"] = normalise_frames(out["visual"])
+    if "audio" in out and out["audio"].dtype == torch.float16:  # spectrograms as stored
+        out["audio"] = out["audio"].float()
     if "visual_jpeg" in out:
         clips = out.pop("visual_jpeg")
         draws = out.pop("visual_draw")

@@ -641,7 +641,8 @@ def _fit(config: TrainConfig, ctx: D.Context, resume: str | None) -> dict:
     trainer.sync_buffers()
     digests = D.gather_objects(weights_digest(trainer.model), ctx)
     summary = {
-        "run_dir": run, "method": c.method, "model": c.model, "fusion": c.fusion,
+        "run_dir": run, "method": c.method, "model": c.model,
+        "fusion": get_method(c.method).model_fusion(c.fusion),  # the built one (MLA: shared)
         "modalities": trainer.model.modalities, "dataset": trainer.shards.dataset,
         "epochs": c.epochs, "steps": trainer.step, "world_size": ctx.world,
         "protocol": selection_protocol(c), "recipe": c.recipe,

@@ -170,3 +170,28 @@ def train_steps(t, data, steps, part=slice(None)):
             params.append({k: p.detach().clone() for k, p in t.model.named_parameters()})
             step += 1
     return params, metrics, losses
+
+
+def no_dropout(model: nn.Module) -> None:
+    """Dropout off (text encoder, attention) so a reference copy sees the same network."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(module, nn.MultiheadAttention):
+            module.dropout = 0.0
+
+
+def text_batches(seed: int, n: int, steps: int, classes: int, text_seed: int = 11) -> list:
+    """`make_batches` with a text modality whose words repeat with the label: batch dicts
+    {"audio", "visual", "text" (padded tokens), "label"} for three-modality tests."""
+    from avtrain.models.text import encode_text, pad_tokens
+
+    g = torch.Generator().manual_seed(text_seed)
+    data = []
+    for audio, visual, y in make_batches(seed, n, steps, classes):
+        words = [" ".join(["abc", "de", "f"][j] * (1 + int(y[i]))
+                          for j in torch.randint(0, 3, (3,), generator=g).tolist())
+                 for i in range(n)]
+        tokens, _ = pad_tokens([encode_text(w) for w in words])
+        data.append({"audio": audio, "visual": visual, "text": tokens, "label": y})
+    return data

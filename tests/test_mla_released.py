@@ -347,7 +347,7 @@ def test_cli_one_epoch_on_synth_logs_the_signal_and_evaluates_with_the_gate(shar
         assert all(key in r for r in steps), key
     assert all(r["gate_audio"] == pytest.approx(0.55) for r in steps)
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["method"] == "mla"
+    assert summary["method"] == "mla" and summary["fusion"] == "shared"  # the built model's
     assert "visual" in json.dumps(summary["linear_probe"])  # rebuilt with the shared head
     from avtrain.report import balancing_keys, load_run
 

@@ -10,7 +10,7 @@ from avprep.errors import UserError
 from avtrain.models import FUSIONS, build_model
 
 ALL_FUSIONS = ["sum", "concat", "film", "gated", "bilinear", "attention", "bilinear_tanh", "mha",
-               "boost", "shared"]
+               "boost", "shared", "cosine"]
 MIXING = ["film", "gated", "bilinear", "attention", "bilinear_tanh", "mha"]
 
 

@@ -375,6 +375,7 @@ def test_resume_is_exact(shards, tmp_path):
     ({"reconboost_correct_epochs": -1}, "--reconboost-correct-epochs must be 0 or more"),
     ({"reconboost_weight2": -1}, "--reconboost-weight2 must be a number of 0 or more"),
     ({"fusion": "film"}, "--fusion boost"),
+    ({"fusion": "cosine"}, "--fusion boost"),
     ({"modulation_end": 3}, "no modulation window"),
 ])
 def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):

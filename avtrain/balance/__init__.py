@@ -34,6 +34,7 @@ from .greedy import Greedy, greedy_rule, greedy_speed_difference
 from .lfm import LFM, lfm_alignment, lfm_alpha_update, lfm_fitted_alpha
 from .mbsd import MBSD, mbsd_loss, mbsd_pair_terms
 from .mla import MLA, owm_update, project_gradient
+from .mmcosine import MMCosine, mmcosine_signal
 from .mmpareto import MMPareto, min_norm_weight, mmpareto_gradient, mmpareto_weights
 from .ogm import OGM, OGMGE, modulated_parameters, ogm_coefficients, ogm_scores
 from .olm import OLM, OLMCom, olm_ratios
@@ -82,6 +83,7 @@ register(CML)
 register(MBSD)
 register(LFM)
 register(GBlending)
+register(MMCosine)
 
 __all__ = ["Balancer", "METHODS", "register", "get_method", "build_balancer",
            "ogm_coefficients", "ogm_scores", "modulated_parameters", "olm_ratios",
@@ -96,3 +98,4 @@ __all__ += ["cml_confidence", "cml_order", "cml_penalty_terms"]
 __all__ += ["mbsd_loss", "mbsd_pair_terms"]
 __all__ += ["lfm_alignment", "lfm_alpha_update", "lfm_fitted_alpha"]
 __all__ += ["gblending_weights", "gblending_ogr"]
+__all__ += ["mmcosine_signal"]

@@ -178,8 +178,9 @@ class ReconBoost(Balancer):
                                 f"for the whole training); drop --{key.replace('_', '-')}")
         bare = getattr(model, "module", model)
         fusion = getattr(bare, "fusion", None)
-        if getattr(bare, "encoders", None) is None or not isinstance(
-                fusion, (BoostFusion, SumFusion, ConcatFusion)):
+        # exact types: CosineFusion is a ConcatFusion whose learner logits are not its slices
+        if getattr(bare, "encoders", None) is None or type(fusion) not in (
+                BoostFusion, SumFusion, ConcatFusion):
             raise UserError("--method reconboost needs per-modality learners: --fusion boost "
                             "(the released shared head), sum or concat, with the resnet18 or "
                             "tiny encoders")

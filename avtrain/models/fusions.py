@@ -18,6 +18,8 @@ al., IJCAI 2024; github.com/anonymous-gitlab/OLM, models/fusion_modules.py: `FiL
 x = audio, y = visual), the first two also OGM-GE's; `bilinear_tanh` and `mha` are ours.
 `boost` is ReconBoost's shared-head ensemble (decomposable up to its boost rate: the fused
 logits are beta times the sum of the per-modality logits).
+`cosine` is MMCosine's (Xu et al., ICASSP 2023): concat's layer read through L2-normalised
+features and weight rows, per modality, times a scaling, summed (`CosineFusion`).
 """
 
 from __future__ import annotations
@@ -334,11 +336,70 @@ class SharedHeadFusion(Fusion):
         return self.fuse(self.modality_logits(feats))
 
 
+COSINE_EVAL = ("cosine", "concat")  # CosineFusion's fused logits in eval mode
+
+
+class CosineFusion(ConcatFusion):
+    """MMCosine (Xu et al., ICASSP 2023): fused = sum_m s * cos(f_m, W_m) in training.
+
+    Authors' code GeWu-Lab/MMCosine_ICASSP23 @ 00ba0a9, main_CD.py lines 113-118 (train) and
+    185-189 (eval): the concat model's fc_out weight is split per modality (W_m, columns of
+    modality m), features and each class row of W_m are L2-normalised, the cosine logits are
+    multiplied by `scaling` (released default 10, line 59; BalanceMM's trainer_config.yaml
+    uses 15) and summed. fc_out.bias exists but no loss reaches it, so it never changes (the
+    released SGD skips parameters without a gradient); here it does not require grad, which
+    is the same and lets DDP (no unused-parameter search) reduce this model. N modalities:
+    the split is by widths (as BalanceMM's MMCosine_trainer.py lines 115-121 do for 2 or 3).
+
+    In eval mode the fused logits follow `eval_rule` (a buffer, so a checkpoint evaluates as
+    it was trained): `cosine` (this fusion's default, BalanceMM's validation_step lines 224-233) or
+    `concat` -- the authors' `valid` (main_CD.py lines 181, 196) predicts from the model's own
+    concat output W.[f_a; f_v] + b (features and weights not normalised, the untrained bias),
+    and normalises only the per-modality logits. `scaling` is a buffer for the same reason.
+    Per-modality logits are the scaled cosines in training and evaluation alike.
+    """
+
+    decomposable = True
+
+    def __init__(self, modalities, dims, num_classes):
+        super().__init__(modalities, dims, num_classes)
+        self.fc_out.bias.requires_grad_(False)
+        self.register_buffer("scaling", torch.tensor(10.0))
+        self.register_buffer("eval_rule", torch.tensor(0))
+        self.rule = COSINE_EVAL[0]  # the buffer as a str: forward reads no device tensor
+
+    def set_scaling(self, scaling: float) -> None:
+        self.scaling.fill_(float(scaling))
+
+    def set_eval_rule(self, rule: str) -> None:
+        if rule not in COSINE_EVAL:
+            raise UserError(f"eval rule must be one of {', '.join(COSINE_EVAL)}, got {rule!r}")
+        self.eval_rule.fill_(COSINE_EVAL.index(rule))
+        self.rule = rule
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "eval_rule" in state_dict:  # once per load, never in a forward
+            self.rule = COSINE_EVAL[int(state_dict[prefix + "eval_rule"])]
+
+    def modality_logits(self, feats):
+        weights = torch.split(self.fc_out.weight, self.dims, dim=1)
+        return {m: self.scaling * (nn.functional.normalize(feats[m], dim=1)
+                                   @ nn.functional.normalize(w, dim=1).t())
+                for m, w in zip(self.modalities, weights)}
+
+    def forward(self, feats):
+        if not self.training and self.rule == "concat":
+            return super().forward(feats)
+        parts = self.modality_logits(feats)
+        return sum(parts[m] for m in self.modalities)
+
+
 FUSIONS: dict[str, Callable[..., Fusion]] = {
     "sum": SumFusion, "concat": ConcatFusion, "film": FiLMFusion, "gated": GatedFusion,
     "bilinear": BilinearFusion, "attention": AttentionFusion,
     "bilinear_tanh": BilinearTanhFusion, "mha": MHAFusion, "boost": BoostFusion,
-    "shared": SharedHeadFusion,
+    "shared": SharedHeadFusion, "cosine": CosineFusion,
 }
 
 
