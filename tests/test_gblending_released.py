@@ -29,8 +29,10 @@ from released import (
     fit_and_resume,
     make_batches,
     method_fit_args,
+    no_dropout,
     run_gloo,
     step_trainer,
+    text_batches,
     train_steps,
 )
 from test_balance_ogm import build_test_shards, step_records
@@ -225,11 +227,19 @@ def our_fit(t, data, streams, val, epochs=EPOCHS, steps=STEPS):
     return estimates, params, metrics, losses
 
 
-def dataset(seed=7, n=BATCH, epochs=EPOCHS, steps=STEPS, se=SE):
-    data = [as_batch(b) for b in make_batches(seed, n, epochs * steps, CLASSES)]
-    streams = {e: [as_batch(b) for b in make_batches(seed + 100 + e, n, steps * se, CLASSES)]
-               for e in range(0, epochs, se)}
-    val = [as_batch(b) for b in make_batches(seed + 50, 4, 4, CLASSES)]
+def two(seed, n, steps):
+    return [as_batch(b) for b in make_batches(seed, n, steps, CLASSES)]
+
+
+def three(seed, n, steps):
+    return text_batches(seed, n, steps, CLASSES, text_seed=seed + 11)
+
+
+def dataset(seed=7, n=BATCH, epochs=EPOCHS, steps=STEPS, se=SE, make=two):
+    """The epochs' batches, each estimate's stream (super_epoch x steps), the val batches."""
+    data = make(seed, n, epochs * steps)
+    streams = {e: make(seed + 100 + e, n, steps * se) for e in range(0, epochs, se)}
+    val = make(seed + 50, 4, 4)
     return data, streams, val
 
 
@@ -263,32 +273,10 @@ def test_fit_equals_the_released_trainer(fusion):
 
 
 def test_three_modalities_equal_the_reference():
-    from avtrain.models.text import encode_text, pad_tokens
-
     torch.manual_seed(0)
     t = trainer("sum", modalities=["audio", "visual", "text"])
-    for module in t.model.modules():  # no dropout: both runs must see the same network
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        if isinstance(module, nn.MultiheadAttention):
-            module.dropout = 0.0
-    g = torch.Generator().manual_seed(11)
-
-    def with_text(batches):
-        out = []
-        for b in batches:
-            y = b["label"]
-            words = [" ".join(["abc", "de", "f"][j] * (1 + int(y[i]))
-                              for j in torch.randint(0, 3, (3,), generator=g).tolist())
-                     for i in range(len(y))]
-            tokens, _ = pad_tokens([encode_text(w) for w in words])
-            out.append({**b, "text": tokens})
-        return out
-
-    data, streams, val = dataset()
-    data, val = with_text(data), with_text(val)
-    streams = {e: with_text(s) for e, s in streams.items()}
-    _compare(t, data, streams, val, ["audio", "visual", "text", "fused"])
+    no_dropout(t.model)  # both runs must see the same network
+    _compare(t, *dataset(make=three), ["audio", "visual", "text", "fused"])
 
 
 def test_fixed_weights_are_the_authors_loss():
