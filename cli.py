@@ -609,6 +609,16 @@ def _fit_options(f):
         click.option("--lfm-heldout-size", type=int, help="LFM: training samples drawn once "
                      "for the weight step, shared evenly by the processes [default: 8, the "
                      "authors' 16 // 2]"),
+        click.option("--teacher", "unimodal_teacher_runs", multiple=True,
+                     metavar="MODALITY=RUN_DIR", help="Uni-modal teacher: a finished `avtrain "
+                     "fit --modalities MODALITY` run whose best.pt is that modality's frozen "
+                     "teacher; repeat for every modality (needed by --method unimodal_teacher)"),
+        click.option("--unimodal-teacher-scaling", type=float, help="Uni-modal teacher: weight "
+                     "of each modality's feature MSE to its teacher [default: 10, BalanceMM's "
+                     "scaling]"),
+        click.option("--unimodal-teacher-mode", type=click.Choice(["train", "eval"]),
+                     help="Uni-modal teacher: the teachers' forward in train mode (BatchNorm on "
+                     "the batch's statistics, as BalanceMM) or eval mode [default: train]"),
     ]
     for opt in reversed(opts):
         f = opt(f)

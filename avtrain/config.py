@@ -122,6 +122,10 @@ class TrainConfig:
     lfm_cls_input: str = "mean"  # LFM CE input: mean of unimodal logits (authors) | fused
     lfm_alpha_mode: str = "released"  # LFM alpha step: released (train at epoch 0) | train
     lfm_heldout_size: int | None = None  # LFM held-out samples; None: 8 (authors' 16 // 2)
+    # unimodal_teacher: MODALITY=RUN_DIR per modality (--teacher, repeatable; or a mapping)
+    unimodal_teacher_runs: list[str] = field(default_factory=list)
+    unimodal_teacher_scaling: float | None = None  # MSE weight; None: 10 (BalanceMM scaling)
+    unimodal_teacher_mode: str = "train"  # teachers' mode: train (BalanceMM) | eval
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

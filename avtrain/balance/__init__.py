@@ -40,6 +40,7 @@ from .opm import OPM, opm_drop_probabilities
 from .pmr import PMR, pmr_coefficients, prototype_logits
 from .reconboost import ReconBoost, boosting_loss, reconboost_stage
 from .relearning import ReLearning, kmeans, minmax_scale, purity, relearning_weight
+from .unimodal_teacher import UnimodalTeacher, distillation_losses, teacher_runs
 from .valuation import Valuation, modality_gap, sample_copies, valuation_contributions
 
 METHODS: dict[str, type[Balancer]] = {}
@@ -80,6 +81,7 @@ register(Valuation)
 register(CML)
 register(MBSD)
 register(LFM)
+register(UnimodalTeacher)
 
 __all__ = ["Balancer", "METHODS", "register", "get_method", "build_balancer",
            "ogm_coefficients", "ogm_scores", "modulated_parameters", "olm_ratios",
@@ -93,3 +95,4 @@ __all__ += ["valuation_contributions", "sample_copies", "modality_gap"]
 __all__ += ["cml_confidence", "cml_order", "cml_penalty_terms"]
 __all__ += ["mbsd_loss", "mbsd_pair_terms"]
 __all__ += ["lfm_alignment", "lfm_alpha_update", "lfm_fitted_alpha"]
+__all__ += ["distillation_losses", "teacher_runs"]
