@@ -161,7 +161,7 @@ def ref_train(model, teachers, data, mode, steps=STEPS, scaling=SCALING):
                     with torch.no_grad():
                         out_unimodal = teacher.encoders[m](batch[m])
                     term = mse(out_unimodal, encoder_result[m])
-                    record[m] = float(term)
+                    record[m] = float(term.detach())
                     loss += scaling * term
             optimizer.zero_grad()
             loss.backward()
