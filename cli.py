@@ -627,6 +627,16 @@ def _fit_options(f):
                      "W.[f_a; f_v] + b, as the authors' valid; per-modality logits stay "
                      "cosine) or cosine (the summed scaled cosines, as in training and "
                      "BalanceMM's val_loop) [default: concat]"),
+        click.option("--teacher", "unimodal_teacher_runs", multiple=True,
+                     metavar="MODALITY=RUN_DIR", help="Uni-modal teacher: a finished `avtrain "
+                     "fit --modalities MODALITY` run whose best.pt is that modality's frozen "
+                     "teacher; repeat for every modality (needed by --method unimodal_teacher)"),
+        click.option("--unimodal-teacher-scaling", type=float, help="Uni-modal teacher: weight "
+                     "of each modality's feature MSE to its teacher [default: 10, BalanceMM's "
+                     "scaling]"),
+        click.option("--unimodal-teacher-mode", type=click.Choice(["train", "eval"]),
+                     help="Uni-modal teacher: the teachers' forward in train mode (BatchNorm on "
+                     "the batch's statistics, as BalanceMM) or eval mode [default: train]"),
     ]
     for opt in reversed(opts):
         f = opt(f)

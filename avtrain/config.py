@@ -130,6 +130,10 @@ class TrainConfig:
     # (the authors' VMZ flags); None: estimated (BalanceMM)
     mmcosine_scaling: float | None = None  # MMCosine s; None: 10 (authors' main_CD.py; BalanceMM 15)
     mmcosine_eval_fused: str = "concat"  # MMCosine eval fused logits: concat (authors') | cosine
+    # unimodal_teacher: MODALITY=RUN_DIR per modality (--teacher, repeatable; or a mapping)
+    unimodal_teacher_runs: list[str] = field(default_factory=list)
+    unimodal_teacher_scaling: float | None = None  # MSE weight; None: 10 (BalanceMM scaling)
+    unimodal_teacher_mode: str = "train"  # teachers' mode: train (BalanceMM) | eval
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -42,6 +42,7 @@ from .opm import OPM, opm_drop_probabilities
 from .pmr import PMR, pmr_coefficients, prototype_logits
 from .reconboost import ReconBoost, boosting_loss, reconboost_stage
 from .relearning import ReLearning, kmeans, minmax_scale, purity, relearning_weight
+from .unimodal_teacher import UnimodalTeacher, distillation_losses, teacher_runs
 from .valuation import Valuation, modality_gap, sample_copies, valuation_contributions
 
 METHODS: dict[str, type[Balancer]] = {}
@@ -84,6 +85,7 @@ register(MBSD)
 register(LFM)
 register(GBlending)
 register(MMCosine)
+register(UnimodalTeacher)
 
 __all__ = ["Balancer", "METHODS", "register", "get_method", "build_balancer",
            "ogm_coefficients", "ogm_scores", "modulated_parameters", "olm_ratios",
@@ -99,3 +101,4 @@ __all__ += ["mbsd_loss", "mbsd_pair_terms"]
 __all__ += ["lfm_alignment", "lfm_alpha_update", "lfm_fitted_alpha"]
 __all__ += ["gblending_weights", "gblending_ogr"]
 __all__ += ["mmcosine_signal"]
+__all__ += ["distillation_losses", "teacher_runs"]
