@@ -8,6 +8,8 @@ Every (row, seed) is an ordinary `fit` run directory, BENCH/runs/{row}/seed{s}/,
 the same settings except the method, the seed and the row's own `--set` values. Rows: one per
 method and combination of its `--set` values (a sweep), and `{modality} only` references
 (`--modalities audio`, `--modalities visual`: method `none`) unless `references=False`.
+A method taught by unimodal teachers (`unimodal_teacher`) gets the same seed's references as
+its teachers unless `--teacher` is given; they are trained before it (Ray: submitted after).
 
 Resumable: a run with summary.json is finished and skipped; one with last.pt is resumed; any
 other is started afresh. BENCH/bench.json records the protocol (every setting but the
@@ -61,6 +63,7 @@ class BenchRun:
     slug: str  # its folder under BENCH/runs
     seed: int
     config: dict  # the run's complete settings (TrainConfig fields)
+    needs: tuple[str, ...] = ()  # run directories that must be finished first (its teachers)
 
     @property
     def run_dir(self) -> str:
@@ -149,11 +152,26 @@ def protocol(base: TrainConfig) -> dict:
 
 
 def plan_runs(base: TrainConfig, out: str, methods: list[str], seeds: list[int],
-              sets: dict | None = None, references: bool = True) -> list[BenchRun]:
+              sets: dict | None = None, references: bool = True,
+              teachers: dict | None = None) -> list[BenchRun]:
     """Every run, seed-major (seed 0 of every row first: a bench stopped half-way already
     compares every row)."""
+    from .balance import get_method
+
     sets = sets or {}
     rows: list[tuple[str, str, dict]] = []  # (row, slug, overrides)
+    teachers = teachers or {}  # {teacher setting: value} given by the user (--teacher)
+    taught = [m for m in methods if get_method(m).teacher_setting
+              and get_method(m).teacher_setting not in teachers]
+    refs = []
+    if references and len(base.modalities) > 1:
+        refs = [(f"{m} only", _slug(f"ref-{m}"), {"method": "none", "modalities": [m]})
+                for m in base.modalities]
+    if taught and not refs:
+        raise UserError(f"--methods {taught[0]} takes its teachers from the bench's `X only` "
+                        "references: drop --no-references or give --teacher MODALITY=RUN_DIR")
+    if taught:
+        rows += refs  # the teachers train first
     for method in methods:
         pairs = sets.get(method, [])
         keys = [k for k, _ in pairs]
@@ -161,16 +179,23 @@ def plan_runs(base: TrainConfig, out: str, methods: list[str], seeds: list[int],
             changes = dict(zip(keys, combo))
             label = " ".join([method] + [f"{k}={v}" for k, v in changes.items()])
             slug = _slug("-".join([method] + [f"{k}{v}" for k, v in changes.items()]))
-            rows.append((label, slug, {"method": method, **changes}))
-    if references and len(base.modalities) > 1:
-        for m in base.modalities:
-            rows.append((f"{m} only", _slug(f"ref-{m}"), {"method": "none", "modalities": [m]}))
+            setting = get_method(method).teacher_setting
+            given = {setting: teachers[setting]} if setting in teachers else {}
+            rows.append((label, slug, {"method": method, **given, **changes}))
+    if not taught:
+        rows += refs
     runs = []
     for seed in seeds:
         for label, slug, changes in rows:
             run_dir = os.path.join(out, "runs", slug, f"seed{seed}")
+            needs: dict[str, str] = {}
+            if changes["method"] in taught:
+                needs = {m: os.path.join(out, "runs", _slug(f"ref-{m}"), f"seed{seed}")
+                         for m in base.modalities}
+                changes = {**changes, get_method(changes["method"]).teacher_setting:
+                           [f"{m}={d}" for m, d in needs.items()]}
             config = make_config(base.to_dict(), changes, {"seed": seed, "run_dir": run_dir})
-            runs.append(BenchRun(label, slug, seed, config.to_dict()))
+            runs.append(BenchRun(label, slug, seed, config.to_dict(), tuple(needs.values())))
     return runs
 
 
@@ -275,7 +300,9 @@ def _run_ray(runs: list[BenchRun], address: str | None, say) -> None:
         else:  # a CPU run: its loader workers plus the training process
             cpus = max(1, min(int(resources.get("CPU", 1)), 1 + int(runs[0].config["workers"])))
             task = ray.remote(num_cpus=cpus, max_retries=0)(run_one)
-        pending = {task.remote(run.config): run for run in runs}
+        waiting = [run for run in runs if run.needs]  # submitted once their teachers finish
+        pending = {task.remote(run.config): run for run in runs if not run.needs}
+        finished: set[str] = set()
         done = 0
         try:
             while pending:
@@ -289,7 +316,11 @@ def _run_ray(runs: list[BenchRun], address: str | None, say) -> None:
                             raise UserError(f"{run.run_dir}: {exc.cause}") from None
                         raise
                     done += 1
+                    finished.add(run.run_dir)
                     say(_progress_line(done, len(runs), run, result))
+                for run in [r for r in waiting if finished.issuperset(r.needs)]:
+                    waiting.remove(run)
+                    pending[task.remote(run.config)] = run
         except BaseException:
             for ref in pending:  # what was running keeps its last.pt: a rerun resumes it
                 ray.cancel(ref, force=True)
@@ -323,10 +354,14 @@ def run_bench(shards: str, out: str, settings: dict | TrainConfig | None = None,
     open_shards(shards).require("train")  # a wrong folder is one line before anything is made
     out = os.path.abspath(out)
     base.update({"shards": shards, "run_dir": None, "method": "none", "seed": 0, "folds": None})
+    from .balance import METHODS
+
+    settings_of_teachers = {c.teacher_setting for c in METHODS.values() if c.teacher_setting}
+    teachers = {k: base.pop(k) for k in settings_of_teachers if base.get(k)}  # taught rows only
     base.setdefault("linear_probe", True)  # the table's probe columns need it
     base.setdefault("progress", False)
     config = make_config(base)
-    runs = plan_runs(config, out, methods, seeds, sets, references)
+    runs = plan_runs(config, out, methods, seeds, sets, references, teachers)
     prepare_folder(out, protocol(config), runs, overwrite)
     _remember(out, runs)  # before training: a stopped bench can still be reported
     say(f"bench {out}: {len({r.row for r in runs})} rows x {len(seeds)} seeds = {len(runs)} "

@@ -233,6 +233,9 @@ def check(config: TrainConfig) -> None:
     from avtrain.models.sequence import DEFAULTS
 
     get_method(config.method)
+    if config.unimodal_teacher_runs and config.method != "unimodal_teacher":
+        raise UserError(f"--teacher is read only by --method unimodal_teacher, not "
+                        f"{config.method}; drop it or change the method")
     if config.recipe is not None:
         from .recipes import load_recipe
 

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from held import HUNG_AFTER_S, start_held, wait_until_held
+from test_balance_ogm import step_records
 
 from cli import avtrain
 
@@ -248,7 +249,8 @@ def test_ray_gives_the_local_results(train_shards, tmp_path, monkeypatch):
 
     settings = {"model": "tiny", "image_size": 32, "batch_size": 8, "steps_per_epoch": 2,
                 "workers": 0, "epochs": 1, "tensorboard": False}
-    kw = dict(methods="ogm_ge", seeds=[0], references=False, say=lambda line: None)
+    # unimodal_teacher: Ray must hold it back until its teachers (the references) finish
+    kw = dict(methods="ogm_ge,unimodal_teacher", seeds=[0], say=lambda line: None)
     run_bench(str(train_shards), str(tmp_path / "local"), settings, **kw)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_TMPDIR", tempfile.mkdtemp(prefix="rt", dir="/tmp"))
@@ -260,9 +262,47 @@ def test_ray_gives_the_local_results(train_shards, tmp_path, monkeypatch):
         run_bench(str(train_shards), str(tmp_path / "ray"), settings, executor="ray", **kw)
     finally:
         ray.shutdown()
-    local = summaries(tmp_path / "local")["ogm_ge/seed0"]
-    remote = summaries(tmp_path / "ray")["ogm_ge/seed0"]
-    for key in ("best_epoch", "steps", "val", "test", "linear_probe", "replica_digests"):
-        assert remote[key] == local[key], key
+    for row in ("ogm_ge", "unimodal_teacher", "ref-audio", "ref-visual"):
+        local = summaries(tmp_path / "local")[f"{row}/seed0"]
+        remote = summaries(tmp_path / "ray")[f"{row}/seed0"]
+        for key in ("best_epoch", "steps", "val", "test", "linear_probe", "replica_digests"):
+            assert remote[key] == local[key], (row, key)
     assert sorted(os.listdir(tmp_path / "ray" / "runs" / "ogm_ge" / "seed0")) == \
         sorted(os.listdir(tmp_path / "local" / "runs" / "ogm_ge" / "seed0"))
+
+
+def test_a_taught_method_learns_from_the_same_seeds_references(train_shards, tmp_path):
+    """unimodal_teacher in a bench: its teachers are the bench's `X only` runs of its seed,
+    trained before it; a given --teacher applies to its rows only; no references: one line."""
+    from avtrain.bench import plan_runs
+    from avtrain.config import make_config
+
+    out = tmp_path / "B"
+    result = bench(train_shards, out, "--methods", "none,unimodal_teacher", "--seeds", "0,3",
+                   "--epochs", "1", "--log-every", "1")
+    assert result.exit_code == 0, result.output
+    for seed in (0, 3):
+        config = yaml.safe_load((out / "runs" / "unimodal_teacher" / f"seed{seed}" /
+                                 "config.yaml").read_text())
+        assert config["unimodal_teacher_runs"] == [
+            f"{m}={out / 'runs' / f'ref-{m}' / f'seed{seed}'}" for m in ("audio", "visual")]
+        steps = step_records(out / "runs" / "unimodal_teacher" / f"seed{seed}")
+        assert steps and all("distill_visual" in r for r in steps)
+    none = yaml.safe_load((out / "runs" / "none" / "seed0" / "config.yaml").read_text())
+    assert none["unimodal_teacher_runs"] == []
+    order = [line.split("] ")[1].split(":")[0] for line in result.output.splitlines()
+             if line.startswith("[")]
+    for seed in (0, 3):
+        taught = order.index(f"unimodal_teacher seed {seed}")
+        assert order.index(f"audio only seed {seed}") < taught
+        assert order.index(f"visual only seed {seed}") < taught
+
+    base = make_config({"model": "tiny", "shards": str(train_shards)})
+    given = {"unimodal_teacher_runs": ["audio=/x", "visual=/y"]}
+    runs = plan_runs(base, str(tmp_path / "C"), ["none", "unimodal_teacher"], [0],
+                     references=False, teachers=given)
+    assert [r.config["unimodal_teacher_runs"] for r in runs] == [[], given[
+        "unimodal_teacher_runs"]]
+    assert all(r.needs == () for r in runs)
+    one_error(bench(train_shards, tmp_path / "D", "--methods", "unimodal_teacher",
+                    "--no-references"), "takes its teachers from the bench's", "--teacher")

@@ -436,3 +436,12 @@ def test_feature_size_and_sequence_models_are_refused(tmp_path):
     with pytest.raises(UserError, match="not of the sequence model 'umt'"):
         build_balancer("unimodal_teacher", model, {"unimodal_teacher_runs": [f"audio={run}"]},
                        modalities=["audio", "visual"])
+
+
+def test_teacher_with_another_method_is_one_error_line(shards, teachers, tmp_path):
+    from cli import avtrain
+
+    run = tmp_path / "run"
+    args = method_fit_args("ogm_ge", shards, run, 1,
+                           *[a for m, d in teachers.items() for a in ("--teacher", f"{m}={d}")])
+    assert_one_error_line(CliRunner().invoke(avtrain, args), "--teacher is read only by", run)

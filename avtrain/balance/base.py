@@ -125,6 +125,9 @@ class Balancer:
     # parts of the model this method needs (avtrain.models.MODEL_FLAGS; build_model's keywords)
     output_layer = False  # the model passes its fused logits through a Linear(C, C) (AMCo)
     mmtm = False  # MMTM blocks between the audio and visual encoders (Greedy)
+    # the setting naming per-modality teacher runs (unimodal_teacher): `avtrain bench` fills it
+    # with the same seed's `X only` reference runs and trains those first
+    teacher_setting: str | None = None
 
     def __init__(self, model: nn.Module, config: dict | None = None, *,
                  modalities: list[str] | None = None, device: torch.device | str = "cpu"):

@@ -160,6 +160,7 @@ class UnimodalTeacher(Balancer):
     single-modality teacher's (hooks: the loss)."""
 
     name = "unimodal_teacher"
+    teacher_setting = "unimodal_teacher_runs"
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):
         super().__init__(model, config, modalities=modalities, device=device)
