@@ -4,8 +4,10 @@ Adding a method is one module with a `Balancer` subclass plus one `register` lin
 
 Methods: `none` (CE on the fused logits), `ogm`, `ogm_ge` (ogm.py), `olm`, `olm_com` (olm.py),
 `pmr` (pmr.py), `opm` (opm.py), `reconboost` (reconboost.py), `agm` (agm.py), `amco` (amco.py),
-`greedy` (greedy.py), `mla` (mla.py), `relearning` (relearning.py), `mmpareto` (mmpareto.py). How a method plugs in (hooks,
-or owning the whole step) is in base.py.
+`greedy` (greedy.py), `mla` (mla.py), `relearning` (relearning.py), `mmpareto` (mmpareto.py),
+`valuation` (valuation.py), `cml` (cml.py), `mbsd` (mbsd.py), `lfm` (lfm.py), `gblending`
+(gblending.py), `mmcosine` (mmcosine.py), `unimodal_teacher` (unimodal_teacher.py). How a
+method plugs in (hooks, or owning the whole step) is in base.py.
 Their rules are reusable on their own: `ogm_scores(logits, labels, modalities)`,
 `ogm_coefficients(scores, alpha)`, `modulated_parameters(encoder, "conv"|"encoder")` and
 `olm_ratios(rule, train_now, train_init, val_now, val_init)`, `pmr_coefficients(scores, alpha)`
@@ -18,7 +20,11 @@ and `prototype_logits(features, prototypes)`, `opm_drop_probabilities(scores, q_
 `owm_update(P, r, alpha)` and `project_gradient(grad, P, mode)` (MLA's head-gradient edit),
 `minmax_scale(x)`, `kmeans(x, k)`, `purity(labels, clusters)` and
 `relearning_weight(p_train, p_val, lam)`, `min_norm_weight`, `mmpareto_weights` and
-`mmpareto_gradient` (MMPareto's combination).
+`mmpareto_gradient` (MMPareto's combination), `valuation_contributions`, `sample_copies` and
+`modality_gap`, `cml_confidence`, `cml_order` and `cml_penalty_terms`, `mbsd_loss` and
+`mbsd_pair_terms`, `lfm_alignment`, `lfm_alpha_update` and `lfm_fitted_alpha`,
+`gblending_weights` and `gblending_ogr`, `mmcosine_signal`, `distillation_losses` and
+`teacher_runs` (the uni-modal teacher's).
 """
 
 from __future__ import annotations
