@@ -28,8 +28,10 @@ from released import (
     fit_and_resume,
     make_batches,
     method_fit_args,
+    no_dropout,
     run_gloo,
     step_trainer,
+    text_batches,
     train_steps,
 )
 from test_balance_ogm import build_test_shards, step_records
@@ -192,23 +194,10 @@ def test_steps_equal_the_released_step(fusion, form):
 
 
 def test_three_modalities_equal_the_reference():
-    from avtrain.models.text import encode_text, pad_tokens
-
     torch.manual_seed(0)
     t = trainer("concat", modalities=["audio", "visual", "text"])
-    for module in t.model.modules():  # no dropout: both runs must see the same network
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
-        if isinstance(module, nn.MultiheadAttention):
-            module.dropout = 0.0
-    g = torch.Generator().manual_seed(11)
-    data = []
-    for audio, visual, y in make_batches(7, BATCH, 5, CLASSES):
-        words = [" ".join(["abc", "de", "f"][j] * (1 + int(y[i]))
-                          for j in torch.randint(0, 3, (3,), generator=g).tolist())
-                 for i in range(BATCH)]
-        tokens, _ = pad_tokens([encode_text(w) for w in words])
-        data.append({"audio": audio, "visual": visual, "text": tokens, "label": y})
+    no_dropout(t.model)  # both runs see the same network
+    data = text_batches(7, BATCH, 5, CLASSES)
     metrics = _compare(t, data, concat_logits, steps=((0, 2), (1, 2), (2, 1)))
     assert sum(m["removed_audio"] + m["removed_visual"] + m["removed_text"]
                for m in metrics[:4]) == 8  # two removals per modulated step
@@ -268,7 +257,6 @@ def test_cli_one_epoch_on_synth_logs_the_signal(shards, tmp_path):
 
 
 def test_resume_is_exact(shards, tmp_path):
-
     full, part = tmp_path / "full", tmp_path / "part"
     a, b = fit_and_resume(lambda run, epochs: fit_args(shards, run, epochs), full, part)
     assert a["step"] == b["step"] == 9

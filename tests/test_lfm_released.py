@@ -26,8 +26,10 @@ from released import (
     assert_ranks_equal_one,
     make_batches,
     method_fit_args,
+    no_dropout,
     run_gloo,
     step_trainer,
+    text_batches,
 )
 from test_balance_ogm import build_test_shards, step_records
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -218,23 +220,10 @@ def test_steps_equal_the_released_step():
 
 
 def test_three_modalities_equal_the_reference():
-    from avtrain.models.text import encode_text, pad_tokens
-
     torch.manual_seed(0)
     t = trainer(modalities=["audio", "visual", "text"], lfm_alpha_init=0.5)
-    for module in t.model.modules():  # no dropout: both runs must see the same network
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if isinstance(module, torch.nn.MultiheadAttention):
-            module.dropout = 0.0
-    g = torch.Generator().manual_seed(11)
-    data = []
-    for audio, visual, y in make_batches(7, BATCH, 5, CLASSES):
-        words = [" ".join(["abc", "de", "f"][j] * (1 + int(y[i]))
-                          for j in torch.randint(0, 3, (3,), generator=g).tolist())
-                 for i in range(BATCH)]
-        tokens, _ = pad_tokens([encode_text(w) for w in words])
-        data.append({"audio": audio, "visual": visual, "text": tokens, "label": y})
+    no_dropout(t.model)  # both runs see the same network
+    data = text_batches(7, BATCH, 5, CLASSES)
     held, data = data[0], data[1:]
     steps = ((0, 2), (1, 2))
     ref = copy.deepcopy(t.model)

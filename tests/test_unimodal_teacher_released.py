@@ -29,8 +29,10 @@ from released import (
     fit_and_resume,
     make_batches,
     method_fit_args,
+    no_dropout,
     run_gloo,
     step_trainer,
+    text_batches,
     train_steps,
 )
 from test_balance_ogm import build_test_shards, step_records
@@ -217,25 +219,12 @@ def test_steps_equal_the_released_step(tmp_path, fusion, mode):
 
 
 def test_three_modalities_equal_the_reference(tmp_path):
-    from avtrain.models.text import encode_text, pad_tokens
-
     runs = fake_teachers(tmp_path, ("audio", "visual", "text"))
     torch.manual_seed(0)
     t = trainer(runs, "sum", modalities=["audio", "visual", "text"])
     for module in [t.model, *t.balancer.teachers.values()]:
-        for sub in module.modules():  # no dropout: both runs must see the same network
-            if isinstance(sub, nn.Dropout):
-                sub.p = 0.0
-            if isinstance(sub, nn.MultiheadAttention):
-                sub.dropout = 0.0
-    g = torch.Generator().manual_seed(11)
-    data = []
-    for audio, visual, y in make_batches(7, BATCH, 3, CLASSES):
-        words = [" ".join(["abc", "de", "f"][j] * (1 + int(y[i]))
-                          for j in torch.randint(0, 3, (3,), generator=g).tolist())
-                 for i in range(BATCH)]
-        tokens, _ = pad_tokens([encode_text(w) for w in words])
-        data.append({"audio": audio, "visual": visual, "text": tokens, "label": y})
+        no_dropout(module)  # both runs see the same network
+    data = text_batches(7, BATCH, 3, CLASSES)
     metrics = _compare(t, data, "train", ((0, 2), (1, 1)))
     assert metrics[0]["distill_text"] > 0
 
