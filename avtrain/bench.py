@@ -208,8 +208,10 @@ def _differences(old: dict, new: dict) -> list[str]:
     def before(k):
         if k in old or k not in FIELDS:
             return old.get(k)
-        default = FIELDS[k].default
-        return None if default is dataclasses.MISSING else default
+        field = FIELDS[k]
+        if field.default_factory is not dataclasses.MISSING:  # a list setting: []
+            return field.default_factory()
+        return None if field.default is dataclasses.MISSING else field.default
 
     return [f"{k} {before(k)!r} -> {new.get(k)!r}" for k in keys if before(k) != new.get(k)]
 
