@@ -353,7 +353,9 @@ def test_no_finite_weights_stop_the_run(monkeypatch):
     monkeypatch.setattr(t.balancer, "_optimizer", lambda params: torch.optim.SGD(params, lr=0.0))
     data, _, val = dataset()
     stream = [data[0]] * (STEPS * SE)
-    with pytest.raises(RuntimeError, match="no finite weights"):
+    from avprep.errors import UserError
+
+    with pytest.raises(UserError, match="no finite weights"):
         t.balancer.start_epoch(epoch_context(t, 0, stream, val))
 
 

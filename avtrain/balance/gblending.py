@@ -70,7 +70,7 @@ Where we differ from BalanceMM, and why:
   (MultiModalParallel);
 - BalanceMM starts with no weights (`weights = {}`) and a resume at an epoch that is not due
   would fail; ours are in `state_dict`;
-- O = 0 makes BalanceMM raise ZeroDivisionError; ours stops with a RuntimeError that gives
+- O = 0 makes BalanceMM raise ZeroDivisionError; ours stops with one Error line that gives
   every branch's G and O (also when every G is 0: no finite weights);
 - any number of modalities (the rule is per branch; BalanceMM loops over its modalities).
 
@@ -198,8 +198,9 @@ class GBlending(Balancer):
         weights = gblending_weights(g, o)
         bad = ~torch.isfinite(weights)
         if bool(bad.any()):  # once per estimate, not per step
-            raise RuntimeError(f"G-Blending estimate at epoch {ctx.epoch}: no finite weights "
-                               f"(O = {o.tolist()}, G = {g.tolist()} for {self.branches})")
+            raise UserError(f"G-Blending estimate at epoch {ctx.epoch}: no finite weights "
+                            f"(O = {o.tolist()}, G = {g.tolist()} for {self.branches}); give "
+                            "--gblending-weights or another --gblending-super-epoch")
         self.weights = weights
         self.stats = torch.cat([sums, g[None], o[None]]).cpu()
         self.estimated_at = ctx.epoch
