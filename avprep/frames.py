@@ -5,12 +5,12 @@ split, `OUT/{split}.h5`, holding one variable-length uint8 dataset per clip (one
 element, the key as the dataset name, attributes fps/source/label/split/n_frames).
 Audio: `OUT/{key}.wav`, mono 16-bit PCM at the requested rate.
 
-The frame rule ("first frame of each second" at 1 fps, as the seed scripts): frame i is the
-frame on screen at t = i / fps, so a clip whose video lasts D seconds gives
-`expected_frames(D, fps)` = ceil(D * fps) frames (2.5 s at 1 fps: 3 frames, t = 0, 1, 2;
-1.4 s at 1 fps: 2 frames, t = 0, 1). This needs ffmpeg's fps filter to round timestamps up
-(`fps=...:round=up`); with its default (round=near) it picks the frame in the middle of each
-interval (t = 0.48, 1.48, ... at 25 fps) and gives floor(D * fps + 1/2) frames.
+The frame rule is the released extraction's (OGM-GE / OLM `data/*/video_preprocessing.py`:
+cv2 reads every frame and keeps those whose index is a multiple of int(native fps)): at 1 fps
+frame i is decoded frame i * int(native fps), counted from the stream's first frame, so a stream
+that starts late (CREMA-D's FLV: 25 ms) still gives its first frame as index 0. A clip of D
+seconds at an integer native rate gives `expected_frames(D, fps)` = ceil(D * fps) frames (2.5 s
+at 1 fps: 3 frames, t = 0, 1, 2; 1.4 s at 1 fps: 2 frames, t = 0, 1); see `media.decode_clip`.
 
 Resumable and atomic per clip: a clip is written under OUT/.partial/ and renamed into place
 when complete, so an interrupted run never leaves a half clip under its final name and a rerun

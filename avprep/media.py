@@ -166,6 +166,18 @@ def _read_ppm_frames(stream, on_frame: Callable[[int, np.ndarray], None]) -> int
         count += 1
 
 
+# Each decoded frame's time becomes n / int(native fps), n its index in decode order (counted
+# from the first frame after a segment's start), so `fps=F:round=up` then keeps frame
+# floor(j * int(native) / F) as frame j: at F = 1 frame i * int(native), exactly what the
+# released extraction keeps (OGM-GE and OLM, data/*/video_preprocessing.py: cv2 reads every
+# frame and saves those with count % int(CAP_PROP_FPS) == 0), whatever the stream's start time;
+# at F = 2 too (their frame_kept_per_second = 2); at F >= 3 their loop spaces frames
+# int(native / F) apart and may keep one frame earlier than this.
+# A stream without a frame rate (FR undefined, or below 1) keeps its own timestamps, shifted
+# so its first frame is t = 0.
+FRAME_TIMELINE = "if(gte(FR,1),N/floor(FR)/TB,PTS-STARTPTS)"
+
+
 def _build_command(video, audio, *, fps, short_side, sample_rate, start, end, hwaccel,
                    want_video, want_audio):
     seek = {}
@@ -184,14 +196,23 @@ def _build_command(video, audio, *, fps, short_side, sample_rate, start, end, hw
         inputs.append(ffmpeg.input(audio, **seek))
     if want_video:
         stream = inputs[0]["v:0"]
+        if "t" in seek:
+            # The segment is the frames whose time (from `start`) is below its length; a trim
+            # here, before frames are renumbered, rather than `-t` on the output, which would
+            # measure the renumbered times (and the input's `-t` alone lets a frame at exactly
+            # `end` through).
+            stream = stream.filter("trim", end=seek["t"])
         if fps:
-            stream = stream.filter("fps", fps=fps, round="up")
+            # Count frames, not timestamps: the released extraction keeps decoded frame
+            # i * int(native fps) as second i, so a stream that starts late (FLV with MP3
+            # audio: 25 ms) still gives its first frame as f000 (see FRAME_TIMELINE).
+            stream = (stream.filter("settb", "AVTB").filter("setpts", FRAME_TIMELINE)
+                      .filter("fps", fps=fps, round="up"))
         if short_side:
             stream = stream.filter("scale", w=short_side, h=short_side,
                                    force_original_aspect_ratio="increase")
-        limit = {"t": seek["t"]} if "t" in seek else {}  # no frame from past the segment's end
         outputs.append(ffmpeg.output(stream, "pipe:1", format="image2pipe", vcodec="ppm",
-                                     pix_fmt="rgb24", **limit))
+                                     pix_fmt="rgb24"))
     if want_audio:
         source = inputs[-1]["a:0"]
         outputs.append(ffmpeg.output(source, "pipe:3", format="f32le", acodec="pcm_f32le",
@@ -266,8 +287,9 @@ def decode_clip(
     """Decode one clip in one ffmpeg pass.
 
     `video`: the video file (frames, and audio unless `audio` is given). `audio`: a separate
-    audio file (CREMA-D ships its WAVs apart). `fps`: frames per second to sample (the frame on
-    screen at 0, 1/fps, 2/fps, ... s; None keeps every frame). `short_side`: resize so the
+    audio file (CREMA-D ships its WAVs apart). `fps`: frames per second to sample (at 1 fps,
+    frame i is decoded frame i * int(native fps), counted from the stream's first frame, as the
+    released extraction; None keeps every frame). `short_side`: resize so the
     shorter side has this many pixels (0 or None keeps the size). `sample_rate`: mono audio rate
     (None: no audio). `start`/`end`: a segment in seconds. `on_frame(i, rgb)`: receive frames as
     they are decoded instead of keeping them, so memory stays bounded on long clips.

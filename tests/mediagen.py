@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from avprep.ffmpeg_bin import find_ffmpeg
@@ -51,6 +53,62 @@ def make_cremad_flv(path, seconds: float = 2.5, tone: float = 440.0) -> Path:
     """Like CREMA-D's VideoFlash: FLV1 video 480x360 at 30 fps with MP3 audio."""
     return make_video(path, seconds=seconds, size=(480, 360), fps=30, vcodec="flv",
                       acodec="libmp3lame", pix_fmt="yuv420p", tone=tone)
+
+
+def make_frame_counter(path, seconds: float = 3.5, fps: str | int = 30, size=(160, 120),
+                       vcodec: str = "libx264", acodec: str = "aac") -> Path:
+    """A clip whose every frame shows its own index n (flat grey, luma 16 + 2n), with a tone, so
+    a test can tell exactly which decoded frame a sampled frame is. `vcodec="flv"` with
+    `acodec="libmp3lame"` in a .flv gives what CREMA-D ships: a video stream starting at 25 ms."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    quality = ["-q:v", "2"] if vcodec == "flv" else ["-preset", "ultrafast", "-qp", "0"]
+    ffmpeg("-f", "lavfi", "-i", f"nullsrc=size={w}x{h}:rate={fps}:duration={seconds},"
+           "format=yuv420p,geq=lum='16+2*N':cb=128:cr=128",
+           "-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=44100:duration={seconds}",
+           "-map", "0:v", "-map", "1:a", "-c:v", vcodec, *quality, "-pix_fmt", "yuv420p",
+           "-c:a", acodec, "-t", str(seconds), str(path))
+    return path
+
+
+def video_start(path) -> float:
+    """The video stream's start time as ffmpeg reports it (0 when it reports none)."""
+    proc = subprocess.run([find_ffmpeg(), "-hide_banner", "-nostdin", "-i", str(path)],
+                          capture_output=True, text=True)
+    line = next(ln for ln in proc.stderr.splitlines() if ": Video: " in ln)
+    m = re.search(r"start (-?[\d.]+)", line)
+    return float(m.group(1)) if m else 0.0
+
+
+def released_frames(path) -> tuple[list[np.ndarray], list[int]]:
+    """Every decoded frame (RGB) and the indexes the released extraction keeps at 1 fps.
+
+    Written from OGM-GE_CVPR2022 / OLM data/CREMAD/video_preprocessing.py,
+    `videoReader.video2frame_update` with frame_kept_per_second=1: cv2 reads frames in order
+    while count < CAP_PROP_FRAME_COUNT and saves those with count % int(CAP_PROP_FPS) == 0."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    fps = int(cap.get(cv2.CAP_PROP_FPS))
+    total = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+    frames, kept = [], []
+    while len(frames) < total:
+        ok, image = cap.read()
+        if not ok:
+            break
+        if len(frames) % fps == 0:
+            kept.append(len(frames))
+        frames.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+    cap.release()
+    return frames, kept
+
+
+def which_frames(picked, every: list[np.ndarray]) -> list[int]:
+    """For each picked frame of a frame counter (any size, JPEG or raw), the index of the decoded
+    frame with the nearest mean: counter frames are flat, 2 luma levels apart."""
+    means = np.array([f.mean() for f in every])
+    return [int(np.argmin(np.abs(means - np.asarray(f, np.float32).mean()))) for f in picked]
 
 
 def truncate(src, dst, fraction: float = 0.4) -> Path:

@@ -42,6 +42,8 @@ def by_key(manifest):
 # --- CREMA-D ---------------------------------------------------------------------------------
 
 EMOTIONS = ["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"]
+# The released ids (OGM-GE dataset/CramedDataset.py, OLM datasets/cremad_dataset.py)
+RELEASED_CREMAD = {"NEU": 0, "HAP": 1, "SAD": 2, "FEA": 3, "DIS": 4, "ANG": 5}
 
 
 @pytest.fixture()
@@ -60,13 +62,13 @@ def cremad_root(tmp_path, clips):
 def test_cremad_records_labels_and_speaker_independent_split(cremad_root):
     m = load_dataset("cremad", cremad_root)
     assert len(m.records) == 30 * 6
-    assert m.classes == EMOTIONS
+    assert m.classes == sorted(RELEASED_CREMAD, key=RELEASED_CREMAD.get)
     r = by_key(m)["1001_DFA_ANG_XX"]
-    assert (r.label, r.label_id) == ("ANG", 0)
+    assert (r.label, r.label_id) == ("ANG", 5)
     assert r.video == str(cremad_root / "VideoFlash" / "1001_DFA_ANG_XX.flv")
     assert r.audio == str(cremad_root / "AudioWAV" / "1001_DFA_ANG_XX.wav")
     assert r.extra["actor"] == "1001"
-    assert all(rec.label_id == EMOTIONS.index(rec.label) for rec in m.records)
+    assert all(rec.label_id == RELEASED_CREMAD[rec.label] for rec in m.records)
     splits_of_actor = defaultdict(set)
     for rec in m.records:
         splits_of_actor[rec.extra["actor"]].add(rec.split)
@@ -183,8 +185,8 @@ def test_ave_annotations_only_root_in_parent_folder(ave_root, tmp_path):
     assert {r.split for r in m.records} <= {"train", "val", "test"}
 
 
-# The 28 categories exactly as AVE's Annotations.txt spells them, in the order AVE code indexes
-# them (Tian et al., ECCV 2018); a name that differs by a word makes every such line an error.
+# The 28 categories exactly as AVE's Annotations.txt spells them, in Annotations.txt's order
+# (Tian et al., ECCV 2018); a name that differs by a word makes every such line an error.
 AVE_CATEGORIES = [
     "Church bell", "Male speech, man speaking", "Bark", "Fixed-wing aircraft, airplane",
     "Race car, auto racing", "Female speech, woman speaking", "Helicopter", "Violin, fiddle",
@@ -194,17 +196,32 @@ AVE_CATEGORIES = [
 ]
 
 
-def test_ave_reads_every_official_category_with_the_usual_ids(tmp_path, clips):
+# OLM's data/AVE/stat.txt, in its order: the released loader (OLM datasets/avedataset.py, as
+# OGM-GE dataset/dataset.py) numbers classes by their index in sorted(these names).
+AVE_STAT_TXT = [
+    "Violin-fiddle", "Female_speech-woman_speaking", "Toilet_flush", "Baby_cry-infant_cry",
+    "Bark", "Church_bell", "Race_car-auto_racing", "Male_speech-man_speaking", "Horse",
+    "Train_horn", "Acoustic_guitar", "Fixed-wing_aircraft-airplane", "Accordion", "Truck",
+    "Goat", "Clock", "Cat", "Chainsaw", "Motorcycle", "Mandolin", "Ukulele", "Helicopter",
+    "Frying_(food)", "Rodents-rats-mice", "Shofar", "Bus", "Banjo", "Flute",
+]
+
+
+def test_ave_reads_every_official_category_with_the_released_ids(tmp_path, clips):
     root = tmp_path / "AVE_Dataset"
     lines = []
     for i, category in enumerate(AVE_CATEGORIES):
         put(clips["mp4"], root / "AVE" / f"vid{i:07d}.mp4")
         lines.append(f"{category}&vid{i:07d}&good&0&10")
     (root / "Annotations.txt").write_text(AVE_HEADER + "\n".join(lines) + "\n")
-    loaded = load_dataset("ave", root)
-    assert loaded.classes == AVE_CATEGORIES
-    by_video = {r.extra["video_id"]: r for r in loaded.records}
-    assert [by_video[f"vid{i:07d}"].label_id for i in range(28)] == list(range(28))
+    released = sorted(AVE_STAT_TXT)
+    for name in ("ave", "ave_olm"):
+        loaded = load_dataset(name, root)
+        assert sorted(loaded.classes) == sorted(AVE_CATEGORIES)
+        by_video = {r.extra["video_id"]: r for r in loaded.records}
+        for i, category in enumerate(AVE_CATEGORIES):
+            stat_name = category.replace(", ", "-").replace(" ", "_")
+            assert by_video[f"vid{i:07d}"].label_id == released.index(stat_name), category
 
 
 def test_ave_malformed_line_and_unknown_category(ave_root):
@@ -242,18 +259,35 @@ def vgg_root(tmp_path, clips):
 def test_vggsound_csv_quoted_labels_names_and_missing(vgg_root):
     scan = scan_dataset("vggsound", vgg_root)
     m = scan.manifest
-    assert m.classes == ["dog barking", "people marching, drumming"]
+    # the released order: each class where its first train row is ("people marching" first)
+    assert m.classes == ["people marching, drumming", "dog barking"]
     recs = by_key(m)
     assert set(recs) == {"-0aBc_d1234_000030", "zzzzzzzzzz1_000005", "fullvideo01_000020",
                          "yyyyyyyyyy1_000000"}
     r = recs["-0aBc_d1234_000030"]
-    assert (r.label, r.label_id) == ("people marching, drumming", 1)
+    assert (r.label, r.label_id) == ("people marching, drumming", 0)
+    assert recs["fullvideo01_000020"].label_id == 1
     assert r.start is None and r.video.endswith("-0aBc_d1234_000030.mp4")
     assert recs["zzzzzzzzzz1_000005"].video.endswith("zzzzzzzzzz1_5.mp4")
     full = recs["fullvideo01_000020"]
     assert (full.start, full.end, full.split) == (20.0, 30.0, "test")
     assert [x.extra["clip"] for x in scan.missing] == ["missing0001_000040"]
     assert scan.unlisted == [str(vgg_root / "video" / "notlisted01_000010.mp4")]
+
+
+def test_vggsound_class_ids_follow_first_train_rows(tmp_path, clips):
+    # OGM-GE dataset/VGGSoundDataset.py: train_class.append(label) at its first train row
+    root = tmp_path / "vgg"
+    put(clips["mp4"], root / "b0000000001_000000.mp4")
+    (root / "vggsound.csv").write_text("a0000000001,0,cat,test\nb0000000001,0,dog,train\n"
+                                       "c0000000001,0,cat,train\nd0000000001,0,owl,test\n"
+                                       "e0000000001,0,dog,train\n")
+    scan = scan_dataset("vggsound", root)
+    assert scan.classes == ["dog", "cat", "owl"]  # a test-only label comes after
+    assert by_key(scan.manifest)["b0000000001_000000"].label_id == 0
+    (root / "classes.txt").write_text("owl\ncat\ndog\n")
+    pinned = scan_dataset("vggsound", root, classes_file=str(root / "classes.txt"))
+    assert by_key(pinned.manifest)["b0000000001_000000"].label_id == 2
 
 
 def test_vggsound_val_carved_from_train_by_video(vgg_root):
@@ -411,7 +445,7 @@ def test_cli_manifest_summary_and_missing_file(vgg_root, tmp_path):
     assert result.exit_code == 0, result.output
     assert "listed but missing on disk: 1" in result.output
     assert "files on disk not in any list: 1" in result.output
-    assert " test: 2 (dog barking 1, people marching, drumming 1)" in result.output
+    assert " test: 2 (people marching, drumming 1, dog barking 1)" in result.output
     assert (tmp_path / "vgg.jsonl.missing.txt").read_text().startswith("missing0001_000040\t")
     m = read_manifest(out)
     assert m.dataset == "vggsound" and len(m.records) == 4

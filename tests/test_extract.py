@@ -15,7 +15,14 @@ import pytest
 import soundfile
 from click.testing import CliRunner
 from held import start_held, wait_until_held
-from mediagen import make_video, make_wav, truncate
+from mediagen import (
+    make_frame_counter,
+    make_video,
+    make_wav,
+    released_frames,
+    truncate,
+    which_frames,
+)
 
 from avprep.datasets import load_dataset
 from avprep.errors import UserError
@@ -96,6 +103,21 @@ def test_frame_i_is_the_frame_on_screen_at_i_over_fps(dataset, tmp_path):
         frame = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB).astype(np.float32)
         picked.append(int(np.argmin([np.abs(frame - f).mean() for f in every])))
     assert picked == [0, 25, 50]  # t = 0, 1, 2 s (the clip lasts 2.52 s)
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "h5"])
+def test_late_video_stream_keeps_its_first_frame(tmp_path, fmt):
+    # CREMA-D's FLVs start their video at 25 ms: frame 0 is still the first decoded frame
+    flv = make_frame_counter(tmp_path / "1001_DFA_ANG_XX.flv", vcodec="flv", acodec="libmp3lame")
+    every, kept = released_frames(flv)
+    record = Record(key="late", label="a", label_id=0, split="train", video=str(flv))
+    extract_frames([record], tmp_path / "out", fps=1, size=64, fmt=fmt, workers=1)
+    if fmt == "jpg":
+        blobs = [p.read_bytes() for p in jpgs(tmp_path / "out" / "late")]
+    else:
+        blobs = read_h5_clip(tmp_path / "out" / "train.h5", "late")
+    frames = [cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR) for b in blobs]
+    assert which_frames(frames, every) == kept == [0, 30, 60, 90]
 
 
 def test_hdf5_holds_the_same_jpeg_bytes(dataset, tmp_path):

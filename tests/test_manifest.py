@@ -116,7 +116,8 @@ def test_every_dataset_has_usable_defaults():
     assert dataset_defaults("cremad")["ogm_ge_alpha"] == 0.8
     assert dataset_defaults("vggsound")["ogm_ge_alpha"] == 0.1
     assert len(dataset_defaults("ave")["classes"]) == 28
-    assert dataset_defaults("cremad")["classes"] == ["ANG", "DIS", "FEA", "HAP", "NEU", "SAD"]
+    # the released ids: OGM-GE / OLM class_dict = {NEU: 0, HAP: 1, SAD: 2, FEA: 3, DIS: 4, ANG: 5}
+    assert dataset_defaults("cremad")["classes"] == ["NEU", "HAP", "SAD", "FEA", "DIS", "ANG"]
     assert dataset_defaults("mer")["classes"] == ["neutral", "angry", "happy", "sad", "worried",
                                                   "surprise"]
     copy = dataset_defaults("cremad")

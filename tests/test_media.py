@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import pytest
 import soundfile as sf
+from mediagen import make_frame_counter, released_frames, video_start, which_frames
 
 from avprep import ffmpeg_bin
 from avprep.errors import MediaError, UserError
@@ -140,3 +141,47 @@ def test_segment_frame_count_is_ceil_of_duration_times_fps(media, start, end, fp
     # also for segments whose ends fall between two video frames (25 fps: 0.5 s, 0.3 s)
     clip = decode_clip(media.mp4, fps=fps, short_side=0, sample_rate=None, start=start, end=end)
     assert clip.n_frames == expected
+
+
+@pytest.fixture(scope="module")
+def counters(tmp_path_factory):
+    """Frame-counter clips: CREMA-D-like FLV (video from 25 ms), mp4 at 25 fps and 29.97 fps."""
+    d = tmp_path_factory.mktemp("counters")
+    return {"late": make_frame_counter(d / "late.flv", vcodec="flv", acodec="libmp3lame"),
+            "mp4": make_frame_counter(d / "c25.mp4", fps=25),
+            "ntsc": make_frame_counter(d / "ntsc.mp4", fps="30000/1001")}
+
+
+def test_late_video_stream_keeps_its_first_frame(counters):
+    path = counters["late"]
+    assert video_start(path) == pytest.approx(0.025)  # as CREMA-D's VideoFlash
+    every, kept = released_frames(path)
+    assert kept == [0, 30, 60, 90]
+    clip = decode_clip(path, fps=1, short_side=0, sample_rate=16000)  # frames and audio: one pass
+    assert which_frames(clip.frames, every) == kept
+    assert np.abs(clip.frames[0].astype(int) - clip.frames[1].astype(int)).mean() > 50
+    assert clip.audio.size == pytest.approx(3.5 * 16000, abs=1200)
+
+
+@pytest.mark.parametrize("name,kept", [("mp4", [0, 25, 50, 75]), ("ntsc", [0, 29, 58, 87])])
+def test_frames_are_the_released_ones_at_start_zero(counters, name, kept):
+    # 29.97 fps: the released loop steps by int(fps) = 29 frames, not by one second
+    every, released = released_frames(counters[name])
+    assert released == kept
+    clip = decode_clip(counters[name], fps=1, short_side=0, sample_rate=None)
+    assert which_frames(clip.frames, every) == kept
+
+
+@pytest.mark.parametrize("name,start,end,fps,kept", [
+    ("late", 1.0, 3.0, 1, [30, 60]),  # a segment counts from its first frame
+    ("late", 0.0, 2.0, 2, [0, 15, 30, 45]),
+    ("mp4", 0.3, 2.0, 2, [8, 20, 33, 45]),  # first frame at/after 0.3 s is frame 8 (0.32 s)
+    ("mp4", 0.3, 1.32, 1, [8]),  # frame 33 sits at exactly 1.32 s: outside the segment
+    # 29.97 fps: frames 30 (1.001 s) to 89 are in [1, 3), kept every int(29.97) = 29 frames
+    ("ntsc", 1.0, 3.0, 1, [30, 59, 88]),
+])
+def test_segment_frames(counters, name, start, end, fps, kept):
+    every, _ = released_frames(counters[name])
+    clip = decode_clip(counters[name], fps=fps, short_side=0, sample_rate=8000, start=start,
+                       end=end)
+    assert which_frames(clip.frames, every) == kept

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 from held import start_held, wait_until_held
+from mediagen import make_frame_counter, make_wav, released_frames, which_frames
 
 from avprep import shards as shards_mod
 from avprep.errors import UserError
@@ -151,6 +152,21 @@ def test_segment_duration_is_the_segment(media, tmp_path):
     assert abs(sample["json"]["duration"] - 1.0) < 1e-6
     frames = [k for k in sample if k.endswith(".jpg")]
     assert sample["json"]["n_frames"] == len(frames) >= 2
+
+
+def test_late_video_stream_keeps_its_first_frame(tmp_path):
+    # CREMA-D's FLVs start their video at 25 ms: f000 is the first decoded frame, not f001 again
+    flv = make_frame_counter(tmp_path / "1001_DFA_ANG_XX.flv", vcodec="flv", acodec="libmp3lame")
+    wav = make_wav(tmp_path / "1001_DFA_ANG_XX.wav", seconds=3.5)
+    every, kept = released_frames(flv)
+    records = [Record(key="1001_DFA_ANG_XX", label="a", label_id=0, split="train",
+                      video=str(flv), audio=str(wav))]
+    build_shards(records, str(tmp_path / "out"), get_preset("cremad"), classes=["a"],
+                 dataset="cremad", workers=1)
+    sample = next(iter(wds.WebDataset(str(tmp_path / "out/train-000000.tar"),
+                                      shardshuffle=False).decode("rgb8")))
+    frames = [sample[f"f{i:03d}.jpg"] for i in range(sample["json"]["n_frames"])]
+    assert which_frames(frames, every) == kept == [0, 30, 60, 90]
 
 
 def test_same_input_same_bytes(synth_dir, tmp_path):

@@ -3,6 +3,12 @@
 Labels contain commas, so the file is parsed as real CSV. Clips are `{ytid}_{start:06d}.mp4`
 (or unpadded) anywhere under the root; a full-length `{ytid}.mp4` is used with the window
 start..start+10 s. Listed clips that are missing locally are counted, not fatal.
+
+Class ids follow the released loaders (OGM-GE dataset/VGGSoundDataset.py, OLM
+datasets/vggsound_dataset.py): classes in the order their first train row appears in the CSV.
+The released loaders count only rows whose clip they found on disk, so their order depends on
+the copy; ours counts every listed train row, so it is the same on every copy (labels seen only
+in test rows follow, in the same way).
 """
 
 from __future__ import annotations
@@ -55,7 +61,14 @@ def scan(root: str, defaults: dict, options: Options) -> Scan:
     used: set[str] = set()
     keys: set[str] = set()
     repeated = 0
-    for lineno, ytid, start, label, split in parse_csv(path):
+    rows = parse_csv(path)
+    first_seen = {}  # label -> (not a train row, line of first appearance)
+    for lineno, _ytid, _start, label, split in rows:
+        first_seen.setdefault(label, (split != "train", lineno))
+        if split == "train" and first_seen[label][0]:
+            first_seen[label] = (False, lineno)
+    result.classes = sorted(first_seen, key=first_seen.get)
+    for lineno, ytid, start, label, split in rows:
         clip = f"{ytid}_{start:06d}"
         key = safe_key(clip)
         if key in keys:
