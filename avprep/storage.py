@@ -12,7 +12,8 @@ URL rules (DESIGN §5 Storage, §6 Security):
   other bucket or host, no query or fragment, so it resolves only under the given prefix;
 - credentials and endpoints come from each store's own environment and config files (botocore:
   AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_PROFILE,
-  ~/.aws; gcsfs: GOOGLE_APPLICATION_CREDENTIALS, gcloud's files, the metadata server).
+  ~/.aws; gcsfs: GOOGLE_APPLICATION_CREDENTIALS, gcloud's files, the metadata server, and
+  STORAGE_EMULATOR_HOST for an emulator).
 
 Remote failures (missing object, unreachable endpoint, access denied) are `UserError`s: one
 line, no traceback. `ShardOpener` opens one tar for the loader, optionally through a bounded
@@ -43,6 +44,19 @@ REMOTE_BLOCK = 8 << 20  # bytes per ranged GET while a tar streams from s3/gs
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def _gcs_emulator_fs():
+    """gcsfs for a GCS emulator (STORAGE_EMULATOR_HOST): the JSON-API class, anonymous.
+
+    The default class of recent gcsfs (`ExtendedGcsFileSystem`, seen in 2026.10) first asks
+    the Storage Control gRPC API for the bucket's layout, again on every call while that
+    fails; an emulator speaks only the JSON API, so each open or write waited out a 60 s
+    retry. Anonymous, as google-cloud-storage's own client is when that variable is set.
+    """
+    from gcsfs.core import GCSFileSystem
+
+    return GCSFileSystem(token="anon")
 
 
 def is_remote(location: str) -> bool:
@@ -98,7 +112,9 @@ class Store:
             try:
                 import fsspec
 
-                self._fs = fsspec.filesystem(self.protocol)
+                self._fs = (_gcs_emulator_fs() if self.protocol == "gcs"
+                            and os.environ.get("STORAGE_EMULATOR_HOST")
+                            else fsspec.filesystem(self.protocol))
                 self._fs_pid = os.getpid()
             except ImportError:
                 raise UserError(f"{self.location}: reading {self.scheme}:// needs "
