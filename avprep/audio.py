@@ -34,6 +34,29 @@ def fit_length(wave: np.ndarray, n_samples: int, mode: str = "pad") -> np.ndarra
     return np.pad(wave, (0, n_samples - wave.size))
 
 
+def resample(wave: np.ndarray, orig_sr: int, target_sr: int,
+             method: str = "kaiser_best") -> np.ndarray:
+    """float32 `wave` from `orig_sr` to `target_sr`.
+
+    "kaiser_best" is what `librosa.load(path, sr=...)` did up to librosa 0.9 (the released
+    OGM-GE / OLM loaders ran 0.8.1, core/audio.py resample()): resampy's band-limited
+    interpolation with its kaiser_best filter, then the length fixed to ceil(n * ratio) by
+    padding zeros (resampy gives floor(n * ratio)). "soxr_hq" is soxr at HQ quality.
+    """
+    wave = np.asarray(wave, dtype=np.float32)
+    if method == "kaiser_best":
+        import resampy
+
+        out = resampy.resample(wave, orig_sr, target_sr, filter="kaiser_best", axis=-1)
+        n = int(np.ceil(wave.shape[-1] * (float(target_sr) / orig_sr)))  # librosa's expression
+        return fit_length(out, n, "pad")
+    if method == "soxr_hq":
+        import soxr
+
+        return soxr.resample(wave, orig_sr, target_sr, quality="HQ").astype(np.float32)
+    raise ValueError(f"unknown resampling method {method!r} (expected kaiser_best or soxr_hq)")
+
+
 @functools.lru_cache(maxsize=16)
 def _hann(n: int) -> np.ndarray:
     # periodic Hann, as scipy.signal.get_window("hann", n, fftbins=True)

@@ -361,15 +361,17 @@ def _audio_job(job: tuple) -> dict:
 
     record, partial, final, sample_rate = job
     try:
+        # the samples `ffmpeg -acodec pcm_s16le -ar SR -ac 1` writes, as the released
+        # mp4_to_wav.py scripts do (a stereo source mixed to (L + R) / 2)
         if record.audio:
             clip = decode_clip(None, audio=record.audio, frames=False, sample_rate=sample_rate,
-                               start=record.start, end=record.end)
+                               start=record.start, end=record.end, mono_mix="s16")
         elif record.video:
             clip = decode_clip(record.video, frames=False, sample_rate=sample_rate,
-                               start=record.start, end=record.end)
+                               start=record.start, end=record.end, mono_mix="s16")
         else:
             raise MediaError("record has neither a video nor an audio file", stage="open")
-        wave = np.clip(clip.audio, -1.0, 1.0)
+        wave = np.round(clip.audio * 32768.0).astype(np.int16)  # exact: int16 / 32768 decoded
         soundfile.write(partial, wave, sample_rate, subtype="PCM_16", format="WAV")
         os.replace(partial, final)
     except Exception as exc:  # one clip failing must not stop the run

@@ -3,7 +3,8 @@
 `decode_clip` is the floor of data preparation: a single ffmpeg pass that samples frames
 (fps + scale filters inside ffmpeg) and resamples mono audio at the same time, streaming both
 through pipes. Frames come out as PPM images (self-describing size, so no probe is needed
-first) and audio as raw float32. Nothing is written to disk.
+first) and audio as raw float32, or as the 16-bit samples a mono WAV would hold (`mono_mix`).
+Nothing is written to disk.
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ FRAME_TIMELINE = "if(gte(FR,1),N/floor(FR)/TB,PTS-STARTPTS)"
 
 
 def _build_command(video, audio, *, fps, short_side, sample_rate, start, end, hwaccel,
-                   want_video, want_audio):
+                   want_video, want_audio, mono_mix="float"):
     seek = {}
     if start is not None and start > 0:
         seek["ss"] = f"{start:.6f}"
@@ -215,14 +216,18 @@ def _build_command(video, audio, *, fps, short_side, sample_rate, start, end, hw
                                      pix_fmt="rgb24"))
     if want_audio:
         source = inputs[-1]["a:0"]
-        outputs.append(ffmpeg.output(source, "pipe:3", format="f32le", acodec="pcm_f32le",
+        # s16: ffmpeg's integer downmix (gain normalised so L + R cannot clip, (L + R) / 2),
+        # exactly the samples `-acodec pcm_s16le -ac 1` writes into a WAV; float: (L + R) / sqrt 2
+        fmt = "s16le" if mono_mix == "s16" else "f32le"
+        outputs.append(ffmpeg.output(source, "pipe:3", format=fmt, acodec=f"pcm_{fmt}",
                                      ac=1, ar=sample_rate))
     node = ffmpeg.merge_outputs(*outputs) if len(outputs) > 1 else outputs[0]
     node = node.global_args("-hide_banner", "-nostdin", "-nostats")
     return node.compile(cmd=find_ffmpeg())
 
 
-def _run(cmd: list[str], want_audio: bool, on_frame, timeout: float | None):
+def _run(cmd: list[str], want_audio: bool, on_frame, timeout: float | None,
+         mono_mix: str = "float"):
     """Run one ffmpeg command, reading frames, audio and stderr concurrently."""
     audio_chunks: list[bytes] = []
     stderr_chunks: list[bytes] = []
@@ -266,7 +271,11 @@ def _run(cmd: list[str], want_audio: bool, on_frame, timeout: float | None):
         if timer:
             timer.cancel()
     stderr = b"".join(stderr_chunks).decode("utf-8", "replace")
-    audio = np.frombuffer(b"".join(audio_chunks), np.float32) if want_audio else None
+    audio = None
+    if want_audio and mono_mix == "s16":  # as soundfile / librosa / torchaudio read a WAV
+        audio = np.frombuffer(b"".join(audio_chunks), "<i2").astype(np.float32) / 32768.0
+    elif want_audio:
+        audio = np.frombuffer(b"".join(audio_chunks), np.float32)
     return returncode, n_frames, audio, stderr
 
 
@@ -283,6 +292,7 @@ def decode_clip(
     on_frame: Callable[[int, np.ndarray], None] | None = None,
     hwaccel: str | None = None,
     timeout: float | None = None,
+    mono_mix: str = "float",
 ) -> Clip:
     """Decode one clip in one ffmpeg pass.
 
@@ -293,6 +303,9 @@ def decode_clip(
     shorter side has this many pixels (0 or None keeps the size). `sample_rate`: mono audio rate
     (None: no audio). `start`/`end`: a segment in seconds. `on_frame(i, rgb)`: receive frames as
     they are decoded instead of keeping them, so memory stays bounded on long clips.
+    `mono_mix`: "float" (ffmpeg's float downmix) or "s16" (the samples of the 16-bit mono WAV
+    `ffmpeg -acodec pcm_s16le -ac 1 -ar RATE` writes, as float32 / 32768; a stereo source is
+    3 dB quieter than with "float").
 
     A missing audio stream is not an error: `Clip.audio` is None. Anything else ffmpeg cannot
     read raises `MediaError` with one line of ffmpeg's explanation.
@@ -306,6 +319,8 @@ def decode_clip(
     want_audio = bool(sample_rate)
     if not want_video and not want_audio:
         raise ValueError("decode_clip: nothing to decode (no frames and no audio requested)")
+    if mono_mix not in ("float", "s16"):
+        raise ValueError(f"decode_clip: unknown mono_mix {mono_mix!r} (expected float or s16)")
     clip = Clip(sample_rate=sample_rate if want_audio else None, fps=fps)
     kept: list[np.ndarray] = []
 
@@ -319,8 +334,9 @@ def decode_clip(
     for _attempt in range(2):
         cmd = _build_command(video, audio, fps=fps, short_side=short_side,
                              sample_rate=sample_rate, start=start, end=end, hwaccel=hwaccel,
-                             want_video=want_video, want_audio=want_audio)
-        code, n_frames, samples, stderr = _run(cmd, want_audio, keep, timeout)
+                             want_video=want_video, want_audio=want_audio,
+                             mono_mix=mono_mix)
+        code, n_frames, samples, stderr = _run(cmd, want_audio, keep, timeout, mono_mix)
         infos = _parse_inputs(stderr)
         if code == 0:
             break

@@ -168,7 +168,7 @@ def convert_sample(record: Record, preset: Preset, missing_audio: str = "drop",
         audio=record.audio if (record.audio or not want_frames) else None,
         fps=preset.fps, short_side=preset.frame_size or None,
         sample_rate=preset.decode_rate or preset.sample_rate, start=record.start, end=record.end,
-        frames=want_frames, on_frame=on_frame,
+        frames=want_frames, on_frame=on_frame, mono_mix=preset.mono_mix,
     ) if (record.video or record.audio) else None
     if frames_dir:
         jpegs = _frames_from_folder(frames_dir)
@@ -538,7 +538,7 @@ def build_shards(records: list[Record], out: str, preset: Preset, *, classes: li
         raise UserError("no records left to convert (check --splits / --limit)")
     if max_shard_bytes is not None and max_shard_bytes < 1:
         raise UserError(f"--max-shard-bytes must be positive, got {max_shard_bytes}")
-    args = {"preset": preset.to_dict(), "shard_size": shard_size, "seed": seed,
+    args = {"preset": preset.build_args(), "shard_size": shard_size, "seed": seed,
             "missing_audio": missing_audio, "splits": splits, "limit": limit,
             "samples": len(records), **(extra_args or {})}
     if max_shard_bytes is not None:  # only when set: older shard sets keep resuming

@@ -49,6 +49,34 @@ def make_wav(path, seconds: float = 2.0, tone: float = 440.0, rate: int = 16000)
     return path
 
 
+def make_rich_wav(path, seconds: float = 1.3, rate: int = 16000) -> Path:
+    """A 16-bit mono WAV with content across the whole band (tones at 440, 3150 and 7400 Hz and
+    noise), so resamplers and STFT padding that differ show it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tones = "0.3*sin(2*PI*440*t)+0.2*sin(2*PI*3150*t)+0.1*sin(2*PI*7400*t)"
+    ffmpeg("-f", "lavfi", "-i", f"aevalsrc={tones}:s={rate}:d={seconds}",
+           "-f", "lavfi", "-i", f"anoisesrc=color=white:amplitude=0.05:seed=7:r={rate}:d={seconds}",
+           "-filter_complex", "[0:a][1:a]amix=inputs=2:normalize=0", "-c:a", "pcm_s16le",
+           str(path))
+    return path
+
+
+def make_stereo_video(path, seconds: float = 2.0, size=(64, 48), fps: int = 10,
+                      audio_rate: int = 44100, left: float = 0.6, right: float = 0.45) -> Path:
+    """A clip whose two channels differ (440 Hz left, 1250 and 6000 Hz right, peaks `left` and
+    `right`), AAC-encoded as the stereo MP4s of AVE, VGGSound and Kinetics-Sounds are."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    channels = (f"{left}*sin(2*PI*440*t)|"
+                f"{right}*(0.7*sin(2*PI*1250*t)+0.3*sin(2*PI*6000*t))")
+    ffmpeg("-f", "lavfi", "-i", f"testsrc=size={size[0]}x{size[1]}:rate={fps}:duration={seconds}",
+           "-f", "lavfi", "-i", f"aevalsrc={channels}:s={audio_rate}:d={seconds}",
+           "-map", "0:v", "-map", "1:a", "-c:a", "aac", "-ac", "2", "-c:v", "libx264",
+           "-preset", "ultrafast", "-pix_fmt", "yuv420p", "-t", str(seconds), str(path))
+    return path
+
+
 def make_cremad_flv(path, seconds: float = 2.5, tone: float = 440.0) -> Path:
     """Like CREMA-D's VideoFlash: FLV1 video 480x360 at 30 fps with MP3 audio."""
     return make_video(path, seconds=seconds, size=(480, 360), fps=30, vcodec="flv",

@@ -18,7 +18,7 @@ def run(*args, env=None):
 def test_version_and_help():
     for tool in ("avprep", "avtrain"):
         result = run(tool, "--version")
-        assert result.returncode == 0 and "0.1.0" in result.stdout
+        assert result.returncode == 0 and "0.2.0" in result.stdout
         assert run(tool, "--help").returncode == 0
 
 

@@ -82,19 +82,27 @@ def test_kaldi_mel_banks_by_hand():
     assert banks[0, 0] == 0.0  # 0 Hz lies below low_freq 20 Hz
 
 
-def test_ks_preset_is_the_released_script(sine_noise):
-    """process_audio.py: waveform - mean, fbank(128 bins, hanning, no dither, no energy),
-    zero-pad or cut to 1024 frames, (x + 4.503877) / (5.141276 * 2)."""
+def test_ks_preset_equals_the_released_golden():
+    """process_audio.py run by torchaudio's own Kaldi fbank (tests/data/golden/make_golden.py,
+    torchaudio 0.8.1's kaldi.py): waveform - mean, fbank(128 bins, hanning, no dither, no
+    energy), zero-pad to 1024 frames, (x + 4.503877) / (5.141276 * 2). Our decode of the WAV
+    and our fbank agree to 7e-5 (torch computes in float32)."""
+    from avprep.media import decode_clip
+
+    golden = np.load(Path(__file__).parent / "data" / "golden" / "ks.npz")
+    n = int(golden["ks_frames"])
     preset = get_preset("ks")
-    wave = sine_noise + 0.01  # a DC offset the mean removal must take away
-    spec = preset.spectrogram_of(wave)
-    fbank = audio.kaldi_fbank(wave - wave.mean(), SR, num_mel_bins=128, window_type="hanning")
-    n = fbank.shape[1]
+    clip = decode_clip(None, audio=Path(__file__).parent / "data" / "golden" / "input_16k.wav",
+                       frames=False, sample_rate=preset.sample_rate, mono_mix=preset.mono_mix)
+    spec = preset.spectrogram_of(clip.audio)
     assert spec.shape == (128, 1024)
-    np.testing.assert_allclose(spec[:, :n], (fbank + 4.503877) / (5.141276 * 2), atol=1e-5)
-    np.testing.assert_allclose(spec[:, n:], 4.503877 / (5.141276 * 2), atol=1e-6)
-    long = np.tile(sine_noise, 9)  # 11.7 s: 1168 frames, cut to the first 1024
-    assert preset.spectrogram_of(long).shape == (128, 1024)
+    fed = spec.T  # the model gets [1024, 128], as released
+    np.testing.assert_allclose(fed[:n], golden["ks_fbank"][:n], atol=2e-4)
+    assert np.abs(fed[:n] - golden["ks_fbank"][:n]).mean() < 1e-5
+    np.testing.assert_allclose(fed[n:], np.broadcast_to(golden["ks_fbank"][n], (1024 - n, 128)),
+                               atol=1e-6)  # the zero-padded frames, normalised
+    long = np.tile(clip.audio, 12)  # 12.6 s: 1258 frames, cut to the first 1024
+    np.testing.assert_allclose(preset.spectrogram_of(long)[:, :n], spec[:, :n], atol=1e-4)
     assert preset.audio_layout == "time_freq" and preset.frame_pick == "segment-start"
 
 
@@ -277,10 +285,14 @@ def test_ave_olm_build_shards_end_to_end(ave_olm_root, tmp_path):
     spec = np.load(io.BytesIO(members["vidA.spec.npy"]), allow_pickle=False)
     assert spec.shape == (257, 188)
     assert sum(1 for n in members if n.startswith("vidA.f")) == 4  # 1 fps over the 4 s video
-    # OLM: ffmpeg -ar 16000 WAV, librosa.load(sr=22050), tile 3 -> first 3 s, clip, STFT 512/353
+    # OLM: ffmpeg -acodec pcm_s16le -ar 16000 -ac 1 WAV, librosa 0.8.1 load(sr=22050) (resampy
+    # kaiser_best, padded to ceil(n * ratio)), tile 3 -> first 3 s, clip, STFT 512/353 reflect
+    import resampy
+
     wav = decode_clip(str(ave_olm_root / "AVE" / "vidA.mp4"), sample_rate=16000,
-                      frames=False).audio
-    y = librosa.resample(wav, orig_sr=16000, target_sr=22050, res_type="soxr_hq")
+                      frames=False, mono_mix="s16").audio
+    y = resampy.resample(wav, 16000, 22050, filter="kaiser_best")
+    y = np.pad(y, (0, int(np.ceil(wav.size * 22050 / 16000)) - y.size))
     y = np.clip(np.tile(y, 3)[:22050 * 3], -1.0, 1.0)
     ref = np.log(np.abs(librosa.stft(y, n_fft=512, hop_length=353, pad_mode="reflect")) + 1e-7)
     loud = ref > -5  # float16 storage: compare where the tone is, to its precision
