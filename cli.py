@@ -524,6 +524,9 @@ def _fit_options(f):
                      "[default: 1.0, as released for CREMA-D]"),
         click.option("--agm-after-window", help="AGM after --modulation-end: hold (the last "
                      "coefficients keep scaling, as released) or reset (1) [default: hold]"),
+        click.option("--agm-floor", type=float, help="AGM: a true-class probability below "
+                     "this counts as it in the scores; 0: none, as the released UR-Funny script "
+                     "[default: 1e-8, as released for CREMA-D]"),
         click.option("--amco-sigma", type=float, help="AMCo: a modality whose share of the joint"
                      " softmax over all unimodal logits exceeds this, in [0, 1], is masked next "
                      "step [default: 0.5, as BalanceMM]"),

@@ -93,6 +93,7 @@ class TrainConfig:
     agm_cap: float | None = None  # AGM cap of optimal - ratio in its coefficient; None: 10
     agm_clip: float | None = None  # AGM's conditional gradient clipping; None: 1.0, 0: off
     agm_after_window: str = "hold"  # hold (released: last coefficients stay) | reset (1)
+    agm_floor: float | None = None  # AGM score probability floor; None: 1e-8 (CREMA-D), 0: none
     amco_sigma: float | None = None  # AMCo dependence threshold on the softmax share; None: 0.5
     amco_eps: float | None = None  # AMCo mask ramp length (l_t units); None: 0.3 (BalanceMM)
     greedy_epsilon: float | None = None  # Greedy threshold on |d BDR|; None: 0.01 (released)
