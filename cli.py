@@ -502,6 +502,10 @@ def _fit_options(f):
                      "dominant modality, in [0, 1] [default: 0.5, as released]"),
         click.option("--opm-p-exe", type=float, help="OPM probability that a step drops "
                      "features at all, in [0, 1] [default: 0.7, as released]"),
+        click.option("--opm-theta-grad", help="OPM: released (the released custom autograd "
+                     "returns theta as theta's gradient, adding theta * grad(theta) to both "
+                     "encoders) or none (the inverse-dropout scale carries no gradient) "
+                     "[default: released]"),
         click.option("--reconboost-stage-epochs", type=int, help="ReconBoost: epochs of each "
                      "stage's learner phase, one modality's learner trained with the boosting "
                      "loss [default: 4, as released --epochs_per_stage]"),

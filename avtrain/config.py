@@ -85,6 +85,7 @@ class TrainConfig:
     pmr_proto_batches: int | None = None  # PMR prototype batches; None: steps per epoch // 10
     opm_q_base: float | None = None  # OPM base drop probability; None: 0.5 (released)
     opm_p_exe: float | None = None  # OPM probability that a step drops at all; None: 0.7
+    opm_theta_grad: str = "released"  # released (theta as its own gradient) | none
     reconboost_stage_epochs: int | None = None  # ReconBoost learner-phase epochs a stage; None: 4
     reconboost_correct_epochs: int | None = None  # ... rectification epochs; None: stage epochs
     reconboost_weight1: float | None = None  # ReconBoost boosting loss w1; None: 5.0 (released)
