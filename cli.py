@@ -502,6 +502,10 @@ def _fit_options(f):
                      "dominant modality, in [0, 1] [default: 0.5, as released]"),
         click.option("--opm-p-exe", type=float, help="OPM probability that a step drops "
                      "features at all, in [0, 1] [default: 0.7, as released]"),
+        click.option("--opm-theta-grad", help="OPM: released (the released custom autograd "
+                     "returns theta as theta's gradient, adding theta * grad(theta) to both "
+                     "encoders) or none (the inverse-dropout scale carries no gradient) "
+                     "[default: released]"),
         click.option("--reconboost-stage-epochs", type=int, help="ReconBoost: epochs of each "
                      "stage's learner phase, one modality's learner trained with the boosting "
                      "loss [default: 4, as released --epochs_per_stage]"),
@@ -524,6 +528,9 @@ def _fit_options(f):
                      "[default: 1.0, as released for CREMA-D]"),
         click.option("--agm-after-window", help="AGM after --modulation-end: hold (the last "
                      "coefficients keep scaling, as released) or reset (1) [default: hold]"),
+        click.option("--agm-floor", type=float, help="AGM: a true-class probability below "
+                     "this counts as it in the scores; 0: none, as the released UR-Funny script "
+                     "[default: 1e-8, as released for CREMA-D]"),
         click.option("--amco-sigma", type=float, help="AMCo: a modality whose share of the joint"
                      " softmax over all unimodal logits exceeds this, in [0, 1], is masked next "
                      "step [default: 0.5, as BalanceMM]"),

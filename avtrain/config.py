@@ -85,6 +85,7 @@ class TrainConfig:
     pmr_proto_batches: int | None = None  # PMR prototype batches; None: steps per epoch // 10
     opm_q_base: float | None = None  # OPM base drop probability; None: 0.5 (released)
     opm_p_exe: float | None = None  # OPM probability that a step drops at all; None: 0.7
+    opm_theta_grad: str = "released"  # released (theta as its own gradient) | none
     reconboost_stage_epochs: int | None = None  # ReconBoost learner-phase epochs a stage; None: 4
     reconboost_correct_epochs: int | None = None  # ... rectification epochs; None: stage epochs
     reconboost_weight1: float | None = None  # ReconBoost boosting loss w1; None: 5.0 (released)
@@ -93,6 +94,7 @@ class TrainConfig:
     agm_cap: float | None = None  # AGM cap of optimal - ratio in its coefficient; None: 10
     agm_clip: float | None = None  # AGM's conditional gradient clipping; None: 1.0, 0: off
     agm_after_window: str = "hold"  # hold (released: last coefficients stay) | reset (1)
+    agm_floor: float | None = None  # AGM score probability floor; None: 1e-8 (CREMA-D), 0: none
     amco_sigma: float | None = None  # AMCo dependence threshold on the softmax share; None: 0.5
     amco_eps: float | None = None  # AMCo mask ramp length (l_t units); None: 0.3 (BalanceMM)
     greedy_epsilon: float | None = None  # Greedy threshold on |d BDR|; None: 0.01 (released)

@@ -253,8 +253,14 @@ def test_coefficients_by_hand():
 
 def test_scores_floor_a_vanishing_probability():
     logits = torch.tensor([[0.0, 0.0], [0.0, -40.0]])  # p(y=1) of sample 2 is ~4e-18
-    got = agm_scores({"audio": logits}, torch.tensor([0, 1]), ["audio"])
+    labels = torch.tensor([0, 1])
+    got = agm_scores({"audio": logits}, labels, ["audio"])
     assert float(got[0]) == pytest.approx((math.log(2) + -math.log(1e-8)) / 2, rel=1e-6)
+    assert float(got[0]) == pytest.approx(float(ref_scores_two(logits, labels)), rel=1e-6)
+    # the released UR-Funny scores have no floor: --agm-floor 0 gives -log p itself
+    bare = agm_scores({"audio": logits}, labels, ["audio"], floor=0.0)
+    assert float(bare[0]) == pytest.approx(float(ref_scores_three(logits, labels)), rel=1e-6)
+    assert float(bare[0]) == pytest.approx((math.log(2) + 40) / 2, rel=1e-5)  # -log p = 40
 
 
 # --- the step against the released one ----------------------------------------------------------
@@ -291,7 +297,7 @@ def test_steps_equal_the_released_step(after):
 def test_three_modalities_equal_the_released_urfunny_step():
     torch.manual_seed(0)
     mods = ["audio", "visual", "text"]
-    t = trainer(modalities=mods, agm_cap=7.0)
+    t = trainer(modalities=mods, agm_cap=7.0, agm_floor=0.0)  # URFunny_main.py: cap 7, no floor
     ref = RefGradMod(copy.deepcopy(t.model), mods)
     g = torch.Generator().manual_seed(3)
     data = av_data()
@@ -389,6 +395,7 @@ def test_resume_is_exact(shards, tmp_path):
     ({"agm_cap": 0}, "--agm-cap must be above 0"),
     ({"agm_clip": -1}, "--agm-clip must be 0 (off) or more"),
     ({"agm_after_window": "keep"}, "--agm-after-window must be one of hold, reset"),
+    ({"agm_floor": 1.5}, "--agm-floor must be in [0, 1)"),
     ({"modulation_start": 2, "modulation_end": 1}, "--modulation-end (1) is before"),
     ({"modalities": "audio"}, "needs at least two"),
 ])

@@ -84,6 +84,24 @@ def test_alpha_update_by_hand():
     assert float(align) == pytest.approx(0.05)
 
 
+def test_small_weight_steps_are_kept_as_the_released_python_float():
+    """The released a_align is a Python float (`alpha[1] -= lr_alpha * alpha_grad`, lines
+    86-94): 20 steps of 2e-8 from 0.95 (each below half a float32 ulp there, 2.98e-8) move it
+    by 4e-7. A float32 a_align would drop every one of them and stay at 0.95."""
+    torch.manual_seed(0)
+    balancer = trainer().balancer
+    assert balancer.align.dtype == torch.float64
+    align, released = balancer.align, 0.95
+    grad = torch.tensor(2e-4)  # a float32 hypergradient, as the released .mean().item()
+    for epoch in range(1, 21):
+        _, align, _ = lfm_alpha_update(align, 1e-4, grad, epoch)
+        released -= (1e-4 / (2 if epoch == 20 else 1)) * grad.item()
+    assert float(align) == released
+    assert 0.95 - float(align) == pytest.approx(3.9e-7, rel=1e-9)  # 19 x 2e-8 + 1e-8
+    balancer.load_state_dict({**balancer.state_dict(), "align": align.float()})
+    assert balancer.align.dtype == torch.float64  # an older checkpoint's float32 comes back
+
+
 def test_fitted_schedule_by_hand():
     # epoch 0: the constant terms
     assert lfm_fitted_alpha(0) == pytest.approx((0.204623704, 0.795376296), abs=1e-12)

@@ -95,6 +95,27 @@ def test_weights_and_gradient_by_hand():
     assert float(w_mm) == pytest.approx(0.5) and float(w_uni) == pytest.approx(0.5)  # 1/(1+1)
 
 
+def test_balancemm_step_is_three_times_the_summed_gradient_on_the_encoders():
+    """BalanceMM's MMPareto_trainer.py (4c1482f) as written, for one encoder tensor: every loss
+    is backpropagated into the same .grad before both are recorded (lines 349-365), so both
+    are the summed gradient G; cos(G, G) = 1 > 0 -> weights 1/2 (377-379); after zero_grad the
+    summed loss's backward gives G again (383-384); new = 2 w0 G + 2 w1 G = 2G, |G| / |2G| < 1
+    so no rescale, times alpha 1.5 (trainer_config.yaml line 78): 3G. A parameter without the
+    modality in its name (the fusion) keeps G. The docs state these numbers."""
+    g = torch.tensor([0.3, -1.2, 0.5])
+    recorded_output = recorded_modality = g.clone()  # both read from the accumulated .grad
+    cos = F.cosine_similarity(recorded_output, recorded_modality, dim=0)
+    w0, w1 = (0.5, 0.5) if cos > 0 else (0.0, 0.0)
+    three_norm = torch.norm(g)  # the summed loss's backward
+    new = 2 * w0 * recorded_output + 2 * w1 * recorded_modality
+    diff = three_norm / torch.norm(new)
+    encoder = diff * new * 1.5 if diff > 1 else new * 1.5
+    torch.testing.assert_close(encoder, 3 * g)
+    from avtrain.balance import mmpareto
+
+    assert "3G" in mmpareto.__doc__ and "1.5 x the summed" not in mmpareto.__doc__
+
+
 # --- the reference ------------------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from avprep.errors import UserError
 from avtrain.models import FUSIONS, build_model
@@ -110,31 +111,149 @@ def test_olm_models_give_sum_and_concat_separate_unimodal_heads(fusion):
     assert len(plain.state_dict()) < len(model.state_dict())  # the extra heads are saved
 
 
-def test_olm_fusions_are_the_released_formulas():
-    """bilinear = fc(W_v v * W_a a) (no tanh); attention = fc(s0 a + s1 v), s = fc_att(mlp([a; v]))
-    (no activation, no softmax); film = fc(gamma(a) v + beta(a)); gated = fc(sigmoid(W_a a) W_v v)."""
+# --- references written from the released fusion modules, in plain torch ----------------------
+# OLM (anonymous-gitlab/OLM @ c4a4244, models/fusion_modules.py) gives every fusion the two
+# trained unimodal heads o_x, o_y beside its classifier; OGM-GE (GeWu-Lab/OGM-GE_CVPR2022 @
+# 343dc1d, models/fusion_modules.py) has the same fused formulas without them. Each reference
+# owns its parameters under the released names; ours are copied in through an explicit table
+# (released name <- our name), so a formula, an operand order or a shape that differs fails.
+
+
+class RefSum(nn.Module):  # OLM fusion_modules.py 81-94 (OGM-GE 5-13 without o_x, o_y)
+    def __init__(self, d, c):
+        super().__init__()
+        self.fc_x, self.fc_y = nn.Linear(d, c), nn.Linear(d, c)
+        self.o_x, self.o_y = nn.Linear(d, c), nn.Linear(d, c)
+
+    def forward(self, x, y):
+        return self.o_x(x), self.o_y(y), self.fc_x(x) + self.fc_y(y)
+
+
+class RefConcat(nn.Module):  # OLM 97-109 (OGM-GE 16-24)
+    def __init__(self, d, c):
+        super().__init__()
+        self.fc_out = nn.Linear(2 * d, c)
+        self.o_x, self.o_y = nn.Linear(d, c), nn.Linear(d, c)
+
+    def forward(self, x, y):
+        return self.o_x(x), self.o_y(y), self.fc_out(torch.cat((x, y), dim=1))
+
+
+class RefFiLM(nn.Module):  # OLM 112-142 (OGM-GE 27-56), x_film=True: audio conditions visual
+    def __init__(self, d, c):
+        super().__init__()
+        self.dim = d
+        self.fc, self.fc_out = nn.Linear(d, 2 * d), nn.Linear(d, c)
+        self.o_x, self.o_y = nn.Linear(d, c), nn.Linear(d, c)
+
+    def forward(self, x, y):
+        gamma, beta = torch.split(self.fc(x), self.dim, 1)
+        return self.o_x(x), self.o_y(y), self.fc_out(gamma * y + beta)
+
+
+class RefGated(nn.Module):  # OLM 145-173 (OGM-GE 59-87), x_gate=True, dim 512
+    def __init__(self, d, c, dim=512):
+        super().__init__()
+        self.fc_x, self.fc_y, self.fc_out = nn.Linear(d, dim), nn.Linear(d, dim), nn.Linear(dim, c)
+        self.o_x, self.o_y = nn.Linear(d, c), nn.Linear(d, c)
+
+    def forward(self, x, y):
+        gate = torch.sigmoid(self.fc_x(x))
+        return self.o_x(x), self.o_y(y), self.fc_out(torch.mul(gate, self.fc_y(y)))
+
+
+class RefBilinear(nn.Module):  # OLM 59-78: o_x is the *visual* head, o_y the audio one
+    def __init__(self, d, c, width=None):  # width: d (512 -> 512) as released
+        super().__init__()
+        w = width or d
+        self.tucker_a, self.tucker_v = nn.Linear(d, w), nn.Linear(d, w)
+        self.classifier = nn.Linear(w, c)
+        self.o_x, self.o_y = nn.Linear(d, c), nn.Linear(d, c)
+
+    def forward(self, audio, video):
+        fused = self.tucker_v(video) * self.tucker_a(audio)
+        return self.o_y(audio), self.o_x(video), self.classifier(fused)
+
+
+class RefAttention(nn.Module):  # OLM 5-31
+    def __init__(self, d, c):
+        super().__init__()
+        self.o_x, self.o_y = nn.Linear(d, c), nn.Linear(d, c)
+        self.attention_mlp, self.fc_att = nn.Linear(2 * d, d), nn.Linear(d, 2)
+        self.o_union = nn.Linear(d, c)
+
+    def forward(self, x, y):
+        score = self.fc_att(self.attention_mlp(torch.cat([x, y], dim=1))).unsqueeze(2)
+        fused = torch.matmul(torch.stack([x, y], dim=2), score).squeeze(-1)
+        return self.o_x(x), self.o_y(y), self.o_union(fused)
+
+
+# released module name -> ours (fusion.* or aux_heads.*); the heads: audio, visual
+RELEASED = {
+    "sum": (RefSum, {"fc_x": "fusion.fc.audio", "fc_y": "fusion.fc.visual"}, ("o_x", "o_y")),
+    "concat": (RefConcat, {"fc_out": "fusion.fc_out"}, ("o_x", "o_y")),
+    "film": (RefFiLM, {"fc": "fusion.fc", "fc_out": "fusion.fc_out"}, ("o_x", "o_y")),
+    "gated": (RefGated, {"fc_x": "fusion.fc_gate", "fc_y": "fusion.fc_value",
+                         "fc_out": "fusion.fc_out"}, ("o_x", "o_y")),
+    "bilinear": (RefBilinear, {"tucker_a": "fusion.proj_first", "tucker_v": "fusion.proj_second",
+                               "classifier": "fusion.fc_out"}, ("o_y", "o_x")),
+    "attention": (RefAttention, {"attention_mlp": "fusion.attention_mlp",
+                                 "fc_att": "fusion.fc_att", "o_union": "fusion.fc_out"},
+                  ("o_x", "o_y")),
+}
+
+
+@pytest.mark.parametrize("fusion", sorted(RELEASED))
+def test_fusions_and_olm_heads_equal_the_released_modules(fusion):
+    """With OLM's trained unimodal heads, the fused, audio and visual logits equal the released
+    AVClassifier's fusion module on the same features (weights copied by the table above)."""
+    torch.manual_seed(3)
+    model = build_model("tiny", fusion, num_classes=5, trained_unimodal_heads=True).eval()
+    ref_cls, table, (head_a, head_v) = RELEASED[fusion]
+    ours = model.state_dict()
+    width = model.features(batch())["audio"].shape[1]
+    ref = ref_cls(width, 5)
+    table = {**table, head_a: "aux_heads.audio", head_v: "aux_heads.visual"}
+    ref.load_state_dict({f"{theirs}.{p}": ours[f"{mine}.{p}"] for theirs, mine in table.items()
+                         for p in ("weight", "bias")}, strict=True)  # released shapes, all of them
     b = batch()
-    for fusion in ("bilinear", "attention", "film", "gated"):
-        model = build_model("tiny", fusion, num_classes=3).eval()
-        f = model.fusion
-        feats = model.features(b)
-        a, v = feats["audio"], feats["visual"]
-        if fusion == "bilinear":
-            want = f.fc_out(f.proj_second(v) * f.proj_first(a))
-        elif fusion == "attention":
-            s = f.fc_att(f.attention_mlp(torch.cat([a, v], 1)))
-            want = f.fc_out(a * s[:, 0:1] + v * s[:, 1:2])
-        elif fusion == "film":
-            gamma, beta = f.fc(a).chunk(2, dim=1)
-            want = f.fc_out(gamma * v + beta)
+    feats = model.features(b)
+    audio, visual, fused = ref(feats["audio"], feats["visual"])
+    out = model(b)
+    torch.testing.assert_close(out["fused"], fused, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out["audio"], audio, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out["visual"], visual, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(out["audio"], out["visual"])  # the heads are not one another
+
+
+def test_fusion_reference_has_teeth():
+    """The comparison above fails for a fusion that swaps its operands (FiLM conditioned on
+    visual, the gate taken from visual) or adds a non-linearity (bilinear_tanh)."""
+    torch.manual_seed(3)
+    for fusion, swapped in (("film", True), ("gated", True), ("bilinear_tanh", False)):
+        model = build_model("tiny", fusion, num_classes=5).eval()
+        feats = {m: 10 * f for m, f in model.features(batch()).items()}  # out of tanh's linear part
+        if fusion == "bilinear_tanh":
+            ref = RefBilinear(feats["audio"].shape[1], 5, width=512)
+            table = {"tucker_a": "proj_first", "tucker_v": "proj_second", "classifier": "fc_out"}
         else:
-            want = f.fc_out(torch.sigmoid(f.fc_gate(a)) * f.fc_value(v))
-        torch.testing.assert_close(model(b)["fused"], want, msg=fusion)
+            ref = (RefFiLM if fusion == "film" else RefGated)(feats["audio"].shape[1], 5)
+            table = ({"fc": "fc", "fc_out": "fc_out"} if fusion == "film" else
+                     {"fc_x": "fc_gate", "fc_y": "fc_value", "fc_out": "fc_out"})
+        fusion_state = model.fusion.state_dict()
+        ref.load_state_dict({f"{t}.{p}": fusion_state[f"{m}.{p}"] for t, m in table.items()
+                             for p in ("weight", "bias")}, strict=False)
+        x, y = (feats["visual"], feats["audio"]) if swapped else (feats["audio"], feats["visual"])
+        assert not torch.allclose(model.fusion(feats), ref(x, y)[2], rtol=1e-3, atol=1e-3), fusion
+
+
+def test_attention_fusion_sizes_are_the_released_ones():
     sizes = {n: tuple(p.shape) for n, p in build_model("tiny", "attention", 3).fusion
              .named_parameters()}
     assert sizes == {"attention_mlp.weight": (64, 128), "attention_mlp.bias": (64,),
                      "fc_att.weight": (2, 64), "fc_att.bias": (2,),
                      "fc_out.weight": (3, 64), "fc_out.bias": (3,)}
+
 
 
 @pytest.mark.parametrize("modality", ["audio", "visual"])

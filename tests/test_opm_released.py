@@ -5,7 +5,8 @@ Classifier.py `Classifier.forward` (lines 93-153: the weight-split logits with t
 detached weights and b/2, scores as a Python sum of softmax entries, `calcu_q` 58-72 with its
 Python conditions, `Modality_drop.execute_drop` 24-55: the "drop at all" test
 `rand >= 1 - p_exe`, Bernoulli(1 - q) masks, stack, multiply, `custom_autograd` dividing input
-and gradient by 1 - theta, the update_flag filter) and code/main.py `train` (77-176: warm-up,
+and gradient by 1 - theta and returning theta itself as theta's gradient, which reaches both
+encoders through the undetached scores, the update_flag filter) and code/main.py `train` (77-176: warm-up,
 the label filter, CE mean, backward, step). The uniform numbers are the ones `opm_draws` gives
 for (seed, step): the released code takes them from the global RNGs, we from a seeded generator
 (documented in opm.py); the comparisons that turn them into decisions are the released ones.
@@ -49,14 +50,21 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class InverseKeep(torch.autograd.Function):  # Classifier.py lines 9-21, rewritten
+    """The released custom_autograd: backward returns theta itself as theta's gradient (line
+    21), and theta is differentiable back to both encoders (the scores come from the
+    undetached features; q is written in place into a tensor that then requires grad), so the
+    step adds theta * d(theta)/d(encoders). `released=False`: no gradient for theta."""
+
     @staticmethod
-    def forward(ctx, x, theta):
-        ctx.scale = 1 / (1 - theta.item())
+    def forward(ctx, x, theta, released):
+        ctx.save_for_backward(theta)
+        ctx.scale, ctx.released = 1 / (1 - theta.item()), released
         return x * ctx.scale
 
     @staticmethod
     def backward(ctx, grad):
-        return grad * ctx.scale, None
+        (theta,) = ctx.saved_tensors
+        return grad * ctx.scale, (theta if ctx.released else None), None
 
 
 def calcu_q(p1, p2):  # lines 58-72
@@ -68,7 +76,7 @@ def calcu_q(p1, p2):  # lines 58-72
     return torch.clip(q, 0.0, 1.0)
 
 
-def ref_step(model, optimizer, audio, visual, label, epoch, step):
+def ref_step(model, optimizer, audio, visual, label, epoch, step, released=True):
     softmax, criterion = nn.Softmax(dim=1), nn.CrossEntropyLoss()
     optimizer.zero_grad()
     f = model.features({"audio": audio, "visual": visual})
@@ -90,7 +98,8 @@ def ref_step(model, optimizer, audio, visual, label, epoch, step):
             dims = torch.tensor([d, d])
             theta = (dims * q).sum() / dims.sum()
             mask = (u_mask < 1 - q).float().t().unsqueeze(-1)  # Bernoulli(1 - q), [2, B, 1]
-            feats = InverseKeep.apply(torch.stack([out_1, out_2]) * mask, theta)
+            feats = InverseKeep.apply(torch.stack([out_1, out_2]) * mask, theta, released)
+            record["theta_grad"] = theta.requires_grad
             flag = mask.squeeze(-1).t().sum(dim=1) > 0
             out_1, out_2, label = feats[0][flag], feats[1][flag], label[flag]
     out = model.fusion({"audio": out_1, "visual": out_2})
@@ -100,13 +109,13 @@ def ref_step(model, optimizer, audio, visual, label, epoch, step):
     return record
 
 
-def ref_train(model, data):
+def ref_train(model, data, released=True):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     records, params, step = [], [], 0
     model.train()
     for epoch, steps in STEPS:
         for _ in range(steps):
-            records.append(ref_step(model, optimizer, *data[step], epoch, step))
+            records.append(ref_step(model, optimizer, *data[step], epoch, step, released))
             params.append({k: p.detach().clone() for k, p in model.named_parameters()})
             step += 1
     return records, params
@@ -115,9 +124,10 @@ def ref_train(model, data):
 # --- ours ---------------------------------------------------------------------------------------
 
 
-def trainer(bn=True):
+def trainer(bn=True, **extra):
     return step_trainer("opm", "concat", CLASSES, bn=bn, optimizer="sgd", lr=0.05, seed=SEED,
-                        alpha=LAM, opm_q_base=Q_BASE, opm_p_exe=P_EXE, modulation_start=START)
+                        alpha=LAM, opm_q_base=Q_BASE, opm_p_exe=P_EXE, modulation_start=START,
+                        **extra)
 
 
 def our_train(t, data, part=slice(None)):
@@ -154,23 +164,63 @@ def test_draws_depend_on_seed_and_step_only():
     assert torch.equal(opm_draws(1, 5, 4, 2, "cpu")[1], a[1][:4])  # rows are a prefix
 
 
-def test_steps_equal_the_released_step():
+@pytest.mark.parametrize("theta_grad", ["released", "none"])
+def test_steps_equal_the_released_step(theta_grad):
+    """Default: the released step, theta * grad(theta) included; `none`: the reference with
+    no gradient for theta."""
     torch.manual_seed(0)
-    t = trainer()
+    t = trainer(opm_theta_grad=theta_grad)
     ref = copy.deepcopy(t.model)
     ref.fusion._forward_pre_hooks.clear()  # the copy must not feed our balancer
     data = make_batches(7, BATCH, sum(n for _, n in STEPS), CLASSES)
-    want_records, want_params = ref_train(ref, data)
+    want_records, want_params = ref_train(ref, data, released=theta_grad == "released")
     got_params, got_metrics = our_train(t, data)
     for want, got in zip(want_records, got_metrics):
         assert [got["drop_p_audio"], got["drop_p_visual"]] == pytest.approx(want["q"], abs=1e-6)
         assert got["drop_exe"] == want["exe"]
     assert any(m["drop_exe"] and (m["dropped_audio"] or m["dropped_visual"])
                for m in got_metrics)  # features were really dropped
+    assert any(r.get("theta_grad") for r in want_records)  # theta did reach the encoders
     assert not any(m["drop_exe"] for m in got_metrics[:2])  # warm-up
     for got, want in zip(got_params, want_params):
         for name in want:
             torch.testing.assert_close(got[name], want[name], **TOL)
+
+
+def test_theta_gradient_is_what_separates_the_two():
+    """One modulated, executing step from the same weights: the released step's encoder
+    gradients differ from the no-theta-gradient ones by theta * grad(theta) -- on both
+    encoders, nowhere else -- and ours matches each reference at 1e-6."""
+    torch.manual_seed(0)
+    data = make_batches(7, BATCH, 1, CLASSES)
+    audio, visual, label = data[0]
+    step = next(s for s in range(200) if opm_draws(SEED, s, BATCH, 2, "cpu")[0][0] >= 1 - P_EXE)
+    grads = {}
+    for mode in ("released", "none"):
+        torch.manual_seed(0)
+        t = trainer(opm_theta_grad=mode)
+        ref = copy.deepcopy(t.model)
+        ref.fusion._forward_pre_hooks.clear()
+        ref.train()
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.0)
+        ref_step(ref, ref_opt, audio, visual, label, START, step, released=mode == "released")
+        t.model.train()
+        t.step = step
+        for p in t.model.parameters():
+            p.grad = None
+        t.optimizer.param_groups[0]["lr"] = 0.0
+        t.train_step(as_batch(data[0]), START)
+        got = {k: p.grad.clone() for k, p in t.model.named_parameters() if p.grad is not None}
+        want = {k: p.grad.clone() for k, p in ref.named_parameters() if p.grad is not None}
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], **TOL)
+        grads[mode] = want
+    diff = {k: (grads["released"][k] - grads["none"][k]).abs().max() for k in grads["none"]}
+    for prefix in ("encoders.audio", "encoders.visual"):  # 3-6 % of the largest value here
+        largest = max(float(g.abs().max()) for k, g in grads["none"].items()
+                      if k.startswith(prefix))
+        assert max(float(v) for k, v in diff.items() if k.startswith(prefix)) > 0.02 * largest
+    assert all(float(v) == 0 for k, v in diff.items() if not k.startswith("encoders."))
 
 
 def _ddp_run(rank: int, world: int) -> dict:
@@ -240,6 +290,7 @@ def test_resume_is_exact(shards, tmp_path):
 @pytest.mark.parametrize("extra,words", [
     ({"opm_q_base": 1.5}, "--opm-q-base must be in [0, 1]"),
     ({"opm_p_exe": -0.1}, "--opm-p-exe must be in [0, 1]"),
+    ({"opm_theta_grad": "all"}, "--opm-theta-grad must be one of released, none"),
     ({"alpha": -1}, "--alpha (OPM's lambda) must be 0 or more"),
     ({"modulation_end": 0}, "--modulation-end (0) is before --modulation-start (1)"),
     ({"modalities": "audio,visual,text"}, None),

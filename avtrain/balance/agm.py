@@ -29,7 +29,9 @@ One step (every step; the window only decides whether the coefficients are appli
   m_a = (f(av) - f(v) + f(a)) / 2 (released `Modality_Audio`), so sum_i m_i = f(M); three:
   URFunny_net.py's formulas (released zero_padding_out is computed but unused);
 - s_i = mean over the batch of -log softmax(m_i)[y], a sample with p < 1e-8 counting
-  -log(1e-8) (released lines 133-143), summed and counted over all ranks in DDP;
+  -log(1e-8) (CREMAD_main.py 133-143), summed and counted over all ranks in DDP; the released
+  three-modality script has no such floor (URFunny_main.py 112-115: -log p as it is, inf when
+  p underflows to 0): `--agm-floor 0` follows it;
 - ratio_i = exp(N/(N-1) * (mean(s) - s_i)) (two modalities: exp(s_v - s_a) for audio,
   CREMAD_main.py 145-146; three: URFunny_main.py 117-121), the same rule on the running
   scores t gives optimal_i, and k_i = exp(alpha * min(optimal_i - ratio_i, cap));
@@ -53,7 +55,10 @@ Options: `--alpha` (1.0, the argparse default; the README's example command uses
 `--modulation-start` / `--modulation-end` (0 / 19: the released 0 / 20 count epochs from 1, so
 its window is the first 20 epochs; our epochs count from 0), `--agm-cap` (10, CREMAD_main.py
 151-152; URFunny_main.py uses 7, the AVE, AV-MNIST and MOSEI scripts no cap: `inf`),
-`--agm-clip` (1.0, CREMAD_main.py 237-238; URFunny 5.0; 0 turns it off), `--agm-after-window`.
+`--agm-clip` (1.0, CREMAD_main.py 237-238; URFunny 5.0; 0 turns it off), `--agm-after-window`,
+`--agm-floor` (1e-8, CREMAD_main.py 133-141; URFunny 0: no floor). The defaults are the CREMA-D
+script's for any number of modalities; for the UR-Funny script pass `--agm-cap 7 --agm-clip 5
+--agm-floor 0`.
 
 The authors define AGM for N modalities (two: CREMA-D, AVE, AV-MNIST, MOSEI; three: UR-Funny),
 so any number of modalities >= 2 is accepted: 2^N - 2 extra forwards per step.
@@ -139,16 +144,19 @@ def agm_contributions(outputs: dict[frozenset, torch.Tensor], modalities: list[s
 
 
 def agm_scores(contributions: dict[str, torch.Tensor], labels: torch.Tensor,
-               modalities: list[str]) -> torch.Tensor:
-    """Mean over the batch (all ranks) of -log softmax(m_i)[y], a probability below 1e-8
-    counting -log(1e-8): [N], float64."""
+               modalities: list[str], floor: float = 1e-8) -> torch.Tensor:
+    """Mean over the batch (all ranks) of -log softmax(m_i)[y], a probability below `floor`
+    counting -log(floor) (CREMAD_main.py 133-141); floor 0: none, as URFunny_main.py 112-115
+    (a probability that underflows to 0 then makes the score inf): [N], float64."""
     index = labels.long().unsqueeze(1)
-    floor = -torch.log(torch.tensor(1e-8, dtype=torch.float32, device=labels.device))
     sums = []
     for m in modalities:
         p = F.softmax(contributions[m].detach().float(), dim=1).gather(1, index).squeeze(1)
         nll = -torch.log(p)
-        sums.append(torch.where((p < 1e-8) | torch.isinf(nll), floor, nll).sum())
+        if floor > 0:
+            least = -torch.log(torch.tensor(floor, dtype=torch.float32, device=labels.device))
+            nll = torch.where((p < floor) | torch.isinf(nll), least, nll)
+        sums.append(nll.sum())
     count = torch.tensor(float(labels.shape[0]), device=labels.device)
     totals = _dist.sum_(torch.stack([*sums, count]))
     return (totals[:-1] / totals[-1]).double()
@@ -202,6 +210,9 @@ class AGM(Balancer):
         if not (self.clip >= 0 and math.isfinite(self.clip)):
             raise UserError(f"--agm-clip must be 0 (off) or more, got {c.get('agm_clip')}")
         self.after_window = choice(c, "agm_after_window", "hold", AFTER_WINDOW)
+        self.floor = number(c, "agm_floor", 1e-8)
+        if not 0 <= self.floor < 1:
+            raise UserError(f"--agm-floor must be in [0, 1) (0: none), got {c.get('agm_floor')}")
         bare = getattr(model, "module", model)
         if getattr(bare, "unimodal", False):
             raise UserError("--method agm needs a multimodal model")
@@ -259,7 +270,7 @@ class AGM(Balancer):
         logits = ctx.forward()  # the one forward of ctx.net (DDP), train mode
         outputs = self.padded_outputs(ctx, logits["fused"].float())
         contrib = agm_contributions(outputs, self.modalities)
-        scores = agm_scores(contrib, labels, self.modalities).to(self.running.device)
+        scores = agm_scores(contrib, labels, self.modalities, self.floor).to(self.running.device)
         coeffs = agm_coefficients(scores, self.running, self.alpha, self.cap)
         self.count += 1
         self.running = self.running * (self.count - 1) / self.count + scores / self.count

@@ -123,7 +123,10 @@ def lfm_alpha_update(align: torch.Tensor, lr: float, grad: torch.Tensor, epoch: 
     epoch > 0, a_align <- clip(a_align - lr * grad, 0.05, 0.95), a_cls = 1 - a_align."""
     if epoch % 20 == 0 and epoch != 0:
         lr = lr / 2
-    align = (align - lr * grad).clamp(0.05, 0.95)
+    # float64, as the released Python float (`alpha[1] -= lr_alpha * alpha_grad.item()`):
+    # in float32 a step below ~3e-8 at a_align ~0.95 (half a float32 ulp) would vanish
+    align = align.to(torch.float64)
+    align = (align - lr * grad.to(align.device, torch.float64)).clamp(0.05, 0.95)
     return 1.0 - align, align, lr
 
 
@@ -178,7 +181,8 @@ class LFM(Balancer):
                             f"that train the encoders: use --fusion sum (the authors' model) or "
                             f"concat, not {bare.spec['fusion']}")
         self.bare = bare
-        self.align = torch.tensor(init, device=self.device)  # a_align; a_cls = 1 - a_align
+        # a_align (a_cls = 1 - a_align) in float64: the released code keeps a Python float
+        self.align = torch.tensor(init, dtype=torch.float64, device=self.device)
         self.heldout: dict[str, torch.Tensor] | None = None
         self.updated_epoch = -1  # the epoch whose weights are set
         self.alpha_grad = torch.zeros((), device=self.device)
@@ -216,7 +220,7 @@ class LFM(Balancer):
         params = [p for p in model.parameters() if p.requires_grad]
         first = next(p for p in model.encoders[self.modalities[0]].parameters()
                      if p.requires_grad)
-        cls_w, align_w = self.weights()
+        cls_w, align_w = (w.float() for w in self.weights())  # a Python float x float32
         # the math attention kernel: the fused ones (text encoder) have no double backward
         with sdpa_kernel([SDPBackend.MATH]):
             ce, align = self.objectives(model(batch), batch["label"])
@@ -247,7 +251,8 @@ class LFM(Balancer):
 
     def _fitted(self, epoch: int) -> None:
         # the two fitted polynomials sum to 1 (their coefficients cancel): a_cls = 1 - a_align
-        self.align = torch.tensor(lfm_fitted_alpha(epoch)[1], device=self.device)
+        self.align = torch.tensor(lfm_fitted_alpha(epoch)[1], dtype=torch.float64,
+                                  device=self.device)
         self.updated_epoch = epoch
 
     def update_alpha(self, batch: dict[str, torch.Tensor], epoch: int) -> None:
@@ -268,11 +273,11 @@ class LFM(Balancer):
         if self.schedule == "fitted" and self.updated_epoch != epoch:
             self._fitted(epoch)  # a step without start_epoch (a bare step in a test)
         ce, align = self.objectives(logits, labels)
-        align_w = self.align.to(ce.device)
-        cls_w = 1.0 - align_w
+        align_w = self.align.to(ce.device, ce.dtype)  # the released float scalar x float32 CE
+        cls_w = (1.0 - self.align).to(ce.device, ce.dtype)
         # the logged objectives are the global batch's (ranks' means averaged, one collective)
         both = _dist.mean_(torch.stack([ce.detach(), align.detach()]))
-        self._metrics = {"alpha_cls": cls_w.detach(), "alpha_align": align_w.detach(),
+        self._metrics = {"alpha_cls": 1.0 - self.align, "alpha_align": self.align.clone(),
                          "loss_cls": both[0], "loss_align": both[1],
                          "alpha_grad": self.alpha_grad.detach()}
         return 2 * (cls_w * ce + align_w * align)
@@ -288,7 +293,7 @@ class LFM(Balancer):
     def load_state_dict(self, state):
         if not state:
             return
-        self.align = state["align"].to(self.device)
+        self.align = state["align"].to(self.device, torch.float64)
         self.lr_alpha = float(state["lr_alpha"])
         self.updated_epoch = int(state["updated_epoch"])
         self.alpha_grad = state["alpha_grad"].to(self.device)

@@ -74,8 +74,11 @@ authors, so it is not the reference: its per-loss backwards are not zeroed betwe
 gradient (cosine 1: the min-norm branch never runs); were it to run, its result is assigned to
 the loop variable (line 381) and the weights stay 0; its unimodal logits are slices of the
 concat layer (avclassify_model.py 277-293), not trained unimodal heads; and it has a window [0,
-80] outside which the step computes no gradient. Its step therefore is 1.5 x the summed
-gradient.
+80] outside which the step computes no gradient. Its step therefore is, with G the gradient of
+the summed loss (its `total_loss.backward()`, line 384): on the encoders (a parameter whose name
+holds the modality, lines 385-399) both recorded gradients are G, cos = 1, weights 1/2, 1/2,
+new = 2 (G/2 + G/2) = 2G, whose norm exceeds |G| so it is not rescaled, times its alpha 1.5:
+3G; on the fusion and heads (no modality in the name) G itself: 1x.
 
 Bad input: one modality, --mmpareto-gamma not a number above 0, a sequence model: one `Error:`
 line before training.

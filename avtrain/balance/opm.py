@@ -29,13 +29,27 @@ the 6 warm-up epochs 0-5, `warm_up = 1 if epoch <= 5`, and no end):
   (d_m the feature sizes): the released inverse-dropout scale, one scalar for all modalities;
 - the fusion runs on those features, loss = CE(fused) (batch mean), one backward, one step.
 
+The gradient of theta, as released (`--opm-theta-grad released`, the default): the released
+`custom_autograd.backward` (Classifier.py lines 17-21) returns theta itself as theta's gradient,
+and theta is differentiable back to both encoders -- the scores come from the undetached
+features (only the classifier's weight and bias are detached, lines 112-113), `calcu_q` writes
+them in place into q, which then requires grad -- so the released step adds theta * d(theta)/d
+(encoder parameters) to both encoders' gradients (3-6 % of their largest entry on the toy model
+of tests/test_opm_released.py), and nothing to the fusion. It is an artefact (the gradient of
+x / (1 - theta) in theta is not theta), but the default follows the released code, because the
+published numbers were trained with it (the fidelity rule); `--opm-theta-grad none` measures the
+scores without grad and gives the scale no gradient (this module's behaviour before the
+option). Under DDP each rank's theta reaches only its own share of the global scores, so the
+term is multiplied by the world size before DDP's average: N processes = one process with the
+global batch.
+
 The released code then drops samples whose every modality was dropped (`update_flag`); with two
 modalities at most one has q > 0, so no sample is ever dropped there and we have no such
 filter. The authors define the rule (`calcu_q`) for two modalities only; more is an error here.
 
 Options: `--alpha` is lambda (default 0.5, argparse line 43), `--opm-q-base` (0.5, line 42),
 `--opm-p-exe` (0.7, line 44), `--modulation-start` (6: after the warm-up of main.py line 91),
-`--modulation-end` (none). The released protocol (AdamW lr 5e-5 wd 0.01, StepLR 40 x 0.1,
+`--modulation-end` (none), `--opm-theta-grad` (released | none, above). The released protocol (AdamW lr 5e-5 wd 0.01, StepLR 40 x 0.1,
 batch 32, 100 epochs, its weight_init; main.py 263-268, config.py 22-29) is not a recipe yet.
 
 DDP and randomness: the scores are summed over ranks before q is computed, so every rank gets
@@ -61,13 +75,15 @@ Everything per step stays on the device: q, theta and the masks are tensors, no 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
 from avprep.errors import UserError
 
 from . import _dist
-from ._checks import fused_model, modulation_window, number, require_two_modalities
+from ._checks import choice, fused_model, modulation_window, number, require_two_modalities
 from .base import Balancer, StepContext
 from .ogm import _mix
 
@@ -90,6 +106,40 @@ def opm_draws(seed: int, step: int, rows: int, modalities: int, device) -> tuple
     u_exe = torch.rand(1, generator=generator, device=device)
     u_mask = torch.rand(rows, modalities, generator=generator, device=device)
     return u_exe, u_mask
+
+
+THETA_GRAD = ("released", "none")
+
+
+class _ThetaAsItsGradient(torch.autograd.Function):
+    """Identity on `x`; backward hands `theta` itself (times `factor`) to theta as its
+    gradient -- what the released `custom_autograd.backward` returns (Classifier.py line 21),
+    so autograd adds theta * d(theta)/d(parameters) to the encoders' gradients."""
+
+    @staticmethod
+    def forward(ctx, x, theta, factor):
+        ctx.save_for_backward(theta)
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (theta,) = ctx.saved_tensors
+        return grad, theta.detach() * ctx.factor, None
+
+
+@contextmanager
+def _as_constants(params):
+    """The parameters as constants of the graph built inside (the released `.clone().detach()`
+    of the classifier's weight and bias), the features still differentiable."""
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 class OPM(Balancer):
@@ -115,6 +165,7 @@ class OPM(Balancer):
         if not 0 <= self.p_exe <= 1:
             raise UserError(f"--opm-p-exe must be in [0, 1], got {self.p_exe}")
         self.start, self.end = modulation_window(c, 6, None)
+        self.theta_grad = choice(c, "opm_theta_grad", "released", THETA_GRAD)
         self.seed = int(number(c, "seed", 0))
         bare = fused_model(model, self.name)
         self.bare = bare
@@ -136,18 +187,25 @@ class OPM(Balancer):
         finally:
             self._armed = None
 
-    def _scores(self, feats: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        """Each modality's sum of true-class probabilities [M], summed over all ranks."""
+    def _scores(self, feats: dict[str, torch.Tensor], labels: torch.Tensor,
+                grad: bool) -> torch.Tensor:
+        """Each modality's sum of true-class probabilities [M], summed over all ranks. With
+        `grad` (the released graph) they stay differentiable in this rank's features, the
+        classifier's weights constants, and carry the other ranks' sum as a constant."""
         bare = self.bare
-        with torch.no_grad():
-            if bare.fusion.decomposable and not bare.aux_heads:
-                logits = bare.fusion.modality_logits({m: feats[m].detach() for m in feats})
+        decomposable = bare.fusion.decomposable and not bare.aux_heads
+        heads = bare.fusion if decomposable else bare.aux_heads
+        with torch.set_grad_enabled(grad), _as_constants(heads.parameters() if grad else []):
+            inputs = feats if grad else {m: feats[m].detach() for m in feats}
+            if decomposable:
+                logits = bare.fusion.modality_logits(inputs)
             else:
-                logits = {m: bare.aux_heads[m](feats[m].detach()) for m in self.modalities}
+                logits = {m: bare.aux_heads[m](inputs[m]) for m in self.modalities}
             index = labels.long().unsqueeze(1)
             scores = torch.stack([F.softmax(logits[m].float(), dim=1).gather(1, index).sum()
                                   for m in self.modalities])
-        return _dist.sum_(scores)
+        total = _dist.sum_(scores.detach().clone())
+        return scores + (total - scores.detach()) if grad else total
 
     def _drop(self, module, args):
         if self._armed is None or not module.training:
@@ -155,8 +213,9 @@ class OPM(Balancer):
         labels, epoch, step = self._armed
         self._armed = None  # one modulated fusion call per step
         (feats,) = args
-        scores = self._scores(feats, labels)
         active = self.in_window(epoch)
+        grad = self.theta_grad == "released" and active and torch.is_grad_enabled()
+        scores = self._scores(feats, labels, grad)
         q = opm_drop_probabilities(scores, self.q_base, self.lam)
         if not active:
             q = torch.zeros_like(q)
@@ -173,12 +232,18 @@ class OPM(Balancer):
         out = {}
         for i, m in enumerate(self.modalities):
             f = feats[m]
-            out[m] = f * keep[:, i:i + 1].to(f.dtype) / (1 - theta).to(f.dtype)
+            out[m] = f * keep[:, i:i + 1].to(f.dtype) / (1 - theta.detach()).to(f.dtype)
+        if grad and theta.requires_grad:
+            # once per step, as the released single custom_autograd call on the stacked
+            # features; x world: DDP averages, and each rank's theta reaches only its own
+            # scores' share of the global sum
+            first = self.modalities[0]
+            out[first] = _ThetaAsItsGradient.apply(out[first], theta, float(world))
         dropped = (~keep_all).float().mean(dim=0)
         self._metrics = {"drop_exe": execute.float()}
         for i, m in enumerate(self.modalities):
-            self._metrics[f"score_{m}"] = scores[i]
-            self._metrics[f"drop_p_{m}"] = q[i]
+            self._metrics[f"score_{m}"] = scores[i].detach()
+            self._metrics[f"drop_p_{m}"] = q[i].detach()
             self._metrics[f"dropped_{m}"] = dropped[i]
         return (out,)
 

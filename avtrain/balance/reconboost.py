@@ -71,6 +71,15 @@ Where we differ, and why:
   `concat` predict with every modality at every stage (no members mask);
 - the three-modality order is our modality order (audio, visual, text); the released MOSEI
   schedule is text, visual, audio;
+- evaluation and model selection: the released train.py tests only after each stage's
+  rectification phase (line 408) and saves the best on the *test* set from stage 3 on (line
+  420: `stage >= 3 and acc > best_acc`); `fit` evaluates after every epoch, learner-phase
+  epochs included, and picks the best epoch on val from epoch 0 (a best epoch may thus fall
+  inside a learner phase or before stage 3);
+- the ensemble of stage s holds its own learner in both phases (`reconboost_stage`), so during
+  stage 0's learner phase our prediction (`members`, eval, best.pt) is the audio learner alone,
+  where the released ensemble is still empty until `net_ensemble.add` (line 366) -- it is never
+  evaluated then, so this only changes what our per-epoch evaluations of stage 0 report;
 - under DDP the step runs on the bare model and the gradients of the stepped parameters are
   averaged over the ranks here (one all-reduce), because a learner phase touches only part of
   the model; the schedule is a function of the epoch, identical on every rank.

@@ -3,10 +3,14 @@
 A recipe is a YAML file shipped beside this module. Its `settings` are `avtrain fit` settings
 (the TrainConfig fields) and sit between the defaults and the user's `--config` file and
 flags, so any flag still overrides them. Its `data` block says which shards the protocol needs
-(dataset, preset, the split lists and the val policy the shards must have been built with):
-`check_shards` refuses shards built otherwise, in one line that says how to build the right
-ones, so nothing trains on a half-configured protocol. `differences` lists, in words, what
-still differs from the released code and why; `published` the numbers to compare with.
+(dataset, preset, the preset parameters that make its tensors the released loader's, the
+released class order, the split lists and the val policy the shards must have been built
+with): `check_shards` refuses shards built otherwise, in one line that says how to build the
+right ones, so nothing trains on a half-configured protocol, and shards written by an older
+avprep (before a parameter existed) are read with that parameter's old default and refused
+the same way. `differences` lists, in words, what still differs from the released code and
+why; `released_reports` what the released run printed beside what `fit` reports; `published`
+the numbers to compare with.
 
     recipe = load_recipe("ogm_ge-cremad")
     config = make_config(recipe.settings, {"shards": "OUT", "run_dir": "RUN"})
@@ -25,6 +29,13 @@ from avprep.errors import UserError
 
 LEGACY = "legacy"  # the released code picked the best epoch on the test split
 
+# What an index.json written before a preset parameter existed means: the behaviour avprep had
+# then (ffmpeg resampled, the STFT padded with zeros, stereo mixed down in float).
+PRESET_DEFAULTS = {"resampler": "ffmpeg", "spectrogram.pad_mode": "constant",
+                   "mono_mix": "float"}
+DATA_KEYS = {"dataset", "preset", "preset_params", "classes", "split_files", "split_source", "val",
+             "prepare"}
+
 
 @dataclass
 class Recipe:
@@ -37,6 +48,7 @@ class Recipe:
     data: dict = field(default_factory=dict)
     differences: list[str] = field(default_factory=list)
     published: list[str] = field(default_factory=list)
+    released_reports: list[str] = field(default_factory=list)
 
     @property
     def legacy(self) -> bool:
@@ -54,6 +66,9 @@ class Recipe:
         if self.differences:
             lines.append("  still differs from the released code:")
             lines += [f"    - {d}" for d in self.differences]
+        if self.released_reports:
+            lines.append("  what the released run printed, and what fit reports:")
+            lines += [f"    - {r}" for r in self.released_reports]
         if self.published:
             lines.append("  published numbers to compare with:")
             lines += [f"    - {p}" for p in self.published]
@@ -85,18 +100,35 @@ def load_recipe(name: str) -> Recipe:
     text = (resources.files(__name__) / files[name]).read_text(encoding="utf-8")
     data = yaml.safe_load(text) or {}
     unknown = set(data) - {"summary", "paper", "code", "protocol", "settings", "data",
-                           "differences", "published"}
+                           "differences", "published", "released_reports"}
     if unknown:  # a shipped file: a typo here is a bug, caught by the tests
         raise ValueError(f"recipe {name}: unknown keys {sorted(unknown)}")
+    block = data.get("data") or {}
+    unknown = (set(block) - DATA_KEYS) | (set(block.get("preset_params") or {})
+                                          - set(PRESET_DEFAULTS))
+    if unknown:
+        raise ValueError(f"recipe {name}: unknown data keys {sorted(unknown)}")
     return Recipe(name=name, summary=data["summary"], paper=data["paper"], code=data["code"],
                   protocol=data["protocol"], settings=dict(data["settings"]),
                   data=dict(data.get("data") or {}),
                   differences=list(data.get("differences") or []),
-                  published=list(data.get("published") or []))
+                  published=list(data.get("published") or []),
+                  released_reports=list(data.get("released_reports") or []))
 
 
 def _prepare_hint(recipe: Recipe) -> str:
     return f"; build them with: {recipe.data['prepare']}" if recipe.data.get("prepare") else ""
+
+
+def preset_param(preset: dict, path: str):
+    """A preset parameter of index.json by dotted path (`spectrogram.pad_mode`); absent: the
+    default of the avprep that wrote it (PRESET_DEFAULTS), or None."""
+    node = preset or {}
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return PRESET_DEFAULTS.get(path)
+        node = node[part]
+    return node
 
 
 def check_shards(recipe: Recipe, index: dict, where: str = "shards") -> None:
@@ -125,4 +157,18 @@ def check_shards(recipe: Recipe, index: dict, where: str = "shards") -> None:
     if need.get("val") == "none" and (splits.get("val") or {}).get("samples"):
         raise UserError(f"recipe {recipe.name} trains on the whole train list, as released; "
                         f"{where} carve a val split out of it (build with --val-fraction 0)"
+                        f"{hint}")
+    params = need.get("preset_params") or {}
+    wrong = [(k, v, preset_param(index.get("preset"), k)) for k, v in params.items()]
+    wrong = [w for w in wrong if w[1] != w[2]]
+    if wrong:
+        got = ", ".join(f"{k} {have!r} (needs {want!r})" for k, want, have in wrong)
+        raise UserError(f"recipe {recipe.name} needs the released inputs; {where} were built "
+                        f"with {got}, by an older avprep or another preset{hint}")
+    classes = [str(c) for c in need.get("classes") or []]
+    have_classes = [str(c) for c in index.get("classes") or []]
+    if classes and have_classes != classes:
+        raise UserError(f"recipe {recipe.name} needs the released class ids "
+                        f"{', '.join(f'{c} {i}' for i, c in enumerate(classes))}; {where} "
+                        f"number them {', '.join(f'{c} {i}' for i, c in enumerate(have_classes))}"
                         f"{hint}")
