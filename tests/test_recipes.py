@@ -303,8 +303,8 @@ def test_cremad_recipes_refuse_old_inputs_and_the_old_class_order():
         with pytest.raises(UserError) as refused:
             check_shards(recipe, index, "OUT")
         assert str(refused.value).startswith(
-            f"recipe {name} needs the released class ids NEU 0, HAP 1, SAD 2, FEA 3, DIS 4, "
-            "ANG 5; OUT number them ANG 0, DIS 1, FEA 2, HAP 3, NEU 4, SAD 5; build them with: "
+            f"recipe {name} needs the released class ids (NEU 0, HAP 1, SAD 2, FEA 3, DIS 4, "
+            "ANG 5); OUT number them (ANG 0, DIS 1, FEA 2, HAP 3, NEU 4, SAD 5); build them with: "
             "avprep build-shards --dataset cremad")
 
 
@@ -314,9 +314,12 @@ def test_stereo_recipes_want_the_released_mono_mix():
     for name in ("olm-ave", "ogm_ge-vggsound", "ogm_ge-ks"):
         recipe = load_recipe(name)
         assert recipe.data["preset_params"]["mono_mix"] == "s16", name
-        index = {"dataset": recipe.data["dataset"],
-                 "preset": {"name": recipe.data["preset"],
-                            "spectrogram": {"pad_mode": "reflect"}},
+        preset = {"name": recipe.data["preset"], "spectrogram": {"pad_mode": "reflect"}}
+        for key, value in recipe.data["preset_params"].items():  # all but the mix as needed
+            if "." not in key and key != "mono_mix":
+                preset[key] = value
+        index = {"dataset": recipe.data["dataset"], "preset": preset,
+                 "classes": recipe.data.get("classes"),
                  "args": {"split_files": [{"name": f} for f in
                                           recipe.data.get("split_files") or []]}}
         with pytest.raises(UserError, match="mono_mix 'float' .needs 's16'."):
@@ -325,6 +328,21 @@ def test_stereo_recipes_want_the_released_mono_mix():
         check_shards(recipe, index, "OUT")
     for name in ("ogm_ge-vggsound", "olm-ave"):  # their presets already reflect
         assert load_recipe(name).data["preset_params"]["spectrogram.pad_mode"] == "reflect"
+
+
+def test_a_long_class_list_is_refused_at_its_first_difference():
+    """AVE's 28 released ids (sorted stat.txt): the line names the first id that differs."""
+    recipe = load_recipe("olm-ave")
+    classes = recipe.data["classes"]
+    assert classes == sorted(classes) and len(classes) == 28
+    index = {"dataset": "ave_olm", "classes": [classes[1], classes[0], *classes[2:]],
+             "preset": {"name": "ave-olm", "resampler": "kaiser_best", "mono_mix": "s16",
+                        "spectrogram": {"pad_mode": "reflect"}}}
+    with pytest.raises(UserError, match=r"class ids \(28 classes, Accordion 0\); OUT number "
+                                        r"them \(28 classes, Acoustic guitar 0\)"):
+        check_shards(recipe, index, "OUT")
+    index["classes"] = list(classes)
+    check_shards(recipe, index, "OUT")
 
 
 def test_a_carved_val_is_refused_for_a_recipe_that_trains_on_the_whole_list(cremad_lists,

@@ -168,7 +168,14 @@ def check_shards(recipe: Recipe, index: dict, where: str = "shards") -> None:
     classes = [str(c) for c in need.get("classes") or []]
     have_classes = [str(c) for c in index.get("classes") or []]
     if classes and have_classes != classes:
-        raise UserError(f"recipe {recipe.name} needs the released class ids "
-                        f"{', '.join(f'{c} {i}' for i, c in enumerate(classes))}; {where} "
-                        f"number them {', '.join(f'{c} {i}' for i, c in enumerate(have_classes))}"
-                        f"{hint}")
+        if len(classes) <= 8:
+            want = ", ".join(f"{c} {i}" for i, c in enumerate(classes))
+            have = ", ".join(f"{c} {i}" for i, c in enumerate(have_classes))
+        else:  # a long list: the first id that differs
+            i = next((i for i, (a, b) in enumerate(zip(classes, have_classes)) if a != b),
+                     min(len(classes), len(have_classes)))
+            want = f"{len(classes)} classes, {classes[i] if i < len(classes) else '-'} {i}"
+            have = (f"{len(have_classes)} classes, "
+                    f"{have_classes[i] if i < len(have_classes) else '-'} {i}")
+        raise UserError(f"recipe {recipe.name} needs the released class ids ({want}); "
+                        f"{where} number them ({have}){hint}")
