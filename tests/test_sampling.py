@@ -272,3 +272,26 @@ def test_one_fit_epoch_on_two_gloo_processes_sees_every_sample(train_shards, tmp
     assert n % 8
     assert epoch["train_samples"] == epoch["train_distinct"] == n - n % 8
     assert epoch["train_skipped"] == 0
+
+
+def test_epoch_steps_shorter_is_olm_com_s_zip(train_shards, tmp_path):
+    """--epoch-steps shorter: as many steps as the shorter of the train pass (remainder
+    dropped) and the held-out pass (last batch kept, as the released eval DataLoader)."""
+    from avprep.errors import UserError
+    from avtrain.config import make_config
+    from avtrain.loop import fit
+
+    shards = open_shards(str(train_shards))
+    n_train, n_val = len(tar_keys(shards, "train")), len(tar_keys(shards, "val"))
+    want = min(n_train // 8, -(-n_val // 8))
+    assert want < n_train // 8  # the held-out pass really is the shorter
+    run = tmp_path / "run"
+    summary = fit({"shards": str(train_shards), "run_dir": str(run), "model": "tiny",
+                   "method": "olm_com", "epoch_steps": "shorter", "epochs": 1, "batch_size": 8,
+                   "image_size": 32, "workers": 0, "progress": False, "tensorboard": False,
+                   "shapley": False, "lr": 0.05})
+    assert summary["steps"] == want
+    epoch = epoch_record(run)
+    assert epoch["train_samples"] == epoch["train_distinct"] == want * 8
+    with pytest.raises(UserError, match="reads no held-out stream"):
+        make_config({"method": "olm", "epoch_steps": "shorter"})
