@@ -354,10 +354,10 @@ class ShardOpener:
         os.close(fd)
         return _TeeReader(stream, tmp, final, expected, self)
 
-    def local_path(self, url: str) -> str | None:
+    def local_path(self, url: str, fetch: bool = True) -> str | None:
         """A local file holding the tar, for random access: the tar itself in a folder; the
-        cached copy of a remote one (read whole into the cache first, once, if it fits);
-        None when there is no cache or the tar is larger than it (read byte ranges then)."""
+        cached copy of a remote one (with `fetch`, read whole into the cache first, once, if
+        it fits); None when there is none (read byte ranges then)."""
         name = self._name(url)
         if self.store.local:
             return url
@@ -367,6 +367,8 @@ class ShardOpener:
         final = self._cached(url, name)
         if self._hit(final, expected):
             return final
+        if not fetch:
+            return None
         stream = self(url)
         try:
             if not isinstance(stream, _TeeReader):  # too large for the cache

@@ -80,7 +80,14 @@ class SampleTable:
         return len(self.keys)
 
     def damaged(self, needs: tuple[str, ...]) -> dict[int, str]:
-        """Row -> the first needed member it lacks, for every sample lacking one."""
+        """Row -> the first needed member it lacks, for every sample lacking one (kept per
+        `needs`: every epoch asks again)."""
+        memo = self.__dict__.setdefault("_damaged_memo", {})
+        if needs not in memo:
+            memo[needs] = self._damaged(needs)
+        return memo[needs]
+
+    def _damaged(self, needs: tuple[str, ...]) -> dict[int, str]:
         out = {}
         for row, suffixes in enumerate(self.suffixes):
             have = suffixes.split(" ")
@@ -117,9 +124,13 @@ def _stats_names(url_name: str) -> list[str]:
     return names
 
 
-def _relative(shards, url: str) -> str:
-    prefix = shards.store.root.rstrip("/") + ("/" if not shards.store.local else os.sep)
+def _relative_to(store, url: str) -> str:
+    prefix = store.root.rstrip("/") + ("/" if not store.local else os.sep)
     return url[len(prefix):].replace(os.sep, "/")
+
+
+def _relative(shards, url: str) -> str:
+    return _relative_to(shards.store, url)
 
 
 def _recorded(shards, url: str, stats_cache: dict) -> list | None:
@@ -217,6 +228,10 @@ class TarReader:
         self.opener, self.table = opener, table
         self._fds: OrderedDict[str, int | None] = OrderedDict()
         self._pid = os.getpid()
+        # copy remote tars whole into the cache only when the split fits in it: in a random
+        # order a smaller cache would evict and fetch whole tars for single samples
+        total = sum(opener.sizes.get(_relative_to(opener.store, u), 0) for u in table.urls)
+        self.fetch = bool(opener.cache_dir) and total <= opener.cache_size
 
     def __getstate__(self):
         return {**self.__dict__, "_fds": OrderedDict(), "_pid": None}
@@ -227,7 +242,7 @@ class TarReader:
         if url in self._fds:
             self._fds.move_to_end(url)
             return self._fds[url]
-        path = self.opener.local_path(url)
+        path = self.opener.local_path(url, fetch=self.fetch)
         fd = None
         if path is not None:
             try:

@@ -156,7 +156,11 @@ def test_exact_epoch_from_s3_equals_local_ranged_and_cached(s3, built, tmp_path)
                             ("cached", f"s3://{BUCKET}/a", {"cache_dir": str(cache / "a"),
                                                            "cache_size": 1 << 30}),
                             ("scanned", f"s3://{BUCKET}/old", {"cache_dir": str(cache / "old"),
-                                                              "cache_size": 1 << 30})):
+                                                              "cache_size": 1 << 30}),
+                            # a cache smaller than the split: ranged reads, no tar fetched
+                            # whole for one sample (each would evict the last)
+                            ("small", f"s3://{BUCKET}/a", {"cache_dir": str(cache / "small"),
+                                                          "cache_size": 1000})):
         shards = open_shards(where, **kw)
         opts = DataOptions.for_shards(shards, image_size=32)
         batches[name] = list(train_loader(shards, "train", opts, batch_size=4, epoch=1, seed=2,
@@ -164,7 +168,7 @@ def test_exact_epoch_from_s3_equals_local_ranged_and_cached(s3, built, tmp_path)
     local = batches["local"]
     assert len(local) == json.loads((built / "index.json").read_text())[
         "splits"]["train"]["samples"] // 4
-    for name in ("ranged", "cached", "scanned"):
+    for name in ("ranged", "cached", "scanned", "small"):
         assert len(batches[name]) == len(local)
         for x, y in zip(local, batches[name]):
             assert x["key"] == y["key"] and torch.equal(x["visual"], y["visual"])
@@ -172,6 +176,7 @@ def test_exact_epoch_from_s3_equals_local_ranged_and_cached(s3, built, tmp_path)
     tars = len(open_shards(str(built)).urls("train"))
     assert len([p for p in (cache / "a").iterdir() if p.name.endswith(".tar")]) == tars
     assert len(list((cache / "old").glob("*.spans.json"))) == tars  # the scans, kept
+    assert not [p for p in (cache / "small").iterdir() if p.name.endswith(".tar")]
     again = sample_table(open_shards(f"s3://{BUCKET}/old", str(cache / "old")), "train")
     assert again.keys == sample_table(open_shards(str(built)), "train").keys
 
