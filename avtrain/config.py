@@ -362,7 +362,8 @@ def cli_config(overrides: dict, config_file: str | None = None,
         run = resume_dir(resume)
         saved = os.path.join(run, "config.yaml")
         if os.path.isfile(saved):
-            layers.append(load_yaml(saved))
+            # a run recorded before `sampling` existed streamed with replacement: resume it so
+            layers.append({"sampling": "resample", **load_yaml(saved)})
         layers.append({"run_dir": run})
     if config_file:
         layers.append(load_yaml(config_file))

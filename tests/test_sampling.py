@@ -295,3 +295,20 @@ def test_epoch_steps_shorter_is_olm_com_s_zip(train_shards, tmp_path):
     assert epoch["train_samples"] == epoch["train_distinct"] == want * 8
     with pytest.raises(UserError, match="reads no held-out stream"):
         make_config({"method": "olm", "epoch_steps": "shorter"})
+
+
+def test_a_run_saved_before_sampling_existed_resumes_resampled(train_shards, tmp_path):
+    import yaml
+
+    from avtrain.config import cli_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"")  # only its presence is checked here
+    saved = {"shards": str(train_shards), "model": "tiny"}
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert cli_config({}, None, str(run)).sampling == "resample"
+    (run / "config.yaml").write_text(yaml.safe_dump({**saved, "sampling": "exact"}))
+    assert cli_config({}, None, str(run)).sampling == "exact"
+    assert cli_config({"sampling": "resample"}, None, str(run)).sampling == "resample"
+    assert cli_config({}, None, None).sampling == "exact"
