@@ -448,7 +448,17 @@ def _fit_options(f):
         click.option("--train-crop", help="Training RandomResizedCrop+flip: clip (one per clip) "
                      "or frame (one per frame, as the released code) [default: clip]"),
         click.option("--workers", type=int, help="Loader processes per rank [default: 2]"),
-        click.option("--shuffle-buffer", type=int, help="[default: 1000]"),
+        click.option("--sampling", help="exact (every training sample once per epoch, in an "
+                     "order set by --seed and the epoch, as DataLoader(shuffle=True)) or resample "
+                     "(shards drawn with replacement + a shuffle buffer: web-scale sets) "
+                     "[default: exact]"),
+        click.option("--shuffle-buffer", type=int, help="--sampling resample [default: 1000]"),
+        click.option("--strict/--no-strict", default=None, help="A damaged sample (a member "
+                     "the run needs missing, unreadable bytes) stops the run with one line "
+                     "instead of being skipped and counted [default: skip]"),
+        click.option("--epoch-steps", help="train (one pass over train) or shorter (the "
+                     "shorter of the train and held-out passes: OLM-com's released "
+                     "zip(train, held-out)) [default: train]"),
         click.option("--decode-device", help="cpu or cuda (JPEGs decoded on the GPU) "
                      "[default: cpu]"),
         click.option("--device", help="auto, cpu or cuda [default: auto]"),

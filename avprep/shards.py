@@ -273,6 +273,7 @@ class _ShardTars:
     def __init__(self, out: str, name: str, max_bytes: int | None = None):
         self.out, self.name, self.max_bytes = out, name, max_bytes
         self.parts: list[dict] = []
+        self.spans: dict[str, list] = {}  # tar -> [key, offset, length, suffixes] per sample
         self.tmps: list[str] = []
         self.tar: tarfile.TarFile | None = None
         self.size = 0
@@ -288,6 +289,7 @@ class _ShardTars:
         # needs a long-name header; short names give the same bytes in both formats.
         self.tar = tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT)
         self.parts.append({"url": url, "samples": 0, "bytes": 0, "classes": Counter()})
+        self.spans[url] = []
         self.size = 0
 
     def add(self, key: str, label_id: int, members: dict[str, bytes]) -> None:
@@ -295,8 +297,11 @@ class _ShardTars:
         if self.tar is None or (self.max_bytes and self.parts[-1]["samples"]
                                 and self.size + size > self.max_bytes):
             self._next()
+        start = self.tar.offset
         for suffix, data in members.items():
             add_member(self.tar, f"{key}.{suffix}", data)
+        self.spans[self.parts[-1]["url"]].append(
+            [key, start, self.tar.offset - start, " ".join(members)])
         self.size += size
         self.parts[-1]["samples"] += 1
         self.parts[-1]["classes"][str(label_id)] += 1
@@ -351,8 +356,8 @@ def write_shard(job: ShardJob) -> dict:
     failures = []
     scratch = None if store.local else local_scratch()
     try:
-        parts = _convert_records(job, preset, cropper, scratch or job.out, failures,
-                                 report_sample)
+        parts, spans = _convert_records(job, preset, cropper, scratch or job.out, failures,
+                                        report_sample)
         if scratch is not None:
             for part in parts:
                 store.put_file(os.path.join(scratch, part["url"]), part["url"])
@@ -366,15 +371,18 @@ def write_shard(job: ShardJob) -> dict:
              "samples": sum(p["samples"] for p in parts),
              "bytes": sum(p["bytes"] for p in parts),
              "classes": {k: classes[k] for k in sorted(classes, key=int)},
-             "parts": parts, "failures": failures, "seconds": round(time.time() - started, 3)}
+             "parts": parts, "failures": failures, "seconds": round(time.time() - started, 3),
+             # per tar, per sample: [key, byte offset, byte length, member suffixes], what the
+             # exact-epoch loader (avtrain.sampling) reads a sample by without scanning the tar
+             "spans": spans}
     store.write_json(stats_name, stats)
     return stats
 
 
 def _convert_records(job: ShardJob, preset: Preset, cropper, folder: str, failures: list,
-                     report_sample) -> list[dict]:
+                     report_sample) -> tuple[list[dict], dict[str, list]]:
     """The shard's samples converted into complete tars under their final names in `folder`;
-    the tars' parts, failures appended to `failures`."""
+    the tars' parts and each tar's sample spans, failures appended to `failures`."""
     tars = _ShardTars(folder, job.name, job.max_bytes)
     try:
         for record in job.records:
@@ -392,7 +400,7 @@ def _convert_records(job: ShardJob, preset: Preset, cropper, folder: str, failur
                 continue
             tars.add(record.key, record.label_id, members)
             report_sample(job.name, True)
-        return tars.commit()
+        return tars.commit(), tars.spans
     except BaseException:
         tars.discard()
         raise

@@ -344,16 +344,24 @@ class ShardOpener:
         prefix = self.store.root.rstrip("/") + ("/" if not self.store.local else os.sep)
         return url[len(prefix):].replace(os.sep, "/")
 
+    def _cached(self, url: str, name: str) -> str:
+        digest = hashlib.sha256(url.encode("utf-8")).hexdigest()[:24]
+        return os.path.join(self.cache_dir, f"{digest}-{os.path.basename(name)}")
+
+    def _hit(self, final: str, expected: int | None) -> bool:
+        if os.path.isfile(final) and (expected is None or os.path.getsize(final) == expected):
+            with contextlib.suppress(OSError):
+                os.utime(final)
+            return True
+        return False
+
     def __call__(self, url: str):
         name = self._name(url)
         if not self.cache_dir:
             return self.store.open_read(name)
         expected = self.sizes.get(name)
-        digest = hashlib.sha256(url.encode("utf-8")).hexdigest()[:24]
-        final = os.path.join(self.cache_dir, f"{digest}-{os.path.basename(name)}")
-        if os.path.isfile(final) and (expected is None or os.path.getsize(final) == expected):
-            with contextlib.suppress(OSError):
-                os.utime(final)
+        final = self._cached(url, name)
+        if self._hit(final, expected):
             return open(final, "rb")
         stream = self.store.open_read(name)
         if expected is not None and expected > self.cache_size:
@@ -361,6 +369,40 @@ class ShardOpener:
         fd, tmp = tempfile.mkstemp(prefix=".part-", dir=self.cache_dir)
         os.close(fd)
         return _TeeReader(stream, tmp, final, expected, self)
+
+    def local_path(self, url: str, fetch: bool = True) -> str | None:
+        """A local file holding the tar, for random access: the tar itself in a folder; the
+        cached copy of a remote one (with `fetch`, read whole into the cache first, once, if
+        it fits); None when there is none (read byte ranges then)."""
+        name = self._name(url)
+        if self.store.local:
+            return url
+        if not self.cache_dir:
+            return None
+        expected = self.sizes.get(name)
+        final = self._cached(url, name)
+        if self._hit(final, expected):
+            return final
+        if not fetch:
+            return None
+        stream = self(url)
+        try:
+            if not isinstance(stream, _TeeReader):  # too large for the cache
+                return None
+            stream.finish()
+        finally:
+            stream.close()
+        return final if os.path.isfile(final) else None
+
+    def read_range(self, url: str, offset: int, length: int) -> bytes:
+        """`length` bytes at `offset` of a tar: one ranged GET on s3/gs/https."""
+        name = self._name(url)
+        if self.store.local:
+            with open(url, "rb") as fh:
+                return os.pread(fh.fileno(), length, offset)
+        with self.store.errors(url):
+            return self.store.fs.cat_file(self.store.url(name), start=offset,
+                                          end=offset + length)
 
     def evict(self, keep: str | None = None) -> None:
         """Remove the least recently used cached tars until the cache fits its size."""

@@ -54,7 +54,14 @@ class TrainConfig:
     eval_resize: str = "crop"  # crop (short side + centre crop) | square (Resize((224, 224)))
     train_crop: str = "clip"  # clip (one RandomResizedCrop+flip per clip) | frame (per frame)
     workers: int = 2  # data loader processes per rank
-    shuffle_buffer: int = 1000
+    # exact: every train sample once per epoch, order a function of (seed, epoch) (avtrain.sampling)
+    # resample: shards drawn with replacement + a shuffle buffer (web-scale sets)
+    sampling: str = "exact"
+    shuffle_buffer: int = 1000  # resample only
+    strict: bool = False  # a damaged sample stops the run (one Error line) instead of skipped
+    # train (one pass over train) | shorter (the shorter of the train and held-out passes:
+    # OLM-com's released zip(train, held-out), engines/engine_logits_com.py)
+    epoch_steps: str = "train"
     decode_device: str = "cpu"  # cpu | cuda (JPEG decoding with torchvision on the GPU)
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast, on CUDA only
@@ -274,6 +281,8 @@ def check(config: TrainConfig) -> None:
                           ("train_crop", ("clip", "frame")),
                           ("olm_reduction", ("sum", "mean")),
                           ("olm_heldout", ("train", "eval")),
+                          ("sampling", ("exact", "resample")),
+                          ("epoch_steps", ("train", "shorter")),
                           ("mla_projection", ("none", "owm", "owm-add")),
                           ("mla_gate", ("entropy", "batch-entropy", "fixed")),
                           ("mla_stale_grads", ("zero", "none")),
@@ -291,6 +300,9 @@ def check(config: TrainConfig) -> None:
         value = getattr(config, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if config.epoch_steps == "shorter" and not get_method(config.method).needs_heldout:
+        raise UserError(f"--epoch-steps shorter is the shorter of the train and held-out "
+                        f"passes; --method {config.method} reads no held-out stream")
     if config.lr <= 0:
         raise UserError("--lr must be positive")
     if config.workers < 0:
@@ -352,7 +364,8 @@ def cli_config(overrides: dict, config_file: str | None = None,
         run = resume_dir(resume)
         saved = os.path.join(run, "config.yaml")
         if os.path.isfile(saved):
-            layers.append(load_yaml(saved))
+            # a run recorded before `sampling` existed streamed with replacement: resume it so
+            layers.append({"sampling": "resample", **load_yaml(saved)})
         layers.append({"run_dir": run})
     if config_file:
         layers.append(load_yaml(config_file))

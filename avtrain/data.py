@@ -14,12 +14,21 @@ and "text_len" [B]; a modality the index lists under `features` (avprep import-f
 read from `{key}.{modality}.npy` as [B, T, D] float32 with "{modality}_len" [B] (0 where the
 clip lacks it), instead of the spectrogram or frames.
 
-Train: shards resampled with a seed shared by every rank and worker, so the shard stream is
+Train, `sampling="exact"` (the default; avtrain.sampling): every sample once per epoch in an
+order that is a function of (seed, epoch) only, split evenly over ranks, the remainder of
+N // (batch·ranks) dropped, as the papers' DataLoader(shuffle=True) (+ DistributedSampler);
+samples read by byte range out of the tars, augmentation drawn per sample position, so neither
+the worker count nor `--resume` changes a batch.
+Train, `sampling="resample"` (web-scale sets, where an order over every sample costs too
+much): shards resampled with a seed shared by every rank and worker, so the shard stream is
 the same everywhere and each (rank, worker) takes its own slice of it (split by node, then by
 worker); a shuffle buffer; per-sample augmentation; full batches only; `with_epoch(steps)` so
 every rank runs the same number of steps. Each epoch's stream is a function of (seed, epoch,
-rank, worker) only, which is what makes `--resume` reproduce an uninterrupted run.
+rank, worker) only, which is what makes `--resume` reproduce an uninterrupted run; an epoch
+sees about 2/3 of a small set's distinct samples.
 Eval: every sample exactly once across all ranks and workers, the last partial batch kept.
+Either way a sample that cannot be decoded is dropped, not fatal: its batch lists it under
+"skipped" as (key, tar, reason), for the loop to count and name.
 
 Transforms selectable for exactness to released code (TrainConfig fields; defaults first):
 - `eval_crop`: "centre" (the middle window of a preset's `train_crop_columns`, deterministic) or
@@ -73,6 +82,8 @@ EVAL_CROPS = ("centre", "random")
 EVAL_RESIZES = ("crop", "square")
 TRAIN_CROPS = ("clip", "frame")
 AUDIO_LAYOUTS = ("freq_time", "time_freq")
+SAMPLINGS = ("exact", "resample")
+SKIPPED = "__skipped__"  # a decoded-stream item standing for a sample that could not be read
 FRAME_PICKS = ("random", "segment-start")
 
 
@@ -118,8 +129,10 @@ class ShardSet:
                  for e in info.get("shards", []) if e.get("bytes") is not None}
         return ShardOpener(self.store, self.cache_dir, self.cache_size, sizes)
 
-    def require(self, split: str, batch_size: int | None = None, world_size: int = 1) -> None:
-        """One clear line when a split cannot feed training or evaluation."""
+    def require(self, split: str, batch_size: int | None = None, world_size: int = 1,
+                items: int | None = None) -> None:
+        """One clear line when a split cannot feed training or evaluation; `items`: the
+        samples one pass holds, when not the index's count (an exact epoch's sample table)."""
         if split not in self.splits:
             raise UserError(f"{self.root}: no {split!r} split (has: "
                             f"{', '.join(self.splits) or 'none'})")
@@ -137,6 +150,7 @@ class ShardSet:
                        if self.store.size(u[len(self.store.root) + 1:]) is None]
         if missing:
             raise UserError(f"{self.root}: shard listed in index.json is missing: {missing[0]}")
+        n = n if items is None else items
         if batch_size is not None and batch_size * world_size > n:
             raise UserError(f"--batch-size {batch_size} x {world_size} process(es) is larger "
                             f"than the {split!r} split ({n} samples)")
@@ -433,6 +447,7 @@ def to_device(batch: dict, device: torch.device, opts: DataOptions) -> dict:
     half the bytes, and one vectorised conversion per batch instead of one per sample in the
     workers) made float32 there; with `decode_device="cuda"` decode its JPEGs there."""
     out = dict(batch)
+    out.pop("skipped", None)  # the loop counts a batch's damaged samples before this
     non_blocking = device.type == "cuda"
     for name, value in batch.items():
         if isinstance(value, torch.Tensor):
@@ -531,11 +546,48 @@ def _shuffle(bufsize: int, seed: int, epoch: int, rank: int, salt: int):
 
 
 def _decode_stage(src, *, opts: DataOptions, seed: int | None, epoch: int, rank: int):
-    """Augmentation randomness from (seed, epoch, rank, worker) only; `seed` None = eval."""
+    """Augmentation randomness from (seed, epoch, rank, worker) only; `seed` None = eval. A
+    sample that cannot be decoded (a member missing, corrupt bytes) becomes a SKIPPED marker
+    that `_batch_stage` hands to the loop, instead of ending the stream."""
     worker, _ = _worker()
     rng = np.random.default_rng([seed, epoch, rank, worker]) if seed is not None else None
     for sample in src:
-        yield decode_sample(sample, opts, rng)
+        try:
+            yield decode_sample(sample, opts, rng)
+        except UserError:
+            raise
+        except Exception as exc:
+            yield {SKIPPED: skip_reason(sample.get("__key__", "?"), sample.get("__url__", "?"),
+                                        exc)}
+
+
+def skip_reason(key: str, url: str, exc: BaseException) -> tuple[str, str, str]:
+    text = str(exc).strip().splitlines()
+    return key, url, f"{type(exc).__name__}: {text[0] if text else 'unreadable'}"
+
+
+def _batch_stage(src, *, batch_size: int, partial: bool):
+    """Batches of decoded samples; the SKIPPED markers met on the way ride along with the
+    next batch as its "skipped" list of (key, tar, reason)."""
+    samples, skipped = [], []
+    for item in src:
+        if SKIPPED in item:
+            skipped.append(item[SKIPPED])
+            continue
+        samples.append(item)
+        if len(samples) == batch_size:
+            out = collate(samples)
+            out["skipped"] = skipped
+            yield out
+            samples, skipped = [], []
+    if samples and partial:
+        out = collate(samples)
+        out["skipped"] = skipped
+        yield out
+
+
+def _batches(batch_size: int, partial: bool):
+    return functools.partial(_batch_stage, batch_size=batch_size, partial=partial)
 
 
 def _decode(opts: DataOptions, seed: int | None, epoch: int, rank: int):
@@ -580,16 +632,35 @@ def _loader(pipeline, workers: int, device_type: str, limit: int | None):
 
 
 def train_loader(shards: ShardSet, split: str, opts: DataOptions, *, batch_size: int,
-                 steps: int, epoch: int = 0, seed: int = 0, rank: int = 0, world: int = 1,
-                 workers: int = 2, shuffle_buffer: int = 1000, augment: bool = True,
-                 device_type: str = "cpu", salt: int | None = None,
-                 copies: dict[str, tuple[int, ...]] | None = None, modalities: int = 0):
-    """An endless, shuffled stream of full batches, cut to `steps` per epoch; augmented unless
-    `augment=False` (OLM-com's held-out val stream with --olm-heldout eval). `salt` gives a
-    second stream (the held-out one) its own order and augmentation draws. `copies` (sample key
-    -> modality masks, over the model's `modalities` in order) re-samples the stream: every
-    batch then has a "keep" mask per sample (the valuation method)."""
+                 steps: int | None = None, epoch: int = 0, seed: int = 0, rank: int = 0,
+                 world: int = 1, workers: int = 2, shuffle_buffer: int = 1000,
+                 augment: bool = True, device_type: str = "cpu", salt: int | None = None,
+                 copies: dict[str, tuple[int, ...]] | None = None, modalities: int = 0,
+                 sampling: str = "exact"):
+    """`steps` batches per rank (`loader.steps`), augmented unless `augment=False` (OLM-com's
+    held-out val stream with --olm-heldout eval). `salt` gives a second stream (the held-out
+    one) its own order and augmentation draws. `copies` (sample key -> modality masks, over the
+    model's `modalities` in order) re-samples the set: every batch then has a "keep" mask per
+    sample (the valuation method). Each batch lists the samples dropped from it as damaged
+    under "skipped" (key, tar, reason).
+
+    sampling "exact" (avtrain.sampling): every sample once per pass in a (seed, epoch) order;
+    `steps` None = one pass less the remainder, more runs on into the next pass (an endless
+    stream). "resample": shards drawn with replacement, a shuffle buffer, cut to `steps`."""
     salt = (0 if augment else 99) if salt is None else salt
+    if sampling == "exact":
+        from .sampling import ExactStream, sample_table
+
+        stream = ExactStream(shards, sample_table(shards, split), opts, batch_size=batch_size,
+                             epoch=epoch, seed=seed, rank=rank, world=world, steps=steps,
+                             augment=augment, salt=salt, copies=copies, modalities=modalities)
+        loader = _loader(stream, max(0, min(workers, stream.steps)), device_type, None)
+        loader.steps = stream.steps
+        return loader
+    if sampling != "resample":
+        raise UserError(f"--sampling must be exact or resample, got {sampling!r}")
+    if steps is None:
+        raise ValueError("a resampled stream is endless: give it `steps`")
     urls = shards.urls(split)
     resample = ([functools.partial(_copies_stage, copies=copies,
                                    everything=(1 << modalities) - 1)]
@@ -603,9 +674,11 @@ def train_loader(shards: ShardSet, split: str, opts: DataOptions, *, batch_size:
         _shuffle(shuffle_buffer, seed, epoch, rank, salt),
         _decode(opts, (seed if not salt else wds.utils.make_seed(seed, salt)) if augment
                 else None, epoch, rank),
-        wds.batched(batch_size, collation_fn=collate, partial=False),
+        _batches(batch_size, partial=False),
     )
-    return _loader(pipeline, workers, device_type, steps)
+    loader = _loader(pipeline, workers, device_type, steps)
+    loader.steps = steps
+    return loader
 
 
 def eval_loader(shards: ShardSet, split: str, opts: DataOptions, *, batch_size: int,
@@ -628,6 +701,6 @@ def eval_loader(shards: ShardSet, split: str, opts: DataOptions, *, batch_size: 
     pipeline = wds.DataPipeline(
         *source,
         _decode(opts, None, 0, rank),
-        wds.batched(batch_size, collation_fn=collate, partial=True),
+        _batches(batch_size, partial=True),
     )
     return _loader(pipeline, workers, device_type, None)

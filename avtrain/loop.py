@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -160,7 +161,9 @@ def evaluate(model, shards: ShardSet, split: str, opts: DataOptions, *, batch_si
     loader = eval_loader(shards, split, opts, batch_size=batch_size, rank=ctx.rank,
                          world=ctx.world, workers=workers, device_type=ctx.device.type)
     bar = _bar(loader, progress and ctx.main, f"eval {split}", None)
+    skipped = 0
     for batch in bar:
+        skipped += len(batch.pop("skipped", ()))  # damaged samples: counted, not fatal
         batch = to_device(batch, ctx.device, opts)
         with _autocast(ctx.device, amp):
             logits = bare(batch)
@@ -176,7 +179,7 @@ def evaluate(model, shards: ShardSet, split: str, opts: DataOptions, *, batch_si
         keys.extend(batch["key"])
     if was_training:
         bare.train()
-    local = {"keys": keys, "labels": _cat(labels), "loss": loss_sum,
+    local = {"keys": keys, "labels": _cat(labels), "loss": loss_sum, "skipped": skipped,
              "preds": {k: _cat(v) for k, v in preds.items()},
              "subsets": {s: _cat(v) for s, v in subset_preds.items()}}
     parts = D.gather_objects(local, ctx)
@@ -197,6 +200,7 @@ def evaluate(model, shards: ShardSet, split: str, opts: DataOptions, *, batch_si
     result["split"] = split
     result["expected"] = shards.samples(split)
     result["duplicates"] = len(all_keys) - len(set(all_keys))
+    result["skipped"] = sum(p["skipped"] for p in parts)
     return result
 
 
@@ -279,12 +283,17 @@ class Trainer:
         c = config
         check_decode_device(c.decode_device)
         self.shards = open_shards(c.shards, c.cache_dir, cache_bytes(c.cache_size))
-        self.shards.require("train", c.batch_size, ctx.world)
+        self.shards.require("train")
         self.shards.require(c.val_split)
         self.has_test = self.shards.samples(c.test_split) > 0
         self.opts = _data_options(c.to_dict(), self.shards, c.modalities,
                                   decode_device=c.decode_device)
-        self.steps = c.steps_per_epoch or self.shards.samples("train") // (c.batch_size * ctx.world)
+        self.warned: set[tuple[str, str]] = set()  # damaged samples already named
+        self.train_items = self._check_split("train")
+        self.shards.require("train", c.batch_size, ctx.world, items=self.train_items)
+        if get_method(c.method).needs_heldout:
+            self.heldout_items = self._check_split(c.val_split)
+        self.steps = self._steps_per_epoch()
         _seed_everything(c.seed)
         self.model = build_training_model(c, self.shards.num_classes, index=self.shards.index)
         self.spec = self.model.spec
@@ -342,6 +351,58 @@ class Trainer:
             "world_size": self.ctx.world,
         }
 
+    # -- the data --
+
+    def _check_split(self, split: str) -> int:
+        """Items in one pass over `split`. With exact sampling its sample table is built here
+        (once), and its damaged samples are named once (or refused under --strict) before any
+        step; each epoch still counts them in train_skipped."""
+        if self.config.sampling != "exact":
+            return self.shards.samples(split)
+        from .sampling import needed_members, sample_table
+
+        table = sample_table(self.shards, split)
+        damaged = table.damaged(needed_members(self.opts))
+        self._skipped([(*table.where(row), why) for row, why in damaged.items()],
+                      announce=self.ctx.main)
+        return len(table)
+
+    def _steps_per_epoch(self) -> int:
+        """--steps-per-epoch, else one pass over train less the remainder; --epoch-steps
+        shorter: at most the held-out pass's batches, the last one partial (OLM-com's released
+        zip(train, held-out), whose held-out DataLoader keeps its last batch)."""
+        c, world = self.config, self.ctx.world
+        if c.steps_per_epoch:
+            return c.steps_per_epoch
+        steps = self.train_items // (c.batch_size * world)
+        if c.epoch_steps == "shorter":
+            steps = min(steps, -(-self.heldout_items // (c.batch_size * world)))
+        return steps
+
+    MAX_NAMED = 20  # damaged samples named one per line; more are only counted
+
+    def _skipped(self, skipped, announce: bool = True) -> None:
+        """Damaged samples (key, tar, reason): each named once in a warning line, or, under
+        --strict, one error before the step that would have used them."""
+        if not skipped:
+            return
+        if self.config.strict:
+            key, url, why = skipped[0]
+            more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+            raise UserError(f"{url}: sample {key} is damaged ({why}){more}; --strict stops "
+                            "here (`avprep verify` names every problem; without --strict such "
+                            "samples are skipped and counted)")
+        for key, url, why in skipped:
+            if (key, url) in self.warned:
+                continue
+            self.warned.add((key, url))
+            if announce and len(self.warned) <= self.MAX_NAMED:
+                print(f"Warning: skipping damaged sample {key} in {url} ({why}); counted in "
+                      "train_skipped", file=sys.stderr, flush=True)
+            elif announce and len(self.warned) == self.MAX_NAMED + 1:
+                print("Warning: more damaged samples: counted in train_skipped, not named",
+                      file=sys.stderr, flush=True)
+
     # -- one epoch --
 
     def train_epoch(self, epoch: int, log: RunLog) -> dict:
@@ -352,20 +413,25 @@ class Trainer:
         steps = self.steps
         if copies is not None and not c.steps_per_epoch:  # the epoch grows with the copies
             extra = sum(len(masks) for masks in copies.values())
-            steps = (self.shards.samples("train") + extra) // (c.batch_size * ctx.world)
+            steps = (self.train_items + extra) // (c.batch_size * ctx.world)
         loader = train_loader(self.shards, "train", self.opts, batch_size=c.batch_size,
                               steps=steps, epoch=epoch, seed=c.seed, rank=ctx.rank,
                               world=ctx.world, workers=c.workers, shuffle_buffer=c.shuffle_buffer,
                               device_type=ctx.device.type, copies=copies,
-                              modalities=len(self.model.modalities))
+                              modalities=len(self.model.modalities), sampling=c.sampling)
         heldout = iter(self._heldout_loader(epoch)) if self.balancer.needs_heldout else None
         loss_sum = torch.zeros((), device=ctx.device)
         correct = torch.zeros((), device=ctx.device)
-        seen = 0
+        seen, skipped, keys = 0, 0, set()
         norms = LogitNorms()
         started = time.time()
         bar = _bar(loader, c.progress and ctx.main, f"epoch {epoch}", steps)
         for batch in bar:
+            dropped = batch.pop("skipped", ())
+            if dropped:  # before the step: --strict stops with no step lost
+                skipped += len(dropped)
+                self._skipped(dropped)
+            keys.update(batch["key"])
             batch = to_device(batch, ctx.device, self.opts)
             labels = batch["label"]
             loss, logits = self.train_step(batch, epoch, heldout)
@@ -376,13 +442,16 @@ class Trainer:
             self.step += 1
             if self.step % c.log_every == 0:
                 self._log_step(epoch, loss, log, bar, correct, seen)
-        totals = D.all_reduce_sum(torch.stack([loss_sum, correct.float(),
-                                               torch.tensor(float(seen), device=ctx.device)]),
-                                  ctx).tolist()
+        # one reduction per epoch: samples trained on, distinct keys per rank (disjoint ranks
+        # under exact sampling, so the sum is the distinct count), damaged samples skipped
+        counts = torch.tensor([float(seen), float(len(keys)), float(skipped)], dtype=torch.float64)
+        totals = D.all_reduce_sum(torch.cat([torch.stack([loss_sum, correct.float()]).double(),
+                                             counts.to(ctx.device)]), ctx).tolist()
         steps_done = max(1, steps)
         return {"loss": totals[0] / (steps_done * ctx.world), "acc": totals[1] / max(1, totals[2]),
                 "step_time": (time.time() - started) / steps_done,
-                "logit_norm": norms.result(ctx)}
+                "logit_norm": norms.result(ctx), "samples": int(totals[2]),
+                "distinct": int(totals[3]), "skipped": int(totals[4])}
 
     def train_step(self, batch: dict, epoch: int, heldout=None):
         """One optimisation step on a batch already on the device -> (loss, logits).
@@ -412,8 +481,9 @@ class Trainer:
                                   steps=n, epoch=epoch, seed=c.seed, rank=ctx.rank,
                                   world=ctx.world, workers=min(1, c.workers),
                                   shuffle_buffer=c.shuffle_buffer, salt=97,
-                                  device_type=ctx.device.type)
+                                  device_type=ctx.device.type, sampling=c.sampling)
             for batch in loader:
+                self._skipped(batch.pop("skipped", ()))
                 yield to_device(batch, ctx.device, self.opts)
 
         def eval_batches(split: str):
@@ -440,22 +510,26 @@ class Trainer:
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{float(correct) / seen:.3f}")
 
     def _heldout_loader(self, epoch: int):
-        """Endless shuffled `val` batches (never `test`). --olm-heldout train (released): with
-        the train transforms, as OLM-com's held-out fold is read with them; eval: without."""
+        """Endless shuffled `val` batches (never `test`): with exact sampling each pass over
+        val in its own (seed, epoch) order, running on into the next pass. --olm-heldout train
+        (released): with the train transforms, as OLM-com's held-out fold is read with them;
+        eval: without."""
         c, ctx = self.config, self.ctx
         augment = c.olm_heldout == "train"
         return train_loader(self.shards, c.val_split, self.opts, batch_size=c.batch_size,
                             steps=10**12, epoch=epoch, seed=c.seed, rank=ctx.rank,
                             world=ctx.world, workers=min(1, c.workers), shuffle_buffer=100,
                             augment=augment, salt=98 if augment else 99,
-                            device_type=ctx.device.type)
+                            device_type=ctx.device.type, sampling=c.sampling)
 
     def _feed_heldout(self, heldout) -> None:
         """The held-out forward, without grad (the released one builds a graph it never
         backpropagates: same numbers). --olm-heldout train (released): train mode, so
         BatchNorm uses the batch's statistics and updates its running ones (and dropout is
         on); eval: eval mode, so val data never enters the running statistics."""
-        batch = to_device(next(heldout), self.ctx.device, self.opts)
+        batch = next(heldout)
+        self._skipped(batch.pop("skipped", ()))
+        batch = to_device(batch, self.ctx.device, self.opts)
         train_mode = self.config.olm_heldout == "train"
         if not train_mode:
             self.model.eval()
@@ -598,6 +672,7 @@ def _fit(config: TrainConfig, ctx: D.Context, resume: str | None) -> dict:
     if ctx.main and trainer.start_epoch == 0:
         log.write({"kind": "start", "world_size": ctx.world, "steps_per_epoch": trainer.steps,
                    "device": str(ctx.device), "train_samples": trainer.shards.samples("train"),
+                   "sampling": c.sampling,
                    "alpha": trainer.balancer_config["alpha"], "spec": trainer.spec})
     epoch = trainer.start_epoch
     try:
@@ -612,6 +687,8 @@ def _fit(config: TrainConfig, ctx: D.Context, resume: str | None) -> dict:
                 else None
             record = {"kind": "epoch", "epoch": epoch, "step": trainer.step,
                       "train_loss": train["loss"], "train_acc": train["acc"],
+                      "train_samples": train["samples"], "train_distinct": train["distinct"],
+                      "train_skipped": train["skipped"],
                       "lr": trainer.optimizer.param_groups[0]["lr"],
                       "val": _epoch_metrics(val), "test": _epoch_metrics(test),
                       "epoch_time": round(time.time() - t0, 3),

@@ -6,15 +6,18 @@ preset (257x188 log-STFT, 1 fps frames stored at 256 px), and the *same* samples
 the way the seed code keeps them: one pickled float32 spectrogram per clip plus a folder of
 JPEG frames per clip.
 
-shards    `avtrain.data.train_loader`: resampled tars, shuffle buffer, decode of the chosen
-          frames only, RandomResizedCrop + flip + ImageNet norm, full batches.
+exact     `avtrain.data.train_loader` with `sampling="exact"` (the default): each sample read by
+          byte range from its tar in a (seed, epoch) permutation (avtrain.sampling), decode of
+          the chosen frames only, RandomResizedCrop + flip + ImageNet norm, full batches.
+resample  the same with `sampling="resample"`: resampled tars streamed through a shuffle
+          buffer (the loader before exact epochs; `--sampling resample`).
 seed      a map-style torch Dataset as the OGM-GE/OLM scripts write it: per sample
           `pickle.load` of the spectrogram, `os.listdir` of the clip's frame folder, random
           frames opened with PIL and transformed one by one with torchvision transforms;
           DataLoader(shuffle=True, drop_last=True).
 
-Both use the same batch size, image size, frames per clip and number of worker processes;
-rounds are interleaved (shards, seed, shards, seed, ...) and the fastest round of each is
+All use the same batch size, image size, frames per clip and number of worker processes;
+rounds are interleaved (exact, resample, seed, exact, ...) and the fastest round of each is
 kept, because the machines are shared and noisy. Then the model's step rate (forward +
 backward + SGD step on batches of the same shape) for `tiny` and `resnet18`: if the loader
 delivers fewer samples/s than the model consumes, training is loader-bound.
@@ -22,6 +25,7 @@ delivers fewer samples/s than the model consumes, training is loader-bound.
     .venv/bin/python benchmarks/loader.py                            # prints the table
     .venv/bin/python benchmarks/loader.py --results benchmarks/RESULTS-loader.md
     .venv/bin/python benchmarks/loader.py --device cuda --batch-size 64   # on a GPU (bf16)
+    .venv/bin/python benchmarks/loader.py --loaders exact,resample --models ""  # exact vs stream
 """
 
 from __future__ import annotations
@@ -178,14 +182,15 @@ def warmup(args) -> int:
     return max(1, args.workers)
 
 
-def shard_rate(shards, opts, args, round_no: int) -> float:
+def shard_rate(shards, opts, args, round_no: int, sampling: str = "exact") -> float:
     """Batches ready for the model: the loader's, then `to_device` (which normalises the uint8
-    frames), so the rate counts every step between the tar and the network."""
+    frames), so the rate counts every step between the tar and the network. Exact epochs run
+    on into the next pass when the timed batches outnumber one."""
     from avtrain.data import to_device
 
     loader = train_loader(shards, "train", opts, batch_size=args.batch_size,
                           steps=args.batches + warmup(args), epoch=round_no, workers=args.workers,
-                          shuffle_buffer=args.shuffle_buffer)
+                          shuffle_buffer=args.shuffle_buffer, sampling=sampling)
     cpu = torch.device("cpu")
     return rate((to_device(b, cpu, opts) for b in loader), args.batch_size, args.batches,
                 warmup(args))
@@ -245,6 +250,8 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", default="1,3", help="frames per clip, comma-separated")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--shuffle-buffer", type=int, default=200)
+    ap.add_argument("--loaders", default="exact,resample,seed",
+                    help="loaders to time, comma-separated: exact, resample, seed")
     ap.add_argument("--model-steps", type=int, default=3)
     ap.add_argument("--models", default="tiny,resnet18")
     ap.add_argument("--device", default="cpu")
@@ -263,6 +270,7 @@ def main(argv=None) -> int:
 
     shards = open_shards(shards_dir)
     configs = [(int(f), int(w)) for f in args.frames.split(",") for w in args.workers.split(",")]
+    loaders = [x for x in args.loaders.split(",") if x]
     rows, limits = [], {}
     for frames, workers in configs:
         run = argparse.Namespace(**{**vars(args), "frames": frames, "workers": workers})
@@ -271,15 +279,17 @@ def main(argv=None) -> int:
         if frames not in limits:
             limits[frames] = limit_rate(shards, opts, frames, args.image_size)
             print(f"limit, {frames} frame(s): {limits[frames]:.1f} samples/s per core")
-        ours, seed = [], []
+        rounds = {name: [] for name in loaders}
         for r in range(args.rounds):
-            ours.append(shard_rate(shards, opts, run, r))
-            seed.append(seed_rate(dataset, run))
-            print(f"{frames} frame(s), {workers} worker(s), round {r}: shards {ours[-1]:.1f} "
-                  f"samples/s, seed-style {seed[-1]:.1f} samples/s")
-        rows.append((frames, workers, limits[frames], max(ours), max(seed), ours, seed))
+            for name in loaders:
+                rounds[name].append(seed_rate(dataset, run) if name == "seed"
+                                    else shard_rate(shards, opts, run, r, name))
+            print(f"{frames} frame(s), {workers} worker(s), round {r}: " + ", ".join(
+                f"{name} {rounds[name][-1]:.1f}" for name in loaders) + " samples/s")
+        rows.append((frames, workers, limits[frames], rounds))
     frames0, workers0 = configs[0]
-    best_ours = next(r[3] for r in rows if r[:2] == (frames0, workers0))
+    ours = "exact" if "exact" in loaders else loaders[0]
+    best_ours = next(max(r[3][ours]) for r in rows if r[:2] == (frames0, workers0))
     opts = DataOptions.for_shards(shards, image_size=args.image_size, frames=frames0)
     sample = next(iter(train_loader(shards, "train", opts, batch_size=args.batch_size, steps=1,
                                     workers=0, shuffle_buffer=16)))
@@ -311,18 +321,30 @@ def main(argv=None) -> int:
         "",
         "Limit: the same samples' chosen frames, in memory, decoded (torchvision) + "
         "RandomResizedCrop 224 + flip + ImageNet normalisation in one process on one thread: "
-        "samples/s per core. Shards: `train_loader` then `to_device` (batches ready for the "
-        "model). Seed: the folder loader below.",
+        "samples/s per core. exact / resample: `train_loader` with that `sampling`, then "
+        "`to_device` (batches ready for the model). Seed: the folder loader below.",
         "",
-        "| frames | workers | limit / core | shards | seed-style | shards per worker / limit "
-        "| shards / seed-style | rounds (shards; seed) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| frames | workers | limit / core | " + " | ".join(loaders) + " | "
+        + (f"{ours} per worker / limit | " if ours != "seed" else "")
+        + ("**exact / resample** | " if {"exact", "resample"} <= set(loaders) else "")
+        + (f"{ours} / seed-style | " if "seed" in loaders and ours != "seed" else "")
+        + "rounds (" + "; ".join(loaders) + ") |",
     ]
-    for frames, workers, limit, ours, seed, all_ours, all_seed in rows:
-        lines.append(
-            f"| {frames} | {workers} | {limit:.1f} | {ours:.1f} | {seed:.1f} | "
-            f"**{ours / workers / limit:.2f}x** | **{ours / seed:.2f}x** | "
-            f"{', '.join(f'{x:.0f}' for x in all_ours)}; {', '.join(f'{x:.0f}' for x in all_seed)} |")
+    ncols = 3 + len(loaders) + (ours != "seed") + ({"exact", "resample"} <= set(loaders)) + (
+        "seed" in loaders and ours != "seed") + 1
+    lines.append("|" + "---:|" * (ncols - 1) + "---|")
+    for frames, workers, limit, rounds in rows:
+        best = {name: max(values) for name, values in rounds.items()}
+        cells = [str(frames), str(workers), f"{limit:.1f}"]
+        cells += [f"{best[name]:.1f}" for name in loaders]
+        if ours != "seed":
+            cells.append(f"{best[ours] / workers / limit:.2f}x")
+        if {"exact", "resample"} <= set(loaders):
+            cells.append(f"**{best['exact'] / best['resample']:.2f}x**")
+        if "seed" in loaders and ours != "seed":
+            cells.append(f"{best[ours] / best['seed']:.2f}x")
+        cells.append("; ".join(", ".join(f"{x:.0f}" for x in rounds[name]) for name in loaders))
+        lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
         f"| model ({device.type}, batch {args.batch_size}) | train samples/s | steps/s | "

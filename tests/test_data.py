@@ -51,11 +51,12 @@ def test_index_is_read(train_shards):
     assert shards.preset["name"] == "synth"
 
 
-def test_train_batch_layout(train_shards):
+@pytest.mark.parametrize("sampling", ["exact", "resample"])
+def test_train_batch_layout(train_shards, sampling):
     shards = open_shards(str(train_shards))
     opts = opts_for(shards, frames=3)
     batches = list(train_loader(shards, "train", opts, batch_size=4, steps=3, workers=0,
-                                shuffle_buffer=20))
+                                shuffle_buffer=20, sampling=sampling))
     assert len(batches) == 3
     b = batches[0]
     # spectrograms travel as the shards store them: float16 (half the bytes)
@@ -77,13 +78,16 @@ def test_train_batch_layout(train_shards):
     assert torch.equal(on["audio"], b["audio"].float())
 
 
-def test_train_stream_is_a_function_of_seed_and_epoch(train_shards):
+def test_resampled_stream_is_a_function_of_seed_and_epoch(train_shards):
+    """--sampling resample (the exact epochs' contract is tests/test_sampling.py's): the same
+    per (seed, epoch, workers), with replacement, so an epoch repeats some samples."""
     shards = open_shards(str(train_shards))
     opts = opts_for(shards)
 
-    def run(epoch, seed=0, workers=0):
-        out = list(train_loader(shards, "train", opts, batch_size=4, steps=4, epoch=epoch,
-                                seed=seed, workers=workers, shuffle_buffer=20))
+    def run(epoch, seed=0, workers=0, steps=4):
+        out = list(train_loader(shards, "train", opts, batch_size=4, steps=steps, epoch=epoch,
+                                seed=seed, workers=workers, shuffle_buffer=20,
+                                sampling="resample"))
         return [k for b in out for k in b["key"]], torch.cat([b["visual"] for b in out])
 
     keys0, vis0 = run(0)
@@ -93,6 +97,23 @@ def test_train_stream_is_a_function_of_seed_and_epoch(train_shards):
     assert run(0, seed=1)[0] != keys0
     k2, v2 = run(0, workers=2)  # worker processes: still reproducible
     assert (k2, v2.shape) == (run(0, workers=2)[0], v2.shape)
+    n = shards.samples("train")
+    keys = run(0, steps=n // 4)[0]  # an "epoch" of as many samples as the split holds
+    assert len(keys) == n - n % 4 and len(set(keys)) < len(keys)  # drawn with replacement
+
+
+def test_a_damaged_sample_in_a_resampled_stream_is_skipped_and_listed(train_shards, tmp_path):
+    from test_sampling import damage
+
+    copy = tmp_path / "shards"
+    shutil.copytree(train_shards, copy)
+    key, tar_path = damage(copy)
+    shards = open_shards(str(copy))
+    loader = train_loader(shards, "train", opts_for(shards), batch_size=4, steps=30,
+                          workers=0, shuffle_buffer=20, sampling="resample")
+    skipped = {tuple(s) for b in loader for s in b["skipped"]}
+    assert skipped == {(key, tar_path, "ValueError: sample " + key + " has no .cls member")}
+    assert not (copy / "unpickled").exists()
 
 
 @pytest.mark.parametrize("world, workers", [(1, 0), (1, 2), (2, 0), (2, 1), (3, 2)])
