@@ -81,3 +81,25 @@ def test_every_run_on_a_figure_gets_its_own_colour():
     colours = colours_for(runs)
     assert colours["none"] == METHOD_COLOURS["none"] and colours["olm"] == METHOD_COLOURS["olm"]
     assert len(set(colours.values())) == len(runs)
+
+
+def _accuracy_rows(text: str) -> dict[str, list[str]]:
+    """run name -> its accuracy cells (every column of the demo's table but the wall time)."""
+    rows = {}
+    for line in text.splitlines():
+        cells = line.split()
+        if cells and cells[0] in dict(demo.RUNS) and len(cells) == 6:
+            rows[cells[0]] = cells[1:5]
+    return rows
+
+
+@pytest.mark.slow
+def test_readme_demo_table_is_what_the_demo_prints(tmp_path, capsys):
+    """The first thing a new user runs must print the table the README shows (its accuracy
+    columns; wall time is the machine's). Rerun `make demo` and paste its table when it fails."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    shown = _accuracy_rows(readme.split("## Two commands", 1)[1].split("\n## ", 1)[0])
+    assert set(shown) == set(dict(demo.RUNS)), "the README's demo table lists other runs"
+    assert demo.main(["--out", str(tmp_path / "demo"), "--workers", "2"]) == 0
+    printed = _accuracy_rows(capsys.readouterr().out)
+    assert printed == shown
