@@ -88,9 +88,13 @@ RELEASED_OLM = {
         **_OLM_CNN, "method": ("olm_com", "main_logits_com.py"),
         "global_batch_size": (64, "scripts/run_logits_com.sh line 10: --batch_size=64"),
         "olm_heldout": ("train", "engines/engine_logits_com.py lines 37, 60: the held-out batch "
-                                 "goes through the model in train mode")},
+                                 "goes through the model in train mode"),
+        "epoch_steps": ("shorter", "engines/engine_logits_com.py line 39: for train_data, "
+                                   "eval_data in zip(train_dataloader, eval_dataloader)")},
     "olm_com-mer": {
         "method": ("olm_com", "main_trans_logits_com.py"),
+        "epoch_steps": ("shorter", "engines/engine_trans_logits_com.py line 32: for "
+                                   "train_data, eval_data in zip(train_dataloader, ...)"),
         "model": ("emt", "scripts/run_trans_logits_com.sh line 17: model_type emt, mbt, umt, ca"),
         "global_batch_size": (2, "scripts/run_trans_logits_com.sh line 13: --batch_size=2"),
         "lr": (1e-4, "scripts/run_trans_logits_com.sh line 14: --lr=1e-4"),
