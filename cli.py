@@ -154,6 +154,7 @@ def manifest(legacy, output, missing_file, **kw):
 
     from avprep.datasets import scan_dataset
     from avprep.manifest import write_manifest
+    from avprep.outputs import make_output_dir
     from avprep.sources import given_options
 
     source = _source(kw)
@@ -167,13 +168,12 @@ def manifest(legacy, output, missing_file, **kw):
     if not dataset or not root:
         raise UserError("say which dataset to read: --dataset NAME --root DIR")
     scan = scan_dataset(dataset, root, **given_options(source))
-    out_dir = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(out_dir):
-        raise UserError(f"folder {out_dir} for the manifest does not exist")
+    missing_file = missing_file or f"{output}.missing.txt"
+    for path in (output, missing_file):  # their folders, with missing parents
+        make_output_dir(os.path.dirname(os.path.abspath(path)))
     write_manifest(scan.records, output, classes=scan.classes, dataset=scan.dataset)
     click.echo(scan.describe())
     click.echo(f"manifest: {output} ({len(scan.records)} records)")
-    missing_file = missing_file or f"{output}.missing.txt"
     for stale in (missing_file, f"{output}.unlisted.txt"):  # from an earlier run
         if os.path.exists(stale):
             os.remove(stale)

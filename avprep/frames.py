@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from .errors import MediaError, UserError
 from .manifest import Record
+from .outputs import make_output_dir
 
 PARTIAL = ".partial"
 STAGING = ".staging"
@@ -80,9 +81,7 @@ class ExtractSummary:
 
 def _prepare_out(out: str, settings_name: str, settings: dict, overwrite: bool) -> None:
     """Create OUT, check an earlier run used the same settings, clear stale partial clips."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"{out} exists and is not a folder")
-    os.makedirs(out, exist_ok=True)
+    make_output_dir(out)  # with its missing parents
     path = os.path.join(out, settings_name)
     ours = {FRAME_SETTINGS, AUDIO_SETTINGS}
     if os.path.isfile(path):

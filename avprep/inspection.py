@@ -12,6 +12,7 @@ from collections import Counter
 import numpy as np
 
 from .errors import UserError
+from .outputs import make_output_dir
 from .storage import Store
 
 SAFE_SUFFIXES = ("npy", "jpg", "cls", "json", "txt")
@@ -124,6 +125,7 @@ def show_sample(out: str, key: str, png: str) -> str:
     import matplotlib.pyplot as plt
 
     sample = find_sample(out, key)
+    make_output_dir(os.path.dirname(os.path.abspath(png)))  # with its missing parents
     classes = load_index(out).get("classes", [])
     frames = [sample[k] for k in sorted(sample) if k.startswith("f") and k.endswith("jpg")]
     label = sample.get("cls")

@@ -28,6 +28,7 @@ import numpy as np
 from . import __version__
 from .errors import MediaError, UserError
 from .manifest import SPLITS, Record, validate
+from .outputs import make_output_dir
 from .presets import Preset
 from .storage import Store, local_scratch, remove_scratch
 
@@ -422,12 +423,7 @@ def prepare_shard_dir(out: str, fingerprint: str, args: dict, overwrite: bool) -
     store = Store.at(out)
     if not store.local:
         return _prepare_remote(store, fingerprint, args, overwrite)
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise UserError(f"the parent folder of {out} does not exist")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"{out} exists and is not a folder")
-    os.makedirs(out, exist_ok=True)
+    make_output_dir(out)  # with its missing parents
     if not os.access(out, os.W_OK):
         raise UserError(f"{out} is not writable")
     build_path = os.path.join(out, BUILD_FILE)

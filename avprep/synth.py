@@ -37,6 +37,7 @@ from tqdm import tqdm
 from .errors import UserError
 from .ffmpeg_bin import find_ffmpeg
 from .manifest import Record, hash_split, write_manifest
+from .outputs import check_output_dir
 
 SHAPES = ("disc", "square", "bar")
 
@@ -207,8 +208,7 @@ def write_synth(out: str | os.PathLike, config: SynthConfig | None = None, worke
     config = config or SynthConfig()
     config.check()
     out = os.fspath(out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"{out} exists and is not a folder")
+    check_output_dir(out)  # its missing parents are made with the videos' folders
     if os.path.isdir(out) and os.listdir(out):
         if not overwrite:
             raise UserError(f"{out} is not empty; pass --overwrite to replace a synth dataset "

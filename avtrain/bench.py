@@ -44,6 +44,7 @@ import yaml
 
 from avprep.errors import UserError
 from avprep.executors import ray_connect
+from avprep.outputs import check_output_dir, make_output_dir
 
 from .config import FIELDS, TrainConfig, make_config
 
@@ -219,6 +220,7 @@ def _differences(old: dict, new: dict) -> list[str]:
 def prepare_folder(out: str, settings: dict, runs: list[BenchRun], overwrite: bool) -> None:
     """Refuse a folder made with another protocol (or not by bench) unless `overwrite`; check
     that runs already there were trained with the settings they would get now."""
+    check_output_dir(out)
     path = os.path.join(out, BENCH_FILE)
     if os.path.isfile(path):
         try:
@@ -252,7 +254,7 @@ def prepare_folder(out: str, settings: dict, runs: list[BenchRun], overwrite: bo
                     raise UserError(f"{run.run_dir} was trained with other settings "
                                     f"({'; '.join(changed[:4])}); add --overwrite to start the "
                                     "bench again")
-    os.makedirs(out, exist_ok=True)
+    make_output_dir(out)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump({"protocol": settings}, fh, indent=2)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from avprep.errors import UserError
+from avprep.outputs import check_output_dir
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("step", "cosine", "none")
@@ -321,6 +322,7 @@ def require_run_paths(config: TrainConfig) -> None:
         if not getattr(config, name):
             raise UserError(f"Missing option '--{name.replace('_', '-')}' ({what}; or give it in "
                             "--config)")
+    check_output_dir(config.run_dir)  # made later, with its missing parents
 
 
 def to_yaml(config: TrainConfig) -> str:

@@ -7,12 +7,24 @@ input. torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; nothing else is needed.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from avprep.errors import UserError
+
+if dist.is_available():
+    # Imported here, before any process group exists, on purpose: this torch module binds
+    # `group.WORLD` into its functions' default arguments when it is first imported, and
+    # DDP's constructor imports it (through torch._dynamo). First imported after
+    # init_process_group, it holds the group for good, so destroy_process_group cannot free
+    # it: gloo's worker threads outlive the teardown and run into interpreter shutdown, where
+    # one still releasing a collective's tensor needs the GIL and aborts the process
+    # ("terminate called without an active exception", SIGABRT). Imported now, the defaults
+    # are None and the teardown below really stops those threads.
+    import torch.distributed.nn.functional  # noqa: F401
 
 
 @dataclass
@@ -60,8 +72,17 @@ def setup(device: str = "auto") -> Context:
 
 
 def teardown(ctx: Context) -> None:
-    if ctx.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group in order. After a successful run every rank first meets the
+    others at a barrier, so none destroys its group (closing its connections) while another
+    is still inside a collective; destroy_process_group then joins gloo's threads (see the
+    import at the top), so none is left running when the interpreter shuts down. Called from
+    a `finally` while an exception propagates, it skips the barrier: the other ranks may be
+    inside another collective, or gone, and a barrier would hang."""
+    if not (ctx.owns_group and dist.is_initialized()):
+        return
+    if sys.exc_info()[0] is None:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def all_reduce_sum(t: torch.Tensor, ctx: Context) -> torch.Tensor:

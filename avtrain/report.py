@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from avprep.errors import UserError
+from avprep.outputs import make_output_dir
 
 METHOD_COLOURS = {"none": "#555555", "ogm": "#1f77b4", "ogm_ge": "#2ca02c", "olm": "#d62728",
                   "olm_com": "#9467bd"}
@@ -301,7 +302,7 @@ def write_report(run_dirs: list[str], out_dir: str, classes: list[str] | None = 
     if not runs:
         reasons = "; ".join(f"{p}: {why}" for p, why in skipped) or "no runs given"
         raise UserError(f"nothing to report ({reasons})")
-    os.makedirs(out_dir, exist_ok=True)
+    make_output_dir(out_dir)
     colours = colours_for(runs)
     modalities = []
     for run in runs:

@@ -6,11 +6,13 @@ test_ogm_released.py) and of the gloo DDP tests (test_balance_ddp.py).
 - `step_trainer`: a real `avtrain.loop.Trainer` for a tiny model, built the way
   `Trainer.__init__` builds it (`build_training_model`, optimizer, scheduler, balancer), without
   shards: only `Trainer.train_step` is meant to run;
-- `run_gloo`: run a function in N gloo processes and collect what each returns.
+- `run_gloo`: run a function in N gloo processes and collect what each returns; each process
+  leaves its group through `avtrain.distributed.teardown` and fails if a gloo thread survives.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 
 import torch
@@ -79,14 +81,37 @@ def step_trainer(method: str, fusion: str, classes: int, *, bn: bool = True, **s
     return t
 
 
+def gloo_threads() -> list[str]:
+    """Names of this process's gloo threads (Linux: /proc/self/task/*/comm), [] elsewhere."""
+    names = []
+    for task in glob.glob("/proc/self/task/*/comm"):
+        try:
+            with open(task) as f:
+                name = f.read().strip()
+        except OSError:  # the thread ended while we looked
+            continue
+        if "gloo" in name:
+            names.append(name)
+    return names
+
+
 def _gloo_worker(rank: int, world: int, init_file: str, out_dir: str, fn) -> None:
+    """One rank: join the group, run `fn`, leave through the trainer's own teardown (barrier,
+    then destroy), and check that no gloo thread survived it: one that does runs into the
+    interpreter's shutdown and can abort the process (see avtrain/distributed.py)."""
+    from avtrain import distributed as D
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     try:
-        torch.save(fn(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
+        result = fn(rank, world)
     finally:
-        dist.destroy_process_group()
+        D.teardown(D.Context(rank, world, owns_group=True))
+    left = gloo_threads()
+    assert not left, (f"rank {rank}: gloo threads {left} still run after the process group was "
+                      "destroyed: something still holds the group")
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def run_gloo(fn, out_dir, world: int = 2) -> list:

@@ -1,7 +1,8 @@
 """Every command of the click tree, walked automatically, answers user mistakes with one
 `Error:` line and exit code 2, never a traceback: no arguments, each required parameter
-missing, a nonexistent input path, a non-number, an empty file and a folder where a file is
-expected. A command added later is covered without anyone remembering to add it here."""
+missing, a nonexistent input path, a non-number, an empty file, a folder where a file is
+expected, and an output path under a file (missing parents of an output are created, but a file
+cannot hold a folder). A command added later is covered without anyone remembering to add it here."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ NO_ARGUMENTS_OK = {("avprep", "doctor"), ("avtrain", "recipes")}
 OUTPUTS = {"out", "output", "out_dir", "run_dir", "png", "missing_file",
            "cache_dir"}  # cache_dir: created when missing, like an output folder
 INPUT_OUTS = {("avprep", "inspect", "out"), ("avprep", "verify", "out")}  # OUT read, not written
+# outputs these calls do not write: only remote shards are cached; --png only with --show
+NOT_WRITTEN_HERE = {"cache_dir", "png"}
 
 
 def commands():
@@ -121,6 +124,9 @@ def cases():
             if wants_file(p):
                 yield pytest.param(group, name, "folder", p.name,
                                    id=f"{group}-{name}-{p.name}-folder")
+            if is_output(group, name, p) and p.name not in NOT_WRITTEN_HERE:
+                yield pytest.param(group, name, "under a file", p.name,
+                                   id=f"{group}-{name}-{p.name}-under-a-file")
             if is_numeric(p):
                 yield pytest.param(group, name, "non-number", p.name,
                                    id=f"{group}-{name}-{p.name}-nan")
@@ -149,6 +155,9 @@ def test_every_mistake_is_one_error_line(group, name, case, param_name, tmp_path
     elif case == "folder":
         (tmp_path / "a-folder").mkdir()
         args = args_with(str(tmp_path / "a-folder"))
+    elif case == "under a file":
+        (tmp_path / "a-file").write_text("x\n")
+        args = args_with(str(tmp_path / "a-file" / "new" / "out"))
     else:
         assert case == "non-number"
         args = args_with("not-a-number")

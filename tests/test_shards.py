@@ -321,9 +321,10 @@ def one_line_error(result) -> str:
 
 def test_cli_bad_input(synth_dir, tmp_path):
     manifest = str(synth_dir / "manifest.jsonl")
+    (tmp_path / "a-file").write_text("x\n")  # missing parents are made; a file cannot hold OUT
     line = one_line_error(run_cli("build-shards", "--manifest", manifest,
-                                  "-o", str(tmp_path / "no" / "such" / "out")))
-    assert "parent folder" in line
+                                  "-o", str(tmp_path / "a-file" / "such" / "out")))
+    assert f"{tmp_path / 'a-file'} is a file" in line
     line = one_line_error(run_cli("build-shards", "--manifest", manifest, "--preset", "nope",
                                   "-o", str(tmp_path / "o1")))
     assert "unknown preset 'nope'" in line
