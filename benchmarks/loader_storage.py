@@ -5,7 +5,8 @@ The shards of `benchmarks/loader.py` (cremad preset, synth clips) are served by 
 each started here in its own process on 127.0.0.1 (a free port): moto's S3 server (the
 standard AWS_* variables point the client at it) and Python's http.server over the folder.
 `avtrain.data.train_loader` is timed on four sources with the same workers, batch and rounds,
-interleaved, fastest round kept:
+interleaved, fastest round kept, in each sampling mode of `--sampling` (exact epochs, the
+default since issue #27, read samples by byte range; `resample` streams whole tars):
 
 local       the folder
 s3          s3://bucket/shards, tars streamed (8 MB ranged GETs), no cache
@@ -91,6 +92,8 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--shuffle-buffer", type=int, default=200)
     ap.add_argument("--date", default=dt.date.today().isoformat())
+    ap.add_argument("--sampling", default="exact,resample",
+                    help="comma-separated sampling modes to time on every source")
     ap.add_argument("--results", help="append the markdown table to this file")
     args = ap.parse_args(argv)
 
@@ -120,14 +123,16 @@ def main(argv=None) -> int:
                    "http": open_shards(f"http://127.0.0.1:{http_port}")}
         opts = DataOptions.for_shards(sources["local"], image_size=args.image_size,
                                       frames=args.frames)
-        rates = {k: [] for k in sources}
-        cpu = {k: {"client": [], "server": []} for k in sources}
+        modes = [m.strip() for m in args.sampling.split(",") if m.strip()]
+        runs = {f"{k} {m}": (k, m) for k in sources for m in modes}
+        rates = {k: [] for k in runs}
+        cpu = {k: {"client": [], "server": []} for k in runs}
         samples = (args.batches + max(1, args.workers)) * args.batch_size
         for r in range(args.rounds):
-            for name, shards in sources.items():
-                server = servers.get(name)
+            for name, (source, mode) in runs.items():
+                shards, server = sources[source], servers.get(source)
                 before = (client_seconds(), server and cpu_seconds(server.pid))
-                rates[name].append(shard_rate(shards, opts, args, r))
+                rates[name].append(shard_rate(shards, opts, args, r, sampling=mode))
                 cpu[name]["client"].append((client_seconds() - before[0]) / samples * 1000)
                 cpu[name]["server"].append(
                     (cpu_seconds(server.pid) - before[1]) / samples * 1000 if server else 0.0)
@@ -148,13 +153,18 @@ def main(argv=None) -> int:
              f"{args.batch_size}, {args.workers} loader worker(s), {args.batches} timed "
              f"batches x {args.rounds} interleaved rounds, fastest kept; the `cremad` shards "
              "of the benchmark above.", "",
-             "| source | samples/s (best round) | rounds | vs local | client CPU s/1k | "
+             "| source, sampling | samples/s (best round) | rounds | vs local (same sampling) | "
+             "client CPU s/1k | "
              "server CPU s/1k |", "|---|---:|---|---:|---:|---:|"]
     for k, v in rates.items():
+        local = best[f"local {runs[k][1]}"]  # the folder in the same sampling mode
         lines.append(f"| {k} | {best[k]:.1f} | {', '.join(f'{x:.1f}' for x in v)} | "
-                     f"{best[k] / best['local']:.2f}x | "
+                     f"{best[k] / local:.2f}x | "
                      f"{statistics.median(cpu[k]['client']):.2f} | "
                      f"{statistics.median(cpu[k]['server']):.2f} |")
+    if {"exact", "resample"} <= set(modes):
+        lines += ["", "exact ÷ resample (best rounds): " + ", ".join(
+            f"{k} {best[f'{k} exact'] / best[f'{k} resample']:.2f}x" for k in sources)]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.results:
