@@ -103,6 +103,10 @@ def load_recipe(name: str) -> Recipe:
                            "differences", "published", "released_reports"}
     if unknown:  # a shipped file: a typo here is a bug, caught by the tests
         raise ValueError(f"recipe {name}: unknown keys {sorted(unknown)}")
+    for key in ("differences", "published", "released_reports"):
+        if not all(isinstance(line, str) for line in data.get(key) or []):
+            # an unquoted "words: more words" item is a YAML mapping, shown as a dict
+            raise ValueError(f"recipe {name}: every item of {key} must be a string")
     block = data.get("data") or {}
     unknown = (set(block) - DATA_KEYS) | (set(block.get("preset_params") or {})
                                           - set(PRESET_DEFAULTS))
