@@ -45,9 +45,10 @@ is the baseline's (CE of the fused logits, mean over the batch, one backward, on
 Options: `--valuation-level` (sample), `--valuation-warmup` (5, both released scripts),
 `--valuation-part-ratio` (0.2) and `--valuation-alpha` (1), as released.
 
-Streaming: the epoch is the original set plus its copies (each copy right after its original in
-the stream, then the shuffle buffer mixes them; the released code appends the copies to the
-dataset and a shuffled DataLoader mixes them globally), and it has (N + copies) // batch steps,
+The epoch is the original set plus its copies: with exact epochs (the default) each copy is an
+extra item of the epoch's permutation, shuffled globally with the rest as the released code's
+appended copies under a shuffled DataLoader; with `--sampling resample` each copy follows its
+original in the stream and the shuffle buffer mixes them. It has (N + copies) // batch steps,
 as the released epoch has len(resampled set) / batch. With --steps-per-epoch set that count is
 kept.
 
@@ -70,8 +71,8 @@ Where we differ from the released code, and why:
 - the valuation reads the training split with eval transforms (deterministic: needed for exact
   resume and equal ranks); the released `train_val_dataset` is a second mode-'train' dataset,
   so its frames are randomly cropped and flipped;
-- each copy of a sample gets fresh augmentation draws, as released, but sits next to its
-  original in the stream until the shuffle buffer moves it (above);
+- each copy of a sample gets fresh augmentation draws, as released (under `--sampling
+  resample` it sits next to its original in the stream until the shuffle buffer moves it);
 - any number of modalities: the value |S| for a right prediction with S (released: 2 and 1);
   the copies keep one modality each (as BalanceMM); the modality level's difference is the mean
   over modality pairs (equal to the released one for two);
