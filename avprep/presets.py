@@ -156,11 +156,18 @@ def register(preset: Preset) -> Preset:
     return preset
 
 
-register(Preset(
-    name="cremad", sample_rate=22050, decode_rate=16000, resampler="kaiser_best",
-    mono_mix="s16", clip_seconds=3.0, fit="tile", clip_amplitude=True,
+# The released CREMA-D / AVE audio front end (OGM-GE CramedDataset.py, OLM cremad_dataset.py and
+# avedataset.py): a 16 kHz 16-bit mono WAV read by librosa 0.8.1 at 22,050 Hz (resampy
+# kaiser_best), 3 s tiled, clipped, log|STFT 512/353| with librosa's reflect padding; 1 fps.
+RELEASED_22K = dict(
+    sample_rate=22050, decode_rate=16000, resampler="kaiser_best", mono_mix="s16",
+    clip_seconds=3.0, fit="tile", clip_amplitude=True,
     spectrogram={"recipe": "stft_log", "n_fft": 512, "hop": 353, "pad_mode": "reflect"},
-    fps=1.0, frame_size=256, train_frames=1,
+    fps=1.0, frame_size=256)
+
+
+register(Preset(
+    name="cremad", **RELEASED_22K, train_frames=1,
     description="OGM-GE/OLM CREMA-D (CramedDataset.py, cremad_dataset.py): the 16 kHz 16-bit "
                 "WAV read as librosa 0.8.1's load(sr=22050) does (resampy kaiser_best, padded "
                 "to ceil(n x 22050/16000)), 3 s (tiled), clipped to [-1, 1], log(|STFT 512/353| "
@@ -202,10 +209,7 @@ register(Preset(
                 "7e-5 of torchaudio's fbank (tests/data/golden)",
 ))
 register(Preset(
-    name="ave", sample_rate=22050, decode_rate=16000, resampler="kaiser_best",
-    mono_mix="s16", clip_seconds=3.0, fit="tile", clip_amplitude=True,
-    spectrogram={"recipe": "stft_log", "n_fft": 512, "hop": 353, "pad_mode": "reflect"},
-    fps=1.0, frame_size=256, train_frames=3,
+    name="ave", **RELEASED_22K, train_frames=3,
     description="AVE per annotated event with the released AVE audio front end (OLM "
                 "data/AVE/mp4_to_wav.py 16 kHz 16-bit mono, librosa 0.8.1 load at 22,050 Hz: "
                 "resampy kaiser_best) over the event segment: first 3 s tiled, clipped, "
@@ -214,10 +218,7 @@ register(Preset(
                 "dataset and the ave-olm preset for that",
 ))
 register(Preset(
-    name="ave-olm", sample_rate=22050, decode_rate=16000, resampler="kaiser_best",
-    mono_mix="s16", clip_seconds=3.0, fit="tile", clip_amplitude=True,
-    spectrogram={"recipe": "stft_log", "n_fft": 512, "hop": 353, "pad_mode": "reflect"},
-    fps=1.0, frame_size=256, train_frames=1,
+    name="ave-olm", **RELEASED_22K, train_frames=1,
     description="OLM AVE (datasets/avedataset.py): one record per video; audio as the 16 kHz "
                 "16-bit mono WAV of data/AVE/mp4_to_wav.py (ffmpeg -ac 1: a stereo source "
                 "mixed to (L + R) / 2) read as librosa 0.8.1 does at 22,050 Hz (resampy "
