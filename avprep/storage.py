@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 
 from .errors import UserError
@@ -335,6 +336,7 @@ class ShardOpener:
         self.cache_dir = cache_dir if cache_dir and not store.local else None
         self.cache_size = cache_size or (10 << 30)
         self.sizes = sizes or {}
+        self.warned_ranges = False  # a server that ignores Range is named once per process
         if self.cache_dir:
             os.makedirs(self.cache_dir, exist_ok=True)
 
@@ -401,8 +403,19 @@ class ShardOpener:
             with open(url, "rb") as fh:
                 return os.pread(fh.fileno(), length, offset)
         with self.store.errors(url):
-            return self.store.fs.cat_file(self.store.url(name), start=offset,
+            data = self.store.fs.cat_file(self.store.url(name), start=offset,
                                           end=offset + length)
+        if len(data) == length:
+            return data
+        if len(data) >= offset + length:  # the server ignored Range and sent the whole tar
+            if not self.warned_ranges:
+                self.warned_ranges = True
+                print(f"Warning: {self.store.root} ignores byte ranges, so every sample "
+                      "downloads its whole tar; give --cache-dir to fetch each tar once",
+                      file=sys.stderr, flush=True)
+            return data[offset:offset + length]
+        raise UserError(f"{url}: asked for {length} bytes at {offset}, got {len(data)} (the "
+                        "tar is shorter than its stats say; `avprep verify` checks the set)")
 
     def evict(self, keep: str | None = None) -> None:
         """Remove the least recently used cached tars until the cache fits its size."""

@@ -215,6 +215,39 @@ def test_eval_over_http_and_cache_bound(built, tmp_path):
         thread.join()
 
 
+def test_exact_epoch_over_a_server_that_ignores_byte_ranges(built, capfd):
+    """Python's http.server answers a ranged GET with the whole tar (200, no Range support):
+    exact epochs still read the right bytes, equal to the local batches, and say once that
+    every sample costs a whole tar without --cache-dir."""
+    import torch
+
+    from avtrain.data import DataOptions, open_shards, train_loader
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(built))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        batches = {}
+        for name, where in (("local", str(built)),
+                            ("http", f"http://127.0.0.1:{server.server_address[1]}/")):
+            shards = open_shards(where)
+            opts = DataOptions.for_shards(shards, image_size=32)
+            batches[name] = list(train_loader(shards, "train", opts, batch_size=4, epoch=1,
+                                              seed=2, workers=0))
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert len(batches["http"]) == len(batches["local"]) > 0
+    for got, want in zip(batches["http"], batches["local"]):
+        assert got["key"] == want["key"]
+        assert torch.equal(got["audio"], want["audio"])
+        assert torch.equal(got["visual"], want["visual"])
+    assert capfd.readouterr().err.count("ignores byte ranges") == 1
+
+
 HOLD_IN_SECOND_UPLOAD = """
 from avprep import storage
 
