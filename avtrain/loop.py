@@ -34,9 +34,11 @@ from .checkpoint import (
     check_compatible,
     load_checkpoint,
     load_model_state,
+    model_from_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    weights_digest,
 )
 from .config import (
     TrainConfig,
@@ -59,6 +61,7 @@ from .imbalance import LogitNorms, epoch_probe
 from .metrics import RunLog, summarize
 from .models import MODEL_FLAGS, build_model, model_from_spec
 from .models.init import apply_init
+from .optim import build_optimizer, build_scheduler
 from .shapley import shapley_summary, subsets, zero_absent
 
 
@@ -91,24 +94,6 @@ def build_training_model(config: TrainConfig, num_classes: int, *,
     return apply_init(model, config.init)
 
 
-def build_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                               weight_decay=config.weight_decay)
-    cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
-
-
-def build_scheduler(config: TrainConfig, optimizer):
-    if config.scheduler == "step":
-        step = config.lr_step or max(1, round(0.7 * config.epochs))  # released: 70 of 100
-        return torch.optim.lr_scheduler.StepLR(optimizer, step, config.lr_gamma)
-    if config.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=10**9, gamma=1.0)  # constant
-
-
 def auxiliary_loss(model, logits: dict, labels: torch.Tensor) -> torch.Tensor | None:
     """CE of the detached auxiliary heads of non-decomposable fusions: trains only those heads
     (their inputs are detached), so each modality's accuracy can be measured."""
@@ -116,17 +101,6 @@ def auxiliary_loss(model, logits: dict, labels: torch.Tensor) -> torch.Tensor | 
     if bare.unimodal or bare.fusion.decomposable or bare.trained_unimodal_heads:
         return None
     return sum(F.cross_entropy(logits[m].float(), labels) for m in bare.modalities)
-
-
-def weights_digest(model) -> str:
-    """SHA-1 of every parameter and buffer: equal on all DDP ranks when replicas agree."""
-    import hashlib
-
-    h = hashlib.sha1()
-    for name, t in sorted(bare_model(model).state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _floats(metrics: dict) -> dict:
@@ -214,19 +188,6 @@ def _bar(iterable, enabled: bool, desc: str, total):
     from tqdm import tqdm
 
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
-
-
-def model_from_checkpoint(ckpt: dict, shards: ShardSet | None = None) -> torch.nn.Module:
-    """A bare model with the checkpoint's weights, checked against the shards' classes."""
-    spec = ckpt.get("spec") or {}
-    if shards is not None:
-        check_compatible(ckpt, num_classes=shards.num_classes, classes=shards.classes)
-    try:
-        model = model_from_spec(spec)
-    except KeyError:
-        raise UserError(f"{ckpt.get('path')}: checkpoint has no model description") from None
-    load_model_state(model, ckpt)
-    return model
 
 
 def evaluate_checkpoint(ckpt_path: str, shards_path: str, *, split: str = "test",
