@@ -769,8 +769,7 @@ def eval_cmd(ckpt, shards, split, batch_size, workers, device, decode_device, li
     import json as json_lib
 
     from avtrain.checkpoint import load_checkpoint
-    from avtrain.loop import evaluate_checkpoint
-    from avtrain.probe import probe_checkpoint
+    from avtrain.evaluate import evaluate_checkpoint, probe_checkpoint
 
     shards = shards or (load_checkpoint(ckpt).get("config") or {}).get("shards")
     if not shards:

@@ -1,18 +1,17 @@
-"""fit / evaluate: the training loop, top to bottom.
+"""fit: the training loop, top to bottom.
 
     summary = fit(make_config({"shards": "OUT", "run_dir": "RUN", "model": "tiny"}))
-    metrics = evaluate_checkpoint("RUN/best.pt", "OUT", split="test")
 
 One `fit` call trains one run directory: RUN/config.yaml, RUN/metrics.jsonl (per-step and
 per-epoch records), TensorBoard events in RUN/tb, RUN/last.pt every epoch, RUN/best.pt by
 validation accuracy and RUN/summary.json at the end. Under `torchrun` every rank runs the same
 code; rank 0 writes files. The balancing method is driven exactly as
-`avtrain.balance.base` documents.
+`avtrain.balance.base` documents. Evaluation (each epoch, and of best.pt at the end) is
+avtrain.evaluate; the optimizer and schedule avtrain.optim.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -34,7 +33,6 @@ from .checkpoint import (
     check_compatible,
     load_checkpoint,
     load_model_state,
-    model_from_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -49,26 +47,25 @@ from .config import (
     to_yaml,
 )
 from .data import (
-    DataOptions,
-    ShardSet,
     check_decode_device,
     eval_loader,
     open_shards,
     to_device,
     train_loader,
 )
+from .evaluate import (
+    autocast,
+    best_epoch_evaluations,
+    cache_bytes,
+    data_options,
+    evaluate,
+    progress_bar,
+)
 from .imbalance import LogitNorms, epoch_probe
-from .metrics import RunLog, summarize
-from .models import MODEL_FLAGS, build_model, model_from_spec
+from .metrics import RunLog
+from .models import MODEL_FLAGS, build_model
 from .models.init import apply_init
 from .optim import build_optimizer, build_scheduler
-from .shapley import shapley_summary, subsets, zero_absent
-
-
-def _autocast(device: torch.device, amp: bool):
-    if device.type == "cuda" and amp:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _seed_everything(seed: int) -> None:
@@ -114,125 +111,6 @@ def _floats(metrics: dict) -> dict:
     return out
 
 
-# --- evaluation ---------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate(model, shards: ShardSet, split: str, opts: DataOptions, *, batch_size: int,
-             ctx: D.Context | None = None, workers: int = 2, amp: bool = True,
-             progress: bool = False, shapley: bool = False) -> dict:
-    """Metrics of `model` on one split: every sample exactly once across ranks, gathered and
-    summarised on every rank (acc, acc_<modality>, macro_f1, confusion, loss, n). `shapley`
-    adds each modality's Shapley contribution to the fused accuracy (avtrain.shapley: one more
-    forward per proper subset of the modalities, absent inputs zeroed)."""
-    ctx = ctx or D.Context()
-    bare = bare_model(model)
-    was_training = bare.training
-    bare.eval()
-    labels, keys, preds, loss_sum = [], [], {}, 0.0
-    partial = subsets(bare.modalities)[:-1] if shapley else []  # the full set is `fused`
-    subset_preds: dict[tuple, list] = {s: [] for s in partial}
-    loader = eval_loader(shards, split, opts, batch_size=batch_size, rank=ctx.rank,
-                         world=ctx.world, workers=workers, device_type=ctx.device.type)
-    bar = _bar(loader, progress and ctx.main, f"eval {split}", None)
-    skipped = 0
-    for batch in bar:
-        skipped += len(batch.pop("skipped", ()))  # damaged samples: counted, not fatal
-        batch = to_device(batch, ctx.device, opts)
-        with _autocast(ctx.device, amp):
-            logits = bare(batch)
-        y = batch["label"]
-        loss_sum += float(F.cross_entropy(logits["fused"].float(), y, reduction="sum"))
-        for name, value in logits.items():
-            preds.setdefault(name, []).append(value.argmax(dim=1).cpu().numpy())
-        for subset in partial:
-            with _autocast(ctx.device, amp):
-                fused = bare(zero_absent(batch, subset, bare.modalities))["fused"]
-            subset_preds[subset].append(fused.argmax(dim=1).cpu().numpy())
-        labels.append(y.cpu().numpy())
-        keys.extend(batch["key"])
-    if was_training:
-        bare.train()
-    local = {"keys": keys, "labels": _cat(labels), "loss": loss_sum, "skipped": skipped,
-             "preds": {k: _cat(v) for k, v in preds.items()},
-             "subsets": {s: _cat(v) for s, v in subset_preds.items()}}
-    parts = D.gather_objects(local, ctx)
-    all_keys = [k for p in parts for k in p["keys"]]
-    if not all_keys:
-        raise UserError(f"{shards.root}: no samples could be read from the {split!r} split")
-    y = np.concatenate([p["labels"] for p in parts])
-    names = [n for n in parts[0]["preds"]] or [n for p in parts for n in p["preds"]]
-    merged = {n: np.concatenate([p["preds"][n] for p in parts if n in p["preds"]])
-              for n in names}
-    result = summarize(y, merged, shards.num_classes,
-                       loss=sum(p["loss"] for p in parts) / len(all_keys))
-    if partial:
-        correct = {s: float(np.mean(np.concatenate([p["subsets"][s] for p in parts]) == y))
-                   for s in partial}
-        result["shapley"] = shapley_summary({**correct, tuple(bare.modalities): result["acc"]},
-                                            bare.modalities)
-    result["split"] = split
-    result["expected"] = shards.samples(split)
-    result["duplicates"] = len(all_keys) - len(set(all_keys))
-    result["skipped"] = sum(p["skipped"] for p in parts)
-    return result
-
-
-def _cat(arrays):
-    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
-
-
-def _bar(iterable, enabled: bool, desc: str, total):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
-
-
-def evaluate_checkpoint(ckpt_path: str, shards_path: str, *, split: str = "test",
-                        batch_size: int = 64, workers: int = 2, device: str = "auto",
-                        decode_device: str = "cpu", image_size: int | None = None,
-                        frames: int | None = None, amp: bool = True,
-                        progress: bool = False, cache_dir: str | None = None,
-                        cache_size: str | int | None = None, shapley: bool = False) -> dict:
-    """Load a checkpoint and evaluate it on one split of a shard set (also under torchrun)."""
-    ckpt = load_checkpoint(ckpt_path)
-    shards = open_shards(shards_path, cache_dir, cache_bytes(cache_size))
-    shards.require(split)
-    check_decode_device(decode_device)
-    ctx = D.setup(device)
-    try:
-        model = model_from_checkpoint(ckpt, shards).to(ctx.device)
-        opts = _data_options(ckpt.get("config") or {}, shards, model.modalities, image_size,
-                             frames, decode_device)
-        result = evaluate(model, shards, split, opts, batch_size=batch_size, ctx=ctx,
-                          workers=workers, amp=amp, progress=progress,
-                          shapley=shapley and len(model.modalities) > 1)
-        result["checkpoint"] = ckpt["path"]
-        result["epoch"] = ckpt.get("epoch")
-        return result
-    finally:
-        D.teardown(ctx)
-
-
-def cache_bytes(size: str | int | None) -> int | None:
-    """--cache-size as bytes (500M, 20G, ...); None keeps the default (10G)."""
-    from avprep.shards import parse_size
-
-    return parse_size(size) if size not in (None, "") else None
-
-
-def _data_options(cfg: dict, shards: ShardSet, modalities, image_size=None, frames=None,
-                  decode_device="cpu") -> DataOptions:
-    return DataOptions.for_shards(
-        shards, modalities=modalities, image_size=image_size or cfg.get("image_size") or 224,
-        frames=frames or cfg.get("frames"), crop_columns=cfg.get("crop_columns"),
-        decode_device=decode_device, eval_crop=cfg.get("eval_crop") or "centre",
-        eval_resize=cfg.get("eval_resize") or "crop", train_crop=cfg.get("train_crop") or "clip",
-        eval_seed=int(cfg.get("seed") or 0))
-
-
 # --- training -----------------------------------------------------------------------------
 
 
@@ -247,7 +125,7 @@ class Trainer:
         self.shards.require("train")
         self.shards.require(c.val_split)
         self.has_test = self.shards.samples(c.test_split) > 0
-        self.opts = _data_options(c.to_dict(), self.shards, c.modalities,
+        self.opts = data_options(c.to_dict(), self.shards, c.modalities,
                                   decode_device=c.decode_device)
         self.warned: set[tuple[str, str]] = set()  # damaged samples already named
         self.train_items = self._check_split("train")
@@ -386,7 +264,7 @@ class Trainer:
         seen, skipped, keys = 0, 0, set()
         norms = LogitNorms()
         started = time.time()
-        bar = _bar(loader, c.progress and ctx.main, f"epoch {epoch}", steps)
+        bar = progress_bar(loader, c.progress and ctx.main, f"epoch {epoch}", steps)
         for batch in bar:
             dropped = batch.pop("skipped", ())
             if dropped:  # before the step: --strict stops with no step lost
@@ -427,7 +305,7 @@ class Trainer:
         ctx = StepContext(
             net=self.net, model=self.model, batch=batch, labels=batch["label"],
             optimizer=self.optimizer, epoch=epoch, step=self.step,
-            autocast=lambda: _autocast(self.ctx.device, c.amp), clip_grad=clip,
+            autocast=lambda: autocast(self.ctx.device, c.amp), clip_grad=clip,
             extra_loss=lambda logits, labels: auxiliary_loss(self.model, logits, labels),
             feed_heldout=(lambda: self._feed_heldout(heldout)) if heldout is not None else None)
         return self.balancer.train_step(ctx)
@@ -456,7 +334,7 @@ class Trainer:
                 yield to_device(batch, ctx.device, self.opts)
 
         return EpochContext(net=self.net, model=self.model, epoch=epoch, batches=batches,
-                            autocast=lambda: _autocast(ctx.device, c.amp),
+                            autocast=lambda: autocast(ctx.device, c.amp),
                             steps_per_epoch=self.steps, eval_batches=eval_batches,
                             val_split=c.val_split)
 
@@ -494,7 +372,7 @@ class Trainer:
         train_mode = self.config.olm_heldout == "train"
         if not train_mode:
             self.model.eval()
-        with torch.no_grad(), _autocast(self.ctx.device, self.config.amp):
+        with torch.no_grad(), autocast(self.ctx.device, self.config.amp):
             logits = self.model(batch)
         if not train_mode:
             self.model.train()
@@ -689,44 +567,13 @@ def _fit(config: TrainConfig, ctx: D.Context, resume: str | None) -> dict:
         "wall_time": round(trainer.wall_before + time.time() - started, 3),
         "replica_digests": digests, "replicas_in_sync": len(set(digests)) == 1,
     }
-    best = (_best_model(trainer, ctx)
-            if c.linear_probe or (c.shapley and len(trainer.model.modalities) > 1) else None)
-    if c.shapley and len(trainer.model.modalities) > 1:
-        summary["shapley"] = modality_shapley(best, trainer, ctx)
-    if c.linear_probe:
-        from .probe import linear_probe
-
-        summary["linear_probe"] = linear_probe(
-            best, trainer.shards, trainer.opts, batch_size=c.eval_batch_size or c.batch_size,
-            ctx=ctx, workers=c.workers, amp=c.amp, seed=c.seed)
+    summary.update(best_epoch_evaluations(trainer, ctx))  # --shapley, --linear-probe: best.pt
     if ctx.main:
         log.write({"kind": "summary", **{k: v for k, v in summary.items()
                                          if k in ("best_epoch", "steps", "wall_time")}})
         _write_text(os.path.join(run, "summary.json"), json.dumps(_clean(summary), indent=2))
     log.close()
     return summary
-
-
-def _best_model(trainer: Trainer, ctx: D.Context) -> torch.nn.Module:
-    """A fresh model holding best.pt's weights, on the device. Rank 0 wrote best.pt; the other
-    ranks (maybe on other machines) get its weights from it."""
-    c = trainer.config
-    state = load_checkpoint(os.path.join(c.run_dir, "best.pt"))["model"] if ctx.main else None
-    best = model_from_spec(trainer.spec, index=trainer.shards.index, options=c.model_options)
-    best.load_state_dict(D.broadcast_object(state, ctx))
-    return best.to(ctx.device)
-
-
-def modality_shapley(model, trainer: Trainer, ctx: D.Context) -> dict:
-    """{split: each modality's Shapley contribution to the fused accuracy} of the best epoch's
-    model on val (and test when the shards have it), as BalanceMM evaluates a trained model."""
-    c = trainer.config
-    splits = [c.val_split] + ([c.test_split] if trainer.has_test
-                              and c.test_split != c.val_split else [])
-    return {split: evaluate(model, trainer.shards, split, trainer.opts,
-                            batch_size=c.eval_batch_size or c.batch_size, ctx=ctx,
-                            workers=c.workers, amp=c.amp, shapley=True)["shapley"]
-            for split in splits}
 
 
 def _clean(value):
