@@ -664,7 +664,8 @@ def _fit_options(f):
 @_fit_options
 def fit(config_file, print_config, resume, overwrite, **flags):
     """Train an audio-visual classifier on a shard folder (also under torchrun for DDP)."""
-    from avtrain.config import cli_config, to_yaml
+    from avtrain.config import to_yaml
+    from avtrain.settings import cli_config
 
     config = cli_config({k: v for k, v in flags.items() if v is not None and v != ()},
                         config_file, resume)

@@ -40,7 +40,6 @@ from .checkpoint import (
 )
 from .config import (
     TrainConfig,
-    make_config,
     require_run_paths,
     resolve_alpha,
     selection_protocol,
@@ -66,6 +65,7 @@ from .metrics import RunLog
 from .models import MODEL_FLAGS, build_model
 from .models.init import apply_init
 from .optim import build_optimizer, build_scheduler
+from .settings import make_config
 
 
 def _seed_everything(seed: int) -> None:

@@ -21,7 +21,6 @@ import torchvision.transforms.v2.functional as TF
 from avprep import audio
 from avprep.errors import UserError
 from avprep.presets import get_preset
-from avtrain.config import make_config
 from avtrain.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -30,6 +29,7 @@ from avtrain.data import (
     pick_frames,
     transform_frames,
 )
+from avtrain.settings import make_config
 
 SR = 16000
 

@@ -278,8 +278,8 @@ def test_epoch_steps_shorter_is_olm_com_s_zip(train_shards, tmp_path):
     """--epoch-steps shorter: as many steps as the shorter of the train pass (remainder
     dropped) and the held-out pass (last batch kept, as the released eval DataLoader)."""
     from avprep.errors import UserError
-    from avtrain.config import make_config
     from avtrain.loop import fit
+    from avtrain.settings import make_config
 
     shards = open_shards(str(train_shards))
     n_train, n_val = len(tar_keys(shards, "train")), len(tar_keys(shards, "val"))
@@ -300,7 +300,7 @@ def test_epoch_steps_shorter_is_olm_com_s_zip(train_shards, tmp_path):
 def test_a_run_saved_before_sampling_existed_resumes_resampled(train_shards, tmp_path):
     import yaml
 
-    from avtrain.config import cli_config
+    from avtrain.settings import cli_config
 
     run = tmp_path / "run"
     run.mkdir()
