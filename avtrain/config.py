@@ -346,14 +346,6 @@ def resolve_alpha(config: TrainConfig, dataset: str | None,
     return 0.8
 
 
-def resume_dir(resume: str) -> str:
-    """The run directory of `--resume RUN` (RUN or RUN/last.pt), checked to hold last.pt."""
-    run = os.path.dirname(resume) if resume.endswith(".pt") else resume
-    if not os.path.isfile(os.path.join(run, "last.pt")):
-        raise UserError(f"nothing to resume: {os.path.join(run, 'last.pt')} not found")
-    return run
-
-
 def selection_protocol(config: TrainConfig) -> str:
     """How the run chooses its best epoch: "legacy" (on test, as the released OGM-GE code),
     "folds" (each fold's own val) or "val"."""

@@ -7,7 +7,8 @@ per-epoch records), TensorBoard events in RUN/tb, RUN/last.pt every epoch, RUN/b
 validation accuracy and RUN/summary.json at the end. Under `torchrun` every rank runs the same
 code; rank 0 writes files. The balancing method is driven exactly as
 `avtrain.balance.base` documents. Evaluation (each epoch, and of best.pt at the end) is
-avtrain.evaluate; the optimizer and schedule avtrain.optim.
+avtrain.evaluate; the optimizer and schedule avtrain.optim; the run directory's files (a new
+run refused on an old one, the log trimmed on resume) avtrain.rundir.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -65,6 +65,7 @@ from .metrics import RunLog
 from .models import MODEL_FLAGS, build_model
 from .models.init import apply_init
 from .optim import build_optimizer, build_scheduler
+from .rundir import check_run_dir, clear_run_dir, trim_log, write_text
 from .settings import make_config
 
 
@@ -393,64 +394,10 @@ class Trainer:
                         workers=c.workers, amp=c.amp, progress=c.progress)
 
 
-def _write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _trim_log(run_dir: str, epoch: int, step: int) -> None:
-    """On resume: drop records written after the checkpoint (the interrupted epoch's steps),
-    so metrics.jsonl reads as if the run had never stopped."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return
-    kept = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if rec.get("kind") == "step" and rec.get("step", 0) > step:
-                continue
-            if rec.get("kind") in ("epoch", "interrupted") and rec.get("epoch", 0) > epoch:
-                continue
-            if rec.get("kind") in ("interrupted", "summary"):
-                continue
-            kept.append(line if line.endswith("\n") else line + "\n")
-    _write_text(path, "".join(kept))
-
-
 def _epoch_metrics(result: dict | None) -> dict | None:
     if result is None:
         return None
     return {k: v for k, v in result.items() if k not in ("split",)}
-
-
-RUN_FILES = ("metrics.jsonl", "summary.json", "last.pt", "best.pt", "config.yaml", "tb")
-
-
-def check_run_dir(run_dir: str, *, resume: str | None, overwrite: bool) -> list[str]:
-    """A new run never lands silently on an old one: that would append to its metrics.jsonl and
-    replace its checkpoints. Returns what `overwrite` will remove."""
-    if resume or not os.path.isdir(run_dir):
-        return []
-    found = [name for name in RUN_FILES if os.path.exists(os.path.join(run_dir, name))]
-    if not overwrite and any(name != "config.yaml" for name in found):
-        raise UserError(f"{run_dir} already holds a run ({', '.join(found)}); continue it with "
-                        f"--resume {run_dir}, or start it again with --overwrite")
-    return found
-
-
-def _clear_run_dir(run_dir: str, names: list[str]) -> None:
-    for name in names:
-        path = os.path.join(run_dir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
 
 
 def check_recipe_shards(config: TrainConfig) -> None:
@@ -490,7 +437,7 @@ def fit(config: TrainConfig | dict, *, resume: str | None = None,
     try:
         config = per_process_batch(config, ctx.world)
         if ctx.main and stale:
-            _clear_run_dir(config.run_dir, stale)
+            clear_run_dir(config.run_dir, stale)
         D.barrier(ctx)
         return _fit(config, ctx, resume)
     finally:
@@ -503,9 +450,9 @@ def _fit(config: TrainConfig, ctx: D.Context, resume: str | None) -> dict:
     c, run = config, config.run_dir
     if ctx.main:
         os.makedirs(run, exist_ok=True)
-        _write_text(os.path.join(run, "config.yaml"), to_yaml(c))
+        write_text(os.path.join(run, "config.yaml"), to_yaml(c))
         if resume:
-            _trim_log(run, trainer.start_epoch - 1, trainer.step)
+            trim_log(run, trainer.start_epoch - 1, trainer.step)
     D.barrier(ctx)
     log = RunLog(run, enabled=ctx.main, tensorboard=c.tensorboard)
     if ctx.main and trainer.start_epoch == 0:
@@ -571,7 +518,7 @@ def _fit(config: TrainConfig, ctx: D.Context, resume: str | None) -> dict:
     if ctx.main:
         log.write({"kind": "summary", **{k: v for k, v in summary.items()
                                          if k in ("best_epoch", "steps", "wall_time")}})
-        _write_text(os.path.join(run, "summary.json"), json.dumps(_clean(summary), indent=2))
+        write_text(os.path.join(run, "summary.json"), json.dumps(_clean(summary), indent=2))
     log.close()
     return summary
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 
 from .balance import get_method
-from .config import TrainConfig, check, load_yaml, merge, resume_dir
+from .config import TrainConfig, check, load_yaml, merge
 from .recipes import load_recipe
+from .rundir import resume_dir
 
 
 def make_config(*layers: dict) -> TrainConfig:
