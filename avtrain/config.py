@@ -48,7 +48,7 @@ class TrainConfig:
     frames: int | None = None  # frames per clip; default: the preset's train_frames
     image_size: int = 224
     crop_columns: int | None = None  # spectrogram crop; default: the preset's train_crop_columns
-    # eval/test-time transforms (avtrain.data): defaults are deterministic; the alternatives are
+    # eval/test-time transforms (avtrain.decode): defaults are deterministic; the alternatives are
     # what the released OGM-GE / OLM loaders do, for recipes that reproduce them
     eval_crop: str = "centre"  # centre | random (VGGSound test loader; seeded by seed + key)
     eval_resize: str = "crop"  # crop (short side + centre crop) | square (Resize((224, 224)))

@@ -23,7 +23,8 @@ from avprep.errors import UserError
 
 from . import distributed as D
 from .checkpoint import bare_model, load_checkpoint, model_from_checkpoint
-from .data import DataOptions, ShardSet, check_decode_device, eval_loader, open_shards, to_device
+from .data import ShardSet, eval_loader, open_shards
+from .decode import DataOptions, check_decode_device, to_device
 from .metrics import summarize
 from .models import model_from_spec
 from .probe import linear_probe

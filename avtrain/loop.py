@@ -45,13 +45,8 @@ from .config import (
     selection_protocol,
     to_yaml,
 )
-from .data import (
-    check_decode_device,
-    eval_loader,
-    open_shards,
-    to_device,
-    train_loader,
-)
+from .data import eval_loader, open_shards, train_loader
+from .decode import check_decode_device, to_device
 from .evaluate import (
     autocast,
     best_epoch_evaluations,

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from . import distributed as D
 from .checkpoint import bare_model
-from .data import DataOptions, ShardSet, eval_loader, to_device
+from .data import ShardSet, eval_loader
+from .decode import DataOptions, to_device
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 PROBE_MAX_TRAIN = 30_000  # train samples the probe is fitted on at most (seeded subset)

@@ -21,7 +21,7 @@ import torchvision.transforms.v2.functional as TF
 from avprep import audio
 from avprep.errors import UserError
 from avprep.presets import get_preset
-from avtrain.data import (
+from avtrain.decode import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     DataOptions,

@@ -20,7 +20,8 @@ import torch
 import webdataset as wds
 from held import HUNG_AFTER_S, REPO
 
-from avtrain.data import DataOptions, open_shards, train_loader
+from avtrain.data import open_shards, train_loader
+from avtrain.decode import DataOptions
 from avtrain.sampling import ExactStream, needed_members, sample_table
 from avtrain.tarstream import tar_samples, tar_spans
 
