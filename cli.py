@@ -664,7 +664,8 @@ def _fit_options(f):
 @_fit_options
 def fit(config_file, print_config, resume, overwrite, **flags):
     """Train an audio-visual classifier on a shard folder (also under torchrun for DDP)."""
-    from avtrain.config import cli_config, to_yaml
+    from avtrain.config import to_yaml
+    from avtrain.settings import cli_config
 
     config = cli_config({k: v for k, v in flags.items() if v is not None and v != ()},
                         config_file, resume)
@@ -769,8 +770,7 @@ def eval_cmd(ckpt, shards, split, batch_size, workers, device, decode_device, li
     import json as json_lib
 
     from avtrain.checkpoint import load_checkpoint
-    from avtrain.loop import evaluate_checkpoint
-    from avtrain.probe import probe_checkpoint
+    from avtrain.evaluate import evaluate_checkpoint, probe_checkpoint
 
     shards = shards or (load_checkpoint(ckpt).get("config") or {}).get("shards")
     if not shards:

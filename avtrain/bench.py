@@ -46,7 +46,8 @@ from avprep.errors import UserError
 from avprep.executors import ray_connect
 from avprep.outputs import check_output_dir, make_output_dir
 
-from .config import FIELDS, TrainConfig, make_config
+from .config import FIELDS, TrainConfig
+from .settings import make_config
 
 BENCH_FILE = "bench.json"
 # per run (set by the bench) or cosmetic: never part of the protocol compared on rerun

@@ -1,5 +1,9 @@
 """Checkpoints: atomic writes, safe loads, and a check that a checkpoint fits the model.
 
+Also the model a checkpoint describes (`model_from_checkpoint`) and a digest of a model's
+weights: the loop, evaluation and the balancing methods that load other runs' models (the
+uni-modal teachers) share them here, so no method imports the training loop.
+
 A checkpoint is a plain dict of tensors and Python primitives, loaded with
 `torch.load(weights_only=True)` so opening a downloaded checkpoint can never run code. The
 model's state dict is stored without the `module.` (DDP) and `_orig_mod.` (torch.compile)
@@ -17,6 +21,8 @@ import numpy as np
 import torch
 
 from avprep.errors import UserError
+
+from .models import model_from_spec
 
 FORMAT = "avbalance-checkpoint"
 VERSION = 1
@@ -146,3 +152,28 @@ def load_model_state(model: torch.nn.Module, ckpt: dict) -> None:
         first = str(exc).strip().splitlines()[0]
         raise UserError(f"{ckpt.get('path', 'checkpoint')} does not fit this model "
                         f"({first[:160]})") from None
+
+
+def model_from_checkpoint(ckpt: dict, shards=None) -> torch.nn.Module:
+    """A bare model with the checkpoint's weights, checked against the classes of `shards` (an
+    avtrain.data.ShardSet) when given."""
+    spec = ckpt.get("spec") or {}
+    if shards is not None:
+        check_compatible(ckpt, num_classes=shards.num_classes, classes=shards.classes)
+    try:
+        model = model_from_spec(spec)
+    except KeyError:
+        raise UserError(f"{ckpt.get('path')}: checkpoint has no model description") from None
+    load_model_state(model, ckpt)
+    return model
+
+
+def weights_digest(model) -> str:
+    """SHA-1 of every parameter and buffer: equal on all DDP ranks when replicas agree."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name, t in sorted(bare_model(model).state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

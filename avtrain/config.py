@@ -49,7 +49,7 @@ class TrainConfig:
     frames: int | None = None  # frames per clip; default: the preset's train_frames
     image_size: int = 224
     crop_columns: int | None = None  # spectrogram crop; default: the preset's train_crop_columns
-    # eval/test-time transforms (avtrain.data): defaults are deterministic; the alternatives are
+    # eval/test-time transforms (avtrain.decode): defaults are deterministic; the alternatives are
     # what the released OGM-GE / OLM loaders do, for recipes that reproduce them
     eval_crop: str = "centre"  # centre | random (VGGSound test loader; seeded by seed + key)
     eval_resize: str = "crop"  # crop (short side + centre crop) | square (Resize((224, 224)))
@@ -225,24 +225,23 @@ def parse_model_options(value) -> dict:
     return out
 
 
-def make_config(*layers: dict) -> TrainConfig:
-    """Merge layers of settings left to right (later wins) over the defaults, then check."""
+def merge(*layers: dict) -> TrainConfig:
+    """Layers of settings merged left to right (later wins) over the defaults, not yet checked:
+    `avtrain.settings.make_config` merges and checks."""
     merged: dict = {}
     for layer in layers:
         merged.update(_normalise_keys(layer or {}, "settings"))
-    config = TrainConfig(**{k: _coerce(k, v) for k, v in merged.items()})
-    check(config)
-    return config
+    return TrainConfig(**{k: _coerce(k, v) for k, v in merged.items()})
 
 
-def check(config: TrainConfig) -> None:
-    """Reject settings that cannot work, with one line each (before anything is loaded)."""
-    from avtrain.balance import get_method
+def check(config: TrainConfig, method) -> None:
+    """Reject settings that cannot work, with one line each (before anything is loaded).
+    `method`: the balancer class `config.method` names (avtrain.balance.get_method; its caller
+    looks it up, so this module never imports the methods, which read it)."""
     from avtrain.models import ENCODERS, FUSIONS, MODALITIES, SEQUENCE_MODELS
     from avtrain.models.init import INITS
     from avtrain.models.sequence import DEFAULTS
 
-    get_method(config.method)
     if config.unimodal_teacher_runs and config.method != "unimodal_teacher":
         raise UserError(f"--teacher is read only by --method unimodal_teacher, not "
                         f"{config.method}; drop it or change the method")
@@ -301,7 +300,7 @@ def check(config: TrainConfig) -> None:
         value = getattr(config, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    if config.epoch_steps == "shorter" and not get_method(config.method).needs_heldout:
+    if config.epoch_steps == "shorter" and not method.needs_heldout:
         raise UserError(f"--epoch-steps shorter is the shorter of the train and held-out "
                         f"passes; --method {config.method} reads no held-out stream")
     if config.lr <= 0:
@@ -347,37 +346,6 @@ def resolve_alpha(config: TrainConfig, dataset: str | None,
         except (ImportError, UserError):
             pass
     return 0.8
-
-
-def resume_dir(resume: str) -> str:
-    """The run directory of `--resume RUN` (RUN or RUN/last.pt), checked to hold last.pt."""
-    run = os.path.dirname(resume) if resume.endswith(".pt") else resume
-    if not os.path.isfile(os.path.join(run, "last.pt")):
-        raise UserError(f"nothing to resume: {os.path.join(run, 'last.pt')} not found")
-    return run
-
-
-def cli_config(overrides: dict, config_file: str | None = None,
-               resume: str | None = None) -> TrainConfig:
-    """Merge for `avtrain fit`: the recipe's settings, then RUN/config.yaml when resuming, then
-    --config, then the flags the user actually typed (`overrides` holds only those)."""
-    layers = []
-    if resume:
-        run = resume_dir(resume)
-        saved = os.path.join(run, "config.yaml")
-        if os.path.isfile(saved):
-            # a run recorded before `sampling` existed streamed with replacement: resume it so
-            layers.append({"sampling": "resample", **load_yaml(saved)})
-        layers.append({"run_dir": run})
-    if config_file:
-        layers.append(load_yaml(config_file))
-    layers.append(overrides)
-    recipe = next((layer["recipe"] for layer in reversed(layers) if layer.get("recipe")), None)
-    if recipe:
-        from .recipes import load_recipe
-
-        layers.insert(0, {**load_recipe(recipe).settings, "recipe": recipe})
-    return make_config(*layers)
 
 
 def selection_protocol(config: TrainConfig) -> str:

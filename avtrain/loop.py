@@ -1,22 +1,21 @@
-"""fit / evaluate: the training loop, top to bottom.
+"""fit: the training loop, top to bottom.
 
     summary = fit(make_config({"shards": "OUT", "run_dir": "RUN", "model": "tiny"}))
-    metrics = evaluate_checkpoint("RUN/best.pt", "OUT", split="test")
 
 One `fit` call trains one run directory: RUN/config.yaml, RUN/metrics.jsonl (per-step and
 per-epoch records), TensorBoard events in RUN/tb, RUN/last.pt every epoch, RUN/best.pt by
 validation accuracy and RUN/summary.json at the end. Under `torchrun` every rank runs the same
 code; rank 0 writes files. The balancing method is driven exactly as
-`avtrain.balance.base` documents.
+`avtrain.balance.base` documents. Evaluation (each epoch, and of best.pt at the end) is
+avtrain.evaluate; the optimizer and schedule avtrain.optim; the run directory's files (a new
+run refused on an old one, the log trimmed on resume) avtrain.rundir.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -37,35 +36,32 @@ from .checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    weights_digest,
 )
 from .config import (
     TrainConfig,
-    make_config,
     require_run_paths,
     resolve_alpha,
     selection_protocol,
     to_yaml,
 )
-from .data import (
-    DataOptions,
-    ShardSet,
-    check_decode_device,
-    eval_loader,
-    open_shards,
-    to_device,
-    train_loader,
+from .data import eval_loader, open_shards, train_loader
+from .decode import check_decode_device, to_device
+from .evaluate import (
+    autocast,
+    best_epoch_evaluations,
+    cache_bytes,
+    data_options,
+    evaluate,
+    progress_bar,
 )
 from .imbalance import LogitNorms, epoch_probe
-from .metrics import RunLog, summarize
-from .models import MODEL_FLAGS, build_model, model_from_spec
+from .metrics import RunLog
+from .models import MODEL_FLAGS, build_model
 from .models.init import apply_init
-from .shapley import shapley_summary, subsets, zero_absent
-
-
-def _autocast(device: torch.device, amp: bool):
-    if device.type == "cuda" and amp:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from .optim import build_optimizer, build_scheduler
+from .rundir import check_run_dir, clear_run_dir, trim_log, write_text
+from .settings import make_config
 
 
 def _seed_everything(seed: int) -> None:
@@ -91,24 +87,6 @@ def build_training_model(config: TrainConfig, num_classes: int, *,
     return apply_init(model, config.init)
 
 
-def build_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                               weight_decay=config.weight_decay)
-    cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
-
-
-def build_scheduler(config: TrainConfig, optimizer):
-    if config.scheduler == "step":
-        step = config.lr_step or max(1, round(0.7 * config.epochs))  # released: 70 of 100
-        return torch.optim.lr_scheduler.StepLR(optimizer, step, config.lr_gamma)
-    if config.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=10**9, gamma=1.0)  # constant
-
-
 def auxiliary_loss(model, logits: dict, labels: torch.Tensor) -> torch.Tensor | None:
     """CE of the detached auxiliary heads of non-decomposable fusions: trains only those heads
     (their inputs are detached), so each modality's accuracy can be measured."""
@@ -116,17 +94,6 @@ def auxiliary_loss(model, logits: dict, labels: torch.Tensor) -> torch.Tensor | 
     if bare.unimodal or bare.fusion.decomposable or bare.trained_unimodal_heads:
         return None
     return sum(F.cross_entropy(logits[m].float(), labels) for m in bare.modalities)
-
-
-def weights_digest(model) -> str:
-    """SHA-1 of every parameter and buffer: equal on all DDP ranks when replicas agree."""
-    import hashlib
-
-    h = hashlib.sha1()
-    for name, t in sorted(bare_model(model).state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _floats(metrics: dict) -> dict:
@@ -138,138 +105,6 @@ def _floats(metrics: dict) -> dict:
         else:
             out[key] = value
     return out
-
-
-# --- evaluation ---------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate(model, shards: ShardSet, split: str, opts: DataOptions, *, batch_size: int,
-             ctx: D.Context | None = None, workers: int = 2, amp: bool = True,
-             progress: bool = False, shapley: bool = False) -> dict:
-    """Metrics of `model` on one split: every sample exactly once across ranks, gathered and
-    summarised on every rank (acc, acc_<modality>, macro_f1, confusion, loss, n). `shapley`
-    adds each modality's Shapley contribution to the fused accuracy (avtrain.shapley: one more
-    forward per proper subset of the modalities, absent inputs zeroed)."""
-    ctx = ctx or D.Context()
-    bare = bare_model(model)
-    was_training = bare.training
-    bare.eval()
-    labels, keys, preds, loss_sum = [], [], {}, 0.0
-    partial = subsets(bare.modalities)[:-1] if shapley else []  # the full set is `fused`
-    subset_preds: dict[tuple, list] = {s: [] for s in partial}
-    loader = eval_loader(shards, split, opts, batch_size=batch_size, rank=ctx.rank,
-                         world=ctx.world, workers=workers, device_type=ctx.device.type)
-    bar = _bar(loader, progress and ctx.main, f"eval {split}", None)
-    skipped = 0
-    for batch in bar:
-        skipped += len(batch.pop("skipped", ()))  # damaged samples: counted, not fatal
-        batch = to_device(batch, ctx.device, opts)
-        with _autocast(ctx.device, amp):
-            logits = bare(batch)
-        y = batch["label"]
-        loss_sum += float(F.cross_entropy(logits["fused"].float(), y, reduction="sum"))
-        for name, value in logits.items():
-            preds.setdefault(name, []).append(value.argmax(dim=1).cpu().numpy())
-        for subset in partial:
-            with _autocast(ctx.device, amp):
-                fused = bare(zero_absent(batch, subset, bare.modalities))["fused"]
-            subset_preds[subset].append(fused.argmax(dim=1).cpu().numpy())
-        labels.append(y.cpu().numpy())
-        keys.extend(batch["key"])
-    if was_training:
-        bare.train()
-    local = {"keys": keys, "labels": _cat(labels), "loss": loss_sum, "skipped": skipped,
-             "preds": {k: _cat(v) for k, v in preds.items()},
-             "subsets": {s: _cat(v) for s, v in subset_preds.items()}}
-    parts = D.gather_objects(local, ctx)
-    all_keys = [k for p in parts for k in p["keys"]]
-    if not all_keys:
-        raise UserError(f"{shards.root}: no samples could be read from the {split!r} split")
-    y = np.concatenate([p["labels"] for p in parts])
-    names = [n for n in parts[0]["preds"]] or [n for p in parts for n in p["preds"]]
-    merged = {n: np.concatenate([p["preds"][n] for p in parts if n in p["preds"]])
-              for n in names}
-    result = summarize(y, merged, shards.num_classes,
-                       loss=sum(p["loss"] for p in parts) / len(all_keys))
-    if partial:
-        correct = {s: float(np.mean(np.concatenate([p["subsets"][s] for p in parts]) == y))
-                   for s in partial}
-        result["shapley"] = shapley_summary({**correct, tuple(bare.modalities): result["acc"]},
-                                            bare.modalities)
-    result["split"] = split
-    result["expected"] = shards.samples(split)
-    result["duplicates"] = len(all_keys) - len(set(all_keys))
-    result["skipped"] = sum(p["skipped"] for p in parts)
-    return result
-
-
-def _cat(arrays):
-    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
-
-
-def _bar(iterable, enabled: bool, desc: str, total):
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
-
-
-def model_from_checkpoint(ckpt: dict, shards: ShardSet | None = None) -> torch.nn.Module:
-    """A bare model with the checkpoint's weights, checked against the shards' classes."""
-    spec = ckpt.get("spec") or {}
-    if shards is not None:
-        check_compatible(ckpt, num_classes=shards.num_classes, classes=shards.classes)
-    try:
-        model = model_from_spec(spec)
-    except KeyError:
-        raise UserError(f"{ckpt.get('path')}: checkpoint has no model description") from None
-    load_model_state(model, ckpt)
-    return model
-
-
-def evaluate_checkpoint(ckpt_path: str, shards_path: str, *, split: str = "test",
-                        batch_size: int = 64, workers: int = 2, device: str = "auto",
-                        decode_device: str = "cpu", image_size: int | None = None,
-                        frames: int | None = None, amp: bool = True,
-                        progress: bool = False, cache_dir: str | None = None,
-                        cache_size: str | int | None = None, shapley: bool = False) -> dict:
-    """Load a checkpoint and evaluate it on one split of a shard set (also under torchrun)."""
-    ckpt = load_checkpoint(ckpt_path)
-    shards = open_shards(shards_path, cache_dir, cache_bytes(cache_size))
-    shards.require(split)
-    check_decode_device(decode_device)
-    ctx = D.setup(device)
-    try:
-        model = model_from_checkpoint(ckpt, shards).to(ctx.device)
-        opts = _data_options(ckpt.get("config") or {}, shards, model.modalities, image_size,
-                             frames, decode_device)
-        result = evaluate(model, shards, split, opts, batch_size=batch_size, ctx=ctx,
-                          workers=workers, amp=amp, progress=progress,
-                          shapley=shapley and len(model.modalities) > 1)
-        result["checkpoint"] = ckpt["path"]
-        result["epoch"] = ckpt.get("epoch")
-        return result
-    finally:
-        D.teardown(ctx)
-
-
-def cache_bytes(size: str | int | None) -> int | None:
-    """--cache-size as bytes (500M, 20G, ...); None keeps the default (10G)."""
-    from avprep.shards import parse_size
-
-    return parse_size(size) if size not in (None, "") else None
-
-
-def _data_options(cfg: dict, shards: ShardSet, modalities, image_size=None, frames=None,
-                  decode_device="cpu") -> DataOptions:
-    return DataOptions.for_shards(
-        shards, modalities=modalities, image_size=image_size or cfg.get("image_size") or 224,
-        frames=frames or cfg.get("frames"), crop_columns=cfg.get("crop_columns"),
-        decode_device=decode_device, eval_crop=cfg.get("eval_crop") or "centre",
-        eval_resize=cfg.get("eval_resize") or "crop", train_crop=cfg.get("train_crop") or "clip",
-        eval_seed=int(cfg.get("seed") or 0))
 
 
 # --- training -----------------------------------------------------------------------------
@@ -286,7 +121,7 @@ class Trainer:
         self.shards.require("train")
         self.shards.require(c.val_split)
         self.has_test = self.shards.samples(c.test_split) > 0
-        self.opts = _data_options(c.to_dict(), self.shards, c.modalities,
+        self.opts = data_options(c.to_dict(), self.shards, c.modalities,
                                   decode_device=c.decode_device)
         self.warned: set[tuple[str, str]] = set()  # damaged samples already named
         self.train_items = self._check_split("train")
@@ -425,7 +260,7 @@ class Trainer:
         seen, skipped, keys = 0, 0, set()
         norms = LogitNorms()
         started = time.time()
-        bar = _bar(loader, c.progress and ctx.main, f"epoch {epoch}", steps)
+        bar = progress_bar(loader, c.progress and ctx.main, f"epoch {epoch}", steps)
         for batch in bar:
             dropped = batch.pop("skipped", ())
             if dropped:  # before the step: --strict stops with no step lost
@@ -466,7 +301,7 @@ class Trainer:
         ctx = StepContext(
             net=self.net, model=self.model, batch=batch, labels=batch["label"],
             optimizer=self.optimizer, epoch=epoch, step=self.step,
-            autocast=lambda: _autocast(self.ctx.device, c.amp), clip_grad=clip,
+            autocast=lambda: autocast(self.ctx.device, c.amp), clip_grad=clip,
             extra_loss=lambda logits, labels: auxiliary_loss(self.model, logits, labels),
             feed_heldout=(lambda: self._feed_heldout(heldout)) if heldout is not None else None)
         return self.balancer.train_step(ctx)
@@ -495,7 +330,7 @@ class Trainer:
                 yield to_device(batch, ctx.device, self.opts)
 
         return EpochContext(net=self.net, model=self.model, epoch=epoch, batches=batches,
-                            autocast=lambda: _autocast(ctx.device, c.amp),
+                            autocast=lambda: autocast(ctx.device, c.amp),
                             steps_per_epoch=self.steps, eval_batches=eval_batches,
                             val_split=c.val_split)
 
@@ -533,7 +368,7 @@ class Trainer:
         train_mode = self.config.olm_heldout == "train"
         if not train_mode:
             self.model.eval()
-        with torch.no_grad(), _autocast(self.ctx.device, self.config.amp):
+        with torch.no_grad(), autocast(self.ctx.device, self.config.amp):
             logits = self.model(batch)
         if not train_mode:
             self.model.train()
@@ -554,64 +389,10 @@ class Trainer:
                         workers=c.workers, amp=c.amp, progress=c.progress)
 
 
-def _write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _trim_log(run_dir: str, epoch: int, step: int) -> None:
-    """On resume: drop records written after the checkpoint (the interrupted epoch's steps),
-    so metrics.jsonl reads as if the run had never stopped."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return
-    kept = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if rec.get("kind") == "step" and rec.get("step", 0) > step:
-                continue
-            if rec.get("kind") in ("epoch", "interrupted") and rec.get("epoch", 0) > epoch:
-                continue
-            if rec.get("kind") in ("interrupted", "summary"):
-                continue
-            kept.append(line if line.endswith("\n") else line + "\n")
-    _write_text(path, "".join(kept))
-
-
 def _epoch_metrics(result: dict | None) -> dict | None:
     if result is None:
         return None
     return {k: v for k, v in result.items() if k not in ("split",)}
-
-
-RUN_FILES = ("metrics.jsonl", "summary.json", "last.pt", "best.pt", "config.yaml", "tb")
-
-
-def check_run_dir(run_dir: str, *, resume: str | None, overwrite: bool) -> list[str]:
-    """A new run never lands silently on an old one: that would append to its metrics.jsonl and
-    replace its checkpoints. Returns what `overwrite` will remove."""
-    if resume or not os.path.isdir(run_dir):
-        return []
-    found = [name for name in RUN_FILES if os.path.exists(os.path.join(run_dir, name))]
-    if not overwrite and any(name != "config.yaml" for name in found):
-        raise UserError(f"{run_dir} already holds a run ({', '.join(found)}); continue it with "
-                        f"--resume {run_dir}, or start it again with --overwrite")
-    return found
-
-
-def _clear_run_dir(run_dir: str, names: list[str]) -> None:
-    for name in names:
-        path = os.path.join(run_dir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
 
 
 def check_recipe_shards(config: TrainConfig) -> None:
@@ -651,7 +432,7 @@ def fit(config: TrainConfig | dict, *, resume: str | None = None,
     try:
         config = per_process_batch(config, ctx.world)
         if ctx.main and stale:
-            _clear_run_dir(config.run_dir, stale)
+            clear_run_dir(config.run_dir, stale)
         D.barrier(ctx)
         return _fit(config, ctx, resume)
     finally:
@@ -664,9 +445,9 @@ def _fit(config: TrainConfig, ctx: D.Context, resume: str | None) -> dict:
     c, run = config, config.run_dir
     if ctx.main:
         os.makedirs(run, exist_ok=True)
-        _write_text(os.path.join(run, "config.yaml"), to_yaml(c))
+        write_text(os.path.join(run, "config.yaml"), to_yaml(c))
         if resume:
-            _trim_log(run, trainer.start_epoch - 1, trainer.step)
+            trim_log(run, trainer.start_epoch - 1, trainer.step)
     D.barrier(ctx)
     log = RunLog(run, enabled=ctx.main, tensorboard=c.tensorboard)
     if ctx.main and trainer.start_epoch == 0:
@@ -728,44 +509,13 @@ def _fit(config: TrainConfig, ctx: D.Context, resume: str | None) -> dict:
         "wall_time": round(trainer.wall_before + time.time() - started, 3),
         "replica_digests": digests, "replicas_in_sync": len(set(digests)) == 1,
     }
-    best = (_best_model(trainer, ctx)
-            if c.linear_probe or (c.shapley and len(trainer.model.modalities) > 1) else None)
-    if c.shapley and len(trainer.model.modalities) > 1:
-        summary["shapley"] = modality_shapley(best, trainer, ctx)
-    if c.linear_probe:
-        from .probe import linear_probe
-
-        summary["linear_probe"] = linear_probe(
-            best, trainer.shards, trainer.opts, batch_size=c.eval_batch_size or c.batch_size,
-            ctx=ctx, workers=c.workers, amp=c.amp, seed=c.seed)
+    summary.update(best_epoch_evaluations(trainer, ctx))  # --shapley, --linear-probe: best.pt
     if ctx.main:
         log.write({"kind": "summary", **{k: v for k, v in summary.items()
                                          if k in ("best_epoch", "steps", "wall_time")}})
-        _write_text(os.path.join(run, "summary.json"), json.dumps(_clean(summary), indent=2))
+        write_text(os.path.join(run, "summary.json"), json.dumps(_clean(summary), indent=2))
     log.close()
     return summary
-
-
-def _best_model(trainer: Trainer, ctx: D.Context) -> torch.nn.Module:
-    """A fresh model holding best.pt's weights, on the device. Rank 0 wrote best.pt; the other
-    ranks (maybe on other machines) get its weights from it."""
-    c = trainer.config
-    state = load_checkpoint(os.path.join(c.run_dir, "best.pt"))["model"] if ctx.main else None
-    best = model_from_spec(trainer.spec, index=trainer.shards.index, options=c.model_options)
-    best.load_state_dict(D.broadcast_object(state, ctx))
-    return best.to(ctx.device)
-
-
-def modality_shapley(model, trainer: Trainer, ctx: D.Context) -> dict:
-    """{split: each modality's Shapley contribution to the fused accuracy} of the best epoch's
-    model on val (and test when the shards have it), as BalanceMM evaluates a trained model."""
-    c = trainer.config
-    splits = [c.val_split] + ([c.test_split] if trainer.has_test
-                              and c.test_split != c.val_split else [])
-    return {split: evaluate(model, trainer.shards, split, trainer.opts,
-                            batch_size=c.eval_batch_size or c.batch_size, ctx=ctx,
-                            workers=c.workers, amp=c.amp, shapley=True)["shapley"]
-            for split in splits}
 
 
 def _clean(value):

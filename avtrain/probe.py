@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from . import distributed as D
 from .checkpoint import bare_model
-from .data import DataOptions, ShardSet, eval_loader, to_device
+from .data import ShardSet, eval_loader
+from .decode import DataOptions, to_device
 
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
 PROBE_MAX_TRAIN = 30_000  # train samples the probe is fitted on at most (seeded subset)
@@ -146,29 +147,3 @@ def linear_probe(model, shards: ShardSet, opts: DataOptions, *, batch_size: int 
         result["chance"] = 1.0 / shards.num_classes
         result["train_samples"] = int(len(splits[train_split][1]))
     return D.broadcast_object(result, ctx)
-
-
-def probe_checkpoint(ckpt_path: str, shards_path: str, *, test_split: str = "test",
-                     batch_size: int = 64, workers: int = 2, device: str = "auto",
-                     decode_device: str = "cpu", amp: bool = True, cache_dir: str | None = None,
-                     cache_size: str | int | None = None) -> dict:
-    """`avtrain eval --linear-probe`: the probe of a saved checkpoint's encoders."""
-    from .checkpoint import load_checkpoint
-    from .data import check_decode_device, open_shards
-    from .loop import _data_options, cache_bytes, model_from_checkpoint
-
-    ckpt = load_checkpoint(ckpt_path)
-    shards = open_shards(shards_path, cache_dir, cache_bytes(cache_size))
-    check_decode_device(decode_device)
-    ctx = D.setup(device)
-    try:
-        model = model_from_checkpoint(ckpt, shards).to(ctx.device)
-        cfg = ckpt.get("config") or {}
-        opts = _data_options(cfg, shards, model.modalities, decode_device=decode_device)
-        result = linear_probe(model, shards, opts, batch_size=batch_size, ctx=ctx,
-                              workers=workers, amp=amp, test_split=test_split,
-                              seed=int(cfg.get("seed", 0)))
-        result["checkpoint"] = ckpt["path"]
-        return result
-    finally:
-        D.teardown(ctx)

@@ -29,7 +29,7 @@ tar is read once, into the cache when there is one; remote scans are cached in -
 sample is then one `pread` of a local file or a cached copy of a remote tar (remote tars are
 copied whole into --cache-dir on first use), or one ranged GET (s3/gs/https) without a cache;
 the bytes are parsed by the loader's own tar reader (avtrain.tarstream) and decoded by
-`avtrain.data.decode_sample` (npy without pickle, jpg, cls, json, txt: nothing is unpickled).
+`avtrain.decode.decode_sample` (npy without pickle, jpg, cls, json, txt: nothing is unpickled).
 webdataset's `wids` was not used: it downloads shards with its own commands instead of
 avprep.storage's prefix-checked opener and cache, and decodes with webdataset's default
 decoders unless every caller remembers not to; the recorded ranges need neither an index file
@@ -63,6 +63,7 @@ import torch
 
 from avprep.errors import UserError
 
+from .decode import collate, decode_sample, skip_reason
 from .tarstream import sample_at, tar_spans
 
 OPEN_TARS = 64  # file descriptors a worker keeps open
@@ -334,8 +335,6 @@ class ExactStream(torch.utils.data.IterableDataset):
         return range(start, start + self.batch_size)
 
     def batch(self, b: int) -> dict:
-        from .data import collate, decode_sample, skip_reason
-
         samples, skipped = [], []
         for position in self.positions(b):
             row, mask = self._item(position)

@@ -46,7 +46,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from avtrain.data import DataOptions, open_shards, train_loader  # noqa: E402
+from avtrain.data import open_shards, train_loader  # noqa: E402
+from avtrain.decode import DataOptions  # noqa: E402
 from avtrain.models import build_model  # noqa: E402
 
 # --- data ----------------------------------------------------------------------------------
@@ -151,7 +152,7 @@ def limit_rate(shards, opts, frames: int, image_size: int, rounds: int = 3) -> f
     RandomResizedCrop + flip + ImageNet normalisation, in this process on one thread."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from avtrain.data import FRAME_MEMBER, _crop_draw, pick_frames, transform_frames
+    from avtrain.decode import FRAME_MEMBER, _crop_draw, pick_frames, transform_frames
     from avtrain.tarstream import tar_samples
 
     clips = []
@@ -186,7 +187,7 @@ def shard_rate(shards, opts, args, round_no: int, sampling: str = "exact") -> fl
     """Batches ready for the model: the loader's, then `to_device` (which normalises the uint8
     frames), so the rate counts every step between the tar and the network. Exact epochs run
     on into the next pass when the timed batches outnumber one."""
-    from avtrain.data import to_device
+    from avtrain.decode import to_device
 
     loader = train_loader(shards, "train", opts, batch_size=args.batch_size,
                           steps=args.batches + warmup(args), epoch=round_no, workers=args.workers,
@@ -293,7 +294,7 @@ def main(argv=None) -> int:
     opts = DataOptions.for_shards(shards, image_size=args.image_size, frames=frames0)
     sample = next(iter(train_loader(shards, "train", opts, batch_size=args.batch_size, steps=1,
                                     workers=0, shuffle_buffer=16)))
-    from avtrain.data import to_device
+    from avtrain.decode import to_device
 
     sample = to_device(sample, torch.device("cpu"), opts)
     device = torch.device(args.device)

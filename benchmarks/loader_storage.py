@@ -41,7 +41,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from loader import machine, make_shards, shard_rate  # noqa: E402
 
-from avtrain.data import DataOptions, open_shards  # noqa: E402
+from avtrain.data import open_shards  # noqa: E402
+from avtrain.decode import DataOptions  # noqa: E402
 
 
 def free_port() -> int:

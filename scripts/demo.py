@@ -88,8 +88,8 @@ def make_shards(data: str, out: str, workers: int) -> str:
 
 
 def train(shards: str, out: str, size: dict, workers: int) -> list[str]:
-    from avtrain.config import make_config
     from avtrain.loop import fit
+    from avtrain.settings import make_config
 
     run_dirs = []
     for name, settings in RUNS:

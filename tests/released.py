@@ -58,8 +58,8 @@ def step_trainer(method: str, fusion: str, classes: int, *, bn: bool = True, **s
     from the global batch's)."""
     from avtrain import distributed as D
     from avtrain.balance import build_balancer
-    from avtrain.config import make_config
     from avtrain.loop import Trainer, build_optimizer, build_scheduler, build_training_model
+    from avtrain.settings import make_config
 
     c = make_config({"method": method, "model": "tiny", "fusion": fusion, "device": "cpu",
                      "amp": False, **settings})

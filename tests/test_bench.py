@@ -276,7 +276,7 @@ def test_a_taught_method_learns_from_the_same_seeds_references(train_shards, tmp
     """unimodal_teacher in a bench: its teachers are the bench's `X only` runs of its seed,
     trained before it; a given --teacher applies to its rows only; no references: one line."""
     from avtrain.bench import plan_runs
-    from avtrain.config import make_config
+    from avtrain.settings import make_config
 
     out = tmp_path / "B"
     result = bench(train_shards, out, "--methods", "none,unimodal_teacher", "--seeds", "0,3",

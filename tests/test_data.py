@@ -16,16 +16,14 @@ import torch
 import webdataset as wds
 
 from avprep.errors import UserError
-from avtrain.data import (
+from avtrain.data import eval_loader, open_shards, train_loader
+from avtrain.decode import (
     DataOptions,
     crop_spectrogram,
     decode_sample,
-    eval_loader,
-    open_shards,
     pick_frames,
     resolve_crop,
     to_device,
-    train_loader,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

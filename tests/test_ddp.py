@@ -13,8 +13,8 @@ import pytest
 import torch
 from held import HUNG_AFTER_S
 
-from avtrain.loop import evaluate_checkpoint, fit
-from avtrain.probe import probe_checkpoint
+from avtrain.evaluate import evaluate_checkpoint, probe_checkpoint
+from avtrain.loop import fit
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 AVTRAIN = os.path.join(os.path.dirname(sys.executable), "avtrain")

@@ -21,8 +21,7 @@ import torchvision.transforms.v2.functional as TF
 from avprep import audio
 from avprep.errors import UserError
 from avprep.presets import get_preset
-from avtrain.config import make_config
-from avtrain.data import (
+from avtrain.decode import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     DataOptions,
@@ -30,6 +29,7 @@ from avtrain.data import (
     pick_frames,
     transform_frames,
 )
+from avtrain.settings import make_config
 
 SR = 16000
 

@@ -13,7 +13,8 @@ import yaml
 from click.testing import CliRunner
 
 from avtrain.checkpoint import load_checkpoint
-from avtrain.loop import evaluate_checkpoint, fit
+from avtrain.evaluate import evaluate_checkpoint
+from avtrain.loop import fit
 from cli import avtrain
 
 FUSIONS = ["sum", "concat", "film", "gated", "bilinear", "attention"]

@@ -387,7 +387,7 @@ def test_cli_one_epoch_on_synth_logs_the_signal(shards, tmp_path):
     assert steps[1]["rebalance_audio"] + steps[1]["rebalance_visual"] == 1.0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == "greedy"
-    from avtrain.loop import evaluate_checkpoint
+    from avtrain.evaluate import evaluate_checkpoint
 
     evaluated = evaluate_checkpoint(str(run / "best.pt"), str(shards), split="test",
                                     batch_size=4, workers=0, device="cpu")

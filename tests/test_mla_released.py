@@ -332,8 +332,8 @@ def fit_args(shards, run, epochs, *extra_flags, **extra):
 
 
 def test_cli_one_epoch_on_synth_logs_the_signal_and_evaluates_with_the_gate(shards, tmp_path):
-    from avtrain.checkpoint import load_checkpoint
-    from avtrain.loop import evaluate_checkpoint, model_from_checkpoint
+    from avtrain.checkpoint import load_checkpoint, model_from_checkpoint
+    from avtrain.evaluate import evaluate_checkpoint
     from cli import avtrain
 
     run = tmp_path / "run"

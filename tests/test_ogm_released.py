@@ -299,9 +299,9 @@ def test_ogm_ge_init_is_the_released_weight_init(fusion):
     """Same seed: `--init ogm_ge` gives exactly `model.apply(weight_init)` of the released
     utils.py on the freshly built model (all of it, encoders and fusion), and `--init torch`
     leaves PyTorch's defaults."""
-    from avtrain.config import make_config
     from avtrain.loop import build_training_model
     from avtrain.models import build_model
+    from avtrain.settings import make_config
 
     wants = {}
     for init in ("ogm_ge", "torch"):
@@ -326,8 +326,8 @@ def test_ogm_ge_init_statistics_on_resnet18():
     """On the released architecture's shapes: the concat classifier is xavier-normal
     (std sqrt(2/(1024+C)), 0.044 for CREMA-D's 6 classes, not PyTorch's 0.018), zero bias;
     every BatchNorm2d scale 1 and shift 0; conv kernels kaiming-normal, fan_out, ReLU gain."""
-    from avtrain.config import make_config
     from avtrain.loop import build_training_model
+    from avtrain.settings import make_config
 
     torch.manual_seed(0)
     model = build_training_model(make_config({"model": "resnet18", "init": "ogm_ge"}), 6)

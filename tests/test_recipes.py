@@ -13,8 +13,9 @@ from click.testing import CliRunner
 from mediagen import make_video, make_wav
 
 from avprep.errors import UserError
-from avtrain.config import TrainConfig, make_config
+from avtrain.config import TrainConfig
 from avtrain.recipes import PRESET_DEFAULTS, check_shards, load_recipe, recipe_names
+from avtrain.settings import make_config
 from cli import avprep, avtrain
 
 NEEDED = {"ogm_ge-cremad", "ogm_ge-vggsound", "ogm_ge-ks", "olm-cremad", "olm_com-cremad",

@@ -20,7 +20,8 @@ import torch
 import webdataset as wds
 from held import HUNG_AFTER_S, REPO
 
-from avtrain.data import DataOptions, open_shards, train_loader
+from avtrain.data import open_shards, train_loader
+from avtrain.decode import DataOptions
 from avtrain.sampling import ExactStream, needed_members, sample_table
 from avtrain.tarstream import tar_samples, tar_spans
 
@@ -278,8 +279,8 @@ def test_epoch_steps_shorter_is_olm_com_s_zip(train_shards, tmp_path):
     """--epoch-steps shorter: as many steps as the shorter of the train pass (remainder
     dropped) and the held-out pass (last batch kept, as the released eval DataLoader)."""
     from avprep.errors import UserError
-    from avtrain.config import make_config
     from avtrain.loop import fit
+    from avtrain.settings import make_config
 
     shards = open_shards(str(train_shards))
     n_train, n_val = len(tar_keys(shards, "train")), len(tar_keys(shards, "val"))
@@ -300,7 +301,7 @@ def test_epoch_steps_shorter_is_olm_com_s_zip(train_shards, tmp_path):
 def test_a_run_saved_before_sampling_existed_resumes_resampled(train_shards, tmp_path):
     import yaml
 
-    from avtrain.config import cli_config
+    from avtrain.settings import cli_config
 
     run = tmp_path / "run"
     run.mkdir()

@@ -94,15 +94,15 @@ class _Zeroing(torch.nn.Module):
 
 
 def test_every_run_reports_shapley_equal_to_hand_evaluations(finished_run):
-    from avtrain.checkpoint import load_checkpoint
+    from avtrain.checkpoint import load_checkpoint, model_from_checkpoint
     from avtrain.data import open_shards
-    from avtrain.loop import _data_options, evaluate, model_from_checkpoint
+    from avtrain.evaluate import data_options, evaluate
 
     shards_dir, run, summary = finished_run
     ckpt = load_checkpoint(str(run / "best.pt"))
     shards = open_shards(str(shards_dir))
     model = model_from_checkpoint(ckpt, shards)
-    opts = _data_options(ckpt["config"], shards, model.modalities)
+    opts = data_options(ckpt["config"], shards, model.modalities)
     for split in ("val", "test"):
         got = summary["shapley"][split]
         assert set(got) == {"audio", "visual", "subsets"}

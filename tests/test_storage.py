@@ -140,7 +140,8 @@ def test_exact_epoch_from_s3_equals_local_ranged_and_cached(s3, built, tmp_path)
     older build) is scanned once and the scan kept in the cache."""
     import torch
 
-    from avtrain.data import DataOptions, open_shards, train_loader
+    from avtrain.data import open_shards, train_loader
+    from avtrain.decode import DataOptions
     from avtrain.sampling import sample_table
 
     for name in os.listdir(built):  # the same set, its stats without spans, under s3://.../old
@@ -184,7 +185,8 @@ def test_exact_epoch_from_s3_equals_local_ranged_and_cached(s3, built, tmp_path)
 def test_eval_over_http_and_cache_bound(built, tmp_path):
     """The https read path (plain http on loopback): eval equals local; a small cache stays
     under its bound."""
-    from avtrain.data import DataOptions, eval_loader, open_shards
+    from avtrain.data import eval_loader, open_shards
+    from avtrain.decode import DataOptions
 
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(built))
     handler.log_message = lambda *a: None

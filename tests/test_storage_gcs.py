@@ -210,7 +210,8 @@ def test_inspect_and_verify_on_gs(gcs, built):
 
 
 def test_eval_loader_reads_every_sample_as_the_local_build(built):
-    from avtrain.data import DataOptions, eval_loader, open_shards
+    from avtrain.data import eval_loader, open_shards
+    from avtrain.decode import DataOptions
 
     batches = {}
     for name, where in (("local", str(built)), ("gs", f"gs://{BUCKET}/a")):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from avtrain.data import load_npy, open_shards
+from avtrain.data import open_shards
+from avtrain.decode import load_npy
 from avtrain.tarstream import tar_members, tar_samples
 
 

@@ -240,7 +240,8 @@ def shards(synth_dir, tmp_path_factory):
 
 
 def test_train_loader_carries_each_copys_mask(shards):
-    from avtrain.data import DataOptions, open_shards, train_loader
+    from avtrain.data import open_shards, train_loader
+    from avtrain.decode import DataOptions
 
     s = open_shards(str(shards))
     opts = DataOptions.for_shards(s, image_size=32)

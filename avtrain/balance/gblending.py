@@ -90,6 +90,8 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from avprep.errors import UserError
 
+from ..config import TrainConfig
+from ..optim import build_optimizer
 from . import _dist
 from ._checks import number, require_two_modalities
 from .base import Balancer, EpochContext
@@ -209,9 +211,6 @@ class GBlending(Balancer):
     def _optimizer(self, params):
         """A fresh optimizer of the run's kind and settings (BalanceMM's temp optimizer at its
         state when built, train.py 86-87 and trainer line 314)."""
-        from avtrain.config import TrainConfig
-        from avtrain.loop import build_optimizer
-
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         c = TrainConfig(**{k: v for k, v in self.config.items() if k in names})
         return build_optimizer(c, params)

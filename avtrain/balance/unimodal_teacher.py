@@ -41,7 +41,7 @@ values); the logged loss is the total, as BalanceMM returns it.
 Teachers: `--teacher MODALITY=RUN_DIR` for every modality of the model (repeatable; YAML: a list
 of such strings or a mapping), each a finished `avtrain fit --modalities MODALITY` run
 (summary.json and best.pt present); its best.pt is loaded with the eval code's loader
-(`avtrain.checkpoint.load_checkpoint`, `avtrain.loop.model_from_checkpoint`) before training, so
+(`avtrain.checkpoint.load_checkpoint` and `model_from_checkpoint`) before training, so
 a bad teacher is one `Error:` line: missing modality, run not found or not finished, another
 modality, another encoder, number of classes or dataset, features of another size. Teachers are
 frozen (no gradients, not in the optimizer, not in the student's checkpoint); `--resume`
@@ -79,6 +79,7 @@ import torch.nn.functional as F
 
 from avprep.errors import UserError
 
+from ..checkpoint import load_checkpoint, model_from_checkpoint, weights_digest
 from . import _dist
 from ._checks import choice, fused_model, modulation_window, number, require_two_modalities
 from .base import Balancer, StepContext
@@ -117,9 +118,6 @@ def distillation_losses(teacher: dict[str, torch.Tensor],
 def load_teacher(modality: str, run: str, student, *, dataset: str | None = None):
     """The frozen teacher model of `modality` from a finished run directory, checked against
     the student (bare model); raises UserError with one line naming the flag."""
-    from ..checkpoint import load_checkpoint
-    from ..loop import model_from_checkpoint
-
     flag = f"--teacher {modality}={run}"
     if not os.path.isdir(run):
         raise UserError(f"{flag}: run directory not found")
@@ -194,8 +192,6 @@ class UnimodalTeacher(Balancer):
         self.teachers = {m: load_teacher(m, run, bare, dataset=c.get("dataset"))
                          .to(self.device).train(self.mode == "train")
                          for m, run in self.runs.items()}
-        from ..loop import weights_digest
-
         self.digests = {m: weights_digest(t) for m, t in self.teachers.items()}
         self._features: dict[str, torch.Tensor] = {}
         for m in self.modalities:
