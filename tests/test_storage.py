@@ -4,6 +4,7 @@ here; kill -9 during an upload; prefix-only member names; one-line errors."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import json
@@ -182,19 +183,30 @@ def test_exact_epoch_from_s3_equals_local_ranged_and_cached(s3, built, tmp_path)
     assert again.keys == sample_table(open_shards(str(built)), "train").keys
 
 
+@contextlib.contextmanager
+def http_folder(folder):
+    """Python's http.server over `folder` on 127.0.0.1 (no Range support, as it ships): its
+    base URL, the server stopped and joined on exit."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
 def test_eval_over_http_and_cache_bound(built, tmp_path):
     """The https read path (plain http on loopback): eval equals local; a small cache stays
     under its bound."""
     from avtrain.data import eval_loader, open_shards
     from avtrain.decode import DataOptions
 
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(built))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/"
+    with http_folder(built) as url:
         index = json.loads((built / "index.json").read_text())
         largest = max(s["bytes"] for s in index["splits"]["train"]["shards"])
         bound = largest * 3 // 2  # room for one tar: every new one evicts the last
@@ -211,10 +223,6 @@ def test_eval_over_http_and_cache_bound(built, tmp_path):
         sizes = [p.stat().st_size for p in (tmp_path / "c").iterdir()]
         assert len(index["splits"]["train"]["shards"]) > 1 and len(sizes) == 1
         assert sum(sizes) <= bound
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 def test_exact_epoch_over_a_server_that_ignores_byte_ranges(built, capfd):
@@ -223,25 +231,16 @@ def test_exact_epoch_over_a_server_that_ignores_byte_ranges(built, capfd):
     every sample costs a whole tar without --cache-dir."""
     import torch
 
-    from avtrain.data import DataOptions, open_shards, train_loader
+    from avtrain.data import open_shards, train_loader
+    from avtrain.decode import DataOptions
 
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(built))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with http_folder(built) as url:
         batches = {}
-        for name, where in (("local", str(built)),
-                            ("http", f"http://127.0.0.1:{server.server_address[1]}/")):
+        for name, where in (("local", str(built)), ("http", url)):
             shards = open_shards(where)
             opts = DataOptions.for_shards(shards, image_size=32)
             batches[name] = list(train_loader(shards, "train", opts, batch_size=4, epoch=1,
                                               seed=2, workers=0))
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
     assert len(batches["http"]) == len(batches["local"]) > 0
     for got, want in zip(batches["http"], batches["local"]):
         assert got["key"] == want["key"]
