@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 import click
+import cloup
 
 from avprep import __version__
 from avprep.errors import MediaError, UserError
@@ -386,289 +387,244 @@ def shard_cache_options(f):
     return f
 
 
-def _fit_options(f):
-    """`avtrain fit` flags: one per TrainConfig field; unset flags leave the config alone."""
-    opts = [
-        click.option("--recipe", help="A paper's protocol by name (see `avtrain recipes`); "
-                     "--config and flags override its settings."),
-        click.option("--config", "config_file", type=click.Path(dir_okay=False),
-                     help="YAML file of settings (same names as the flags); flags override it."),
-        click.option("--print-config", is_flag=True, help="Print the merged settings and exit."),
-        click.option("--resume", type=click.Path(),
-                     help="Continue the run in this directory from its last.pt."),
-        click.option("--overwrite", is_flag=True,
-                     help="Start afresh in a --run-dir that already holds a run (its metrics "
-                     "and checkpoints are removed)."),
-        click.option("--shards", type=click.Path(), help="Shard folder (with index.json), or "
-                     "an s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or https://HOST/PATH URL."),
-        *_cache_options(),
-        click.option("--run-dir", type=click.Path(file_okay=False), help="Output run folder."),
-        click.option("--method", help="Balancing method: none, ogm, ogm_ge, olm, olm_com, ... "
-                     "[default: none]"),
-        click.option("--fusion", help="sum, concat, film, gated, bilinear, attention, "
-                     "bilinear_tanh, mha, boost (ReconBoost's shared head), shared (one head "
-                     "for every modality; mla builds it from concat), cosine (MMCosine's normalised "
-                     "concat; mmcosine builds it from concat) [default: concat]"),
-        click.option("--model", help="Encoders: resnet18 or tiny; or a sequence transformer: "
-                     "emt, mbt, umt, ca [default: resnet18]"),
-        click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE",
-                     help="Sequence model option, repeatable: d_model, heads, layers, bottleneck,"
-                     " ff, dropout, ... [defaults: 768, 8, 3, 12, 1024, 0.1]"),
-        click.option("--folds", type=int, help="k-fold cross-validation over train+val: k runs "
-                     "in RUN/fold*, mean ± std in RUN/cv.md (rerun to resume)"),
-        click.option("--modalities", help="Comma list, e.g. audio or audio,visual "
-                     "[default: audio,visual]"),
-        click.option("--epochs", type=int, help="[default: 30]"),
-        click.option("--batch-size", type=int, help="Per process [default: 64]"),
-        click.option("--global-batch-size", type=int,
-                     help="Across all processes (the papers' batch): sets --batch-size to "
-                     "this / processes [default: off]"),
-        click.option("--eval-batch-size", type=int, help="[default: the batch size]"),
-        click.option("--steps-per-epoch", type=int,
-                     help="[default: train samples // (batch size x processes)]"),
-        click.option("--optimizer", help="sgd, adam or adamw [default: sgd]"),
-        click.option("--lr", type=float, help="[default: 1e-3]"),
-        click.option("--momentum", type=float, help="SGD momentum [default: 0.9]"),
-        click.option("--weight-decay", type=float, help="[default: 1e-4]"),
-        click.option("--scheduler", help="step, cosine or none [default: step]"),
-        click.option("--lr-step", type=int,
-                     help="StepLR step in epochs [default: 70 % of --epochs]"),
-        click.option("--lr-gamma", type=float, help="StepLR factor [default: 0.1]"),
-        click.option("--clip-grad", type=float, help="Max gradient norm [default: off]"),
-        click.option("--frames", type=int, help="Frames per clip [default: the preset's]"),
-        click.option("--image-size", type=int, help="Frame crop size [default: 224]"),
-        click.option("--crop-columns", type=int,
-                     help="Spectrogram crop in train [default: the preset's]"),
-        click.option("--eval-crop", help="Spectrogram window in eval/test: centre, or random "
-                     "(the released VGGSound test loader; seeded by --seed and the sample key) "
-                     "[default: centre]"),
-        click.option("--eval-resize", help="Frames in eval/test: crop (short side, centre "
-                     "crop) or square (Resize((224, 224)) as the released code) "
-                     "[default: crop]"),
-        click.option("--train-crop", help="Training RandomResizedCrop+flip: clip (one per clip) "
-                     "or frame (one per frame, as the released code) [default: clip]"),
-        click.option("--workers", type=int, help="Loader processes per rank [default: 2]"),
-        click.option("--sampling", help="exact (every training sample once per epoch, in an "
-                     "order set by --seed and the epoch, as DataLoader(shuffle=True)) or resample "
-                     "(shards drawn with replacement + a shuffle buffer: web-scale sets) "
-                     "[default: exact]"),
-        click.option("--shuffle-buffer", type=int, help="--sampling resample [default: 1000]"),
-        click.option("--strict/--no-strict", default=None, help="A damaged sample (a member "
-                     "the run needs missing, unreadable bytes) stops the run with one line "
-                     "instead of being skipped and counted [default: skip]"),
-        click.option("--epoch-steps", help="train (one pass over train) or shorter (the "
-                     "shorter of the train and held-out passes: OLM-com's released "
-                     "zip(train, held-out)) [default: train]"),
-        click.option("--decode-device", help="cpu or cuda (JPEGs decoded on the GPU) "
-                     "[default: cpu]"),
-        click.option("--device", help="auto, cpu or cuda [default: auto]"),
-        click.option("--amp/--no-amp", default=None, help="bf16 autocast on CUDA [default: on]"),
-        click.option("--compile/--no-compile", default=None, help="torch.compile the model"),
-        click.option("--init", help="Weight init after building: torch (PyTorch's defaults) or "
-                     "ogm_ge (OGM-GE's released weight_init on the whole model: xavier-normal "
-                     "Linear with zero bias, kaiming-normal fan_out Conv2d, BatchNorm 1/0) "
-                     "[default: torch]"),
-        click.option("--seed", type=int, help="[default: 0]"),
-        click.option("--val-split", help="Split that picks the best epoch; `test` is the legacy "
-                     "protocol of the released OGM-GE code, labelled so [default: val]"),
-        click.option("--log-every", type=int, help="Steps between log records [default: 10]"),
-        click.option("--linear-probe/--no-linear-probe", default=None,
-                     help="Linear-probe the best checkpoint's encoders at the end."),
-        click.option("--shapley/--no-shapley", default=None, help="At the end, each "
-                     "modality's Shapley contribution to the best checkpoint's fused accuracy "
-                     "on val and test, in summary.json [default: on]"),
-        click.option("--probe-every", type=int, help="Also probe each encoder every N epochs "
-                     "on a fixed subset (the imbalance over time) [default: off]"),
-        click.option("--progress/--no-progress", default=None, help="Progress bars."),
-        click.option("--alpha", type=float,
-                     help="OGM(-GE) alpha [default: the dataset's recommended value, else 0.8]; "
-                     "PMR: weight of the prototype CE [default: 1.0]; OPM: lambda, how much "
-                     "the discrepancy raises the drop probability [default: 0.5]; "
-                     "ReconBoost: weight of its (gradient-free) GA term [default: 0.5]; AGM: "
-                     "strength of its coefficients [default: 1.0]"),
-        click.option("--modulation-start", type=int, help="First modulated epoch [default: 0; "
-                     "opm: 6, after its 6 warm-up epochs; greedy: 1]"),
-        click.option("--modulation-end", type=int, help="Last modulated epoch [default: 50; "
-                     "pmr: 100; opm, greedy: no end; agm: 19, the released first 20 "
-                     "epochs; amco: 80]"),
-        click.option("--modulate", help="conv or encoder: parameters OGM scales [default: conv]"),
-        click.option("--olm-initial", help="OLM initial losses: mean (of the first epoch) or "
-                     "last-batch (of the first epoch, as released) [default: mean]"),
-        click.option("--olm-lr", type=float, help="OLM coefficient Adam learning rate "
-                     "[default: 1e-3; emt/mbt/umt/ca: --lr, as released]"),
-        click.option("--olm-weight-decay", type=float, help="OLM coefficient Adam weight decay "
-                     "[default: 0; emt/mbt/umt/ca: --weight-decay, as released]"),
-        click.option("--olm-reduction", help="OLM branch CE over the batch for the network loss:"
-                     " sum (released) or mean [default: sum]"),
-        click.option("--olm-heldout", help="OLM-com held-out forward: train (train mode and "
-                     "augmentation, as released) or eval (eval mode, no augmentation, BatchNorm "
-                     "statistics never see val) [default: train]"),
-        click.option("--pmr-momentum", type=float, help="PMR prototype momentum in [0, 1) "
-                     "[default: 0.2, as released]"),
-        click.option("--pmr-proto-batches", type=int, help="PMR: training batches per rank "
-                     "averaged into the prototypes before each epoch [default: steps per "
-                     "epoch // 10, at least 1, as released]"),
-        click.option("--opm-q-base", type=float, help="OPM base drop probability of the "
-                     "dominant modality, in [0, 1] [default: 0.5, as released]"),
-        click.option("--opm-p-exe", type=float, help="OPM probability that a step drops "
-                     "features at all, in [0, 1] [default: 0.7, as released]"),
-        click.option("--opm-theta-grad", help="OPM: released (the released custom autograd "
-                     "returns theta as theta's gradient, adding theta * grad(theta) to both "
-                     "encoders) or none (the inverse-dropout scale carries no gradient) "
-                     "[default: released]"),
-        click.option("--reconboost-stage-epochs", type=int, help="ReconBoost: epochs of each "
-                     "stage's learner phase, one modality's learner trained with the boosting "
-                     "loss [default: 4, as released --epochs_per_stage]"),
-        click.option("--reconboost-correct-epochs", type=int, help="ReconBoost: epochs of each "
-                     "stage's global rectification of the ensemble, 0 for none [default: "
-                     "--reconboost-stage-epochs; released --correct_epoch 4]"),
-        click.option("--reconboost-weight1", type=float, help="ReconBoost boosting loss: "
-                     "weight w1 of the learner's CE [default: 5.0, as released]"),
-        click.option("--reconboost-weight2", type=float, help="ReconBoost boosting loss: "
-                     "weight w2 of the reconcilement term, CE weighted by the ensemble's "
-                     "true-class probability [default: 1.0, as released]"),
-        click.option("--reconboost-reset-optimizer/--no-reconboost-reset-optimizer",
-                     default=None, help="ReconBoost: clear the optimizer state (momentum) at "
-                     "every phase, as the released fresh SGD per phase [default: on]"),
-        click.option("--agm-cap", type=float, help="AGM: upper bound of optimal - ratio in "
-                     "k = exp(alpha * min(optimal - ratio, cap)); inf: none [default: 10, as "
-                     "released for CREMA-D; UR-Funny 7]"),
-        click.option("--agm-clip", type=float, help="AGM: clip every gradient to this total "
-                     "norm when a fused-classifier weight gradient leaves [-clip, clip]; 0: off "
-                     "[default: 1.0, as released for CREMA-D]"),
-        click.option("--agm-after-window", help="AGM after --modulation-end: hold (the last "
-                     "coefficients keep scaling, as released) or reset (1) [default: hold]"),
-        click.option("--agm-floor", type=float, help="AGM: a true-class probability below "
-                     "this counts as it in the scores; 0: none, as the released UR-Funny script "
-                     "[default: 1e-8, as released for CREMA-D]"),
-        click.option("--amco-sigma", type=float, help="AMCo: a modality whose share of the joint"
-                     " softmax over all unimodal logits exceeds this, in [0, 1], is masked next "
-                     "step [default: 0.5, as BalanceMM]"),
-        click.option("--amco-eps", type=float, help="AMCo: length of the mask ramp, > 0; the "
-                     "masked fraction is sin(pi/2 min(eps, l)/eps), l growing by epoch/10 per "
-                     "step from 0 each epoch [default: 0.3, as BalanceMM]"),
-        click.option("--greedy-epsilon", type=float, help="Greedy: a re-balancing window starts "
-                     "when |BDR_audio - BDR_visual| (the conditional learning speeds' difference) "
-                     "exceeds this [default: 0.01, as released; BalanceMM 0.001]"),
-        click.option("--greedy-window", type=int, help="Greedy: re-balancing steps per window "
-                     "[default: 5, as released]"),
-        click.option("--greedy-loss", help="Greedy: unimodal (the sum of the per-modality CEs, "
-                     "as released) or fused (CE of the fused logits, as BalanceMM) "
-                     "[default: unimodal]"),
-        click.option("--greedy-average", help="Greedy: own (each modality's MMTM gates are "
-                     "replaced by their own running mean) or released (the second modality's "
-                     "by the first's, the released slip) [default: own]"),
-        click.option("--mla-projection", help="MLA edit of the shared head's weight gradient"
-                     " before each modality's step: none (the released code, whose name test "
-                     "never matches), owm (the paper's projection, the first release) or owm-add"
-                     " (BalanceMM: grad + grad P^T) [default: none]"),
-        click.option("--mla-gate", help="MLA test-time fusion of the shared head's logits (the "
-                     "fused logits): entropy (per sample, the paper), batch-entropy (the "
-                     "released --dynamic code: softmax over the batch) or fixed (the released "
-                     "0.55/0.45 weights) [default: entropy]"),
-        click.option("--mla-stale-grads", help="MLA: what zero_grad leaves between the "
-                     "modalities of a step: zero (released, torch 1.8.1: earlier modalities "
-                     "are stepped again by momentum/weight decay) or none (BalanceMM) "
-                     "[default: zero]"),
-        click.option("--relearning-lambda", type=float, help="Re-learning: strength "
-                     "w = tanh(lambda * |purity(train) - purity(val)|) of each encoder's soft "
-                     "re-initialisation [default: 3, as released]"),
-        click.option("--relearning-every", type=int, help="Re-learning: diagnose and "
-                     "re-initialise after every N-th epoch [default: 20, as released; "
-                     "BalanceMM 15]"),
-        click.option("--relearning-times", type=int, help="Re-learning: at most this many "
-                     "re-initialisations [default: 3, as released; BalanceMM 2]"),
-        click.option("--relearning-kmeans", help="Re-learning k-means: torch (sklearn's "
-                     "algorithm, seeded by --seed and epoch) or sklearn (sklearn KMeans, "
-                     "random_state=0, as released; needs scikit-learn) [default: torch]"),
-        click.option("--relearning-n-init", type=int, help="Re-learning: k-means runs, the "
-                     "best inertia kept [default: 10, sklearn's default before 1.4]"),
-        click.option("--mmpareto-gamma", type=float, help="MMPareto: factor on every encoder "
-                     "gradient after the Pareto combination and the rescale to the summed "
-                     "gradient's norm, > 0 [default: 1.5, the released gamma]"),
-        click.option("--valuation-level", type=click.Choice(["sample", "modality"]),
-                     help="Valuation: re-sample per sample from each modality's Shapley "
-                     "contribution (sample_level.py) or by the modalities' mean contribution "
-                     "gap (modality_level.py) [default: sample, the paper's method]"),
-        click.option("--valuation-warmup", type=int, help="Valuation: epochs trained on the "
-                     "data as it is before the re-sampling starts [default: 5, as released]"),
-        click.option("--valuation-part-ratio", type=float, help="Valuation, modality level: "
-                     "share of the training set drawn to estimate the gap [default: 0.2, as "
-                     "released]"),
-        click.option("--valuation-alpha", type=float, help="Valuation, modality level: factor "
-                     "on the gap difference, the re-sampled share [default: 1, as released]"),
-        click.option("--cml-lam", type=float, help="CML: weight of the confidence ranking "
-                     "hinge, >= 0 [default: 0.1, BalanceMM's lam]"),
-        click.option("--cml-form", type=click.Choice(["balancemm", "authors"]),
-                     help="CML hinge: balancemm (max(0, batch sum of subset minus full "
-                     "confidence), BalanceMM's CML_trainer) or authors (per-sample ReLU with "
-                     "the CPM-Nets sign trick, QingyangZhang/CML) [default: balancemm]"),
-        click.option("--mbsd-rs-on", type=click.Choice(["auto", "logits", "probs"]),
-                     help="MBSD: what its RS term compares between two modalities' outputs; "
-                     "auto: logits for two modalities, softmax probabilities for three or "
-                     "more, as BalanceMM's MBSD_trainer.py [default: auto; MBSD's window "
-                     "--modulation-start/--modulation-end defaults: 0/80, BalanceMM's]"),
-        click.option("--lfm-schedule", type=click.Choice(["learnable", "fitted"]),
-                     help="LFM: the weights of CE and alignment, learned before each epoch by "
-                     "a hypergradient on a held-out batch (Crema_epoch_learnable.py) or the "
-                     "authors' polynomials of the epoch fitted on CREMA-D (Crema_epoch.py) "
-                     "[default: learnable]"),
-        click.option("--lfm-alpha-init", type=float, help="LFM: initial weight of the "
-                     "alignment, in [0.05, 0.95] [default: 0.95, the authors'; BalanceMM 0.05]"),
-        click.option("--lfm-lr-alpha", type=float, help="LFM: step size of the alignment "
-                     "weight, halved every 20 epochs [default: 1e-4, as released]"),
-        click.option("--lfm-cls-input", type=click.Choice(["mean", "fused"]),
-                     help="LFM: CE on the mean of the unimodal logits (the authors') or on the "
-                     "fused logits (BalanceMM) [default: mean]"),
-        click.option("--lfm-alpha-mode", type=click.Choice(["released", "train"]),
-                     help="LFM: the held-out forward of the weight step in train mode at epoch "
-                     "0 and eval mode after (the authors' loop) or always train (BalanceMM) "
-                     "[default: released]"),
-        click.option("--lfm-heldout-size", type=int, help="LFM: training samples drawn once "
-                     "for the weight step, shared evenly by the processes [default: 8, the "
-                     "authors' 16 // 2]"),
-        click.option("--gblending-super-epoch", type=int, help="G-Blending: epochs between "
-                     "weight estimates (each trains a copy of the model this many epochs per "
-                     "branch), >= 2 [default: 10, BalanceMM's trainer_config.yaml]"),
-        click.option("--gblending-offline/--no-gblending-offline", default=None,
-                     help="G-Blending: one estimate before training, over --epochs epochs "
-                     "(BalanceMM's method 'offline') [default: online, BalanceMM's]"),
-        click.option("--gblending-weights", help="G-Blending: fixed branch weights "
-                     "'W_AUDIO,W_VISUAL[,...],W_FUSED' instead of the estimate (the authors' VMZ "
-                     "--audio_weight/--visual_weight/--av_weight) [default: estimated]"),
-        click.option("--mmcosine-scaling", type=float, help="MMCosine: factor s on each "
-                     "modality's cosine logits, > 0 [default: 10, the authors' main_CD.py; "
-                     "BalanceMM's trainer_config.yaml uses 15]"),
-        click.option("--mmcosine-eval-fused", type=click.Choice(["concat", "cosine"]),
-                     help="MMCosine: fused logits at evaluation: concat (the model's plain "
-                     "W.[f_a; f_v] + b, as the authors' valid; per-modality logits stay "
-                     "cosine) or cosine (the summed scaled cosines, as in training and "
-                     "BalanceMM's val_loop) [default: concat]"),
-        click.option("--teacher", "unimodal_teacher_runs", multiple=True,
-                     metavar="MODALITY=RUN_DIR", help="Uni-modal teacher: a finished `avtrain "
-                     "fit --modalities MODALITY` run whose best.pt is that modality's frozen "
-                     "teacher; repeat for every modality (needed by --method unimodal_teacher)"),
-        click.option("--unimodal-teacher-scaling", type=float, help="Uni-modal teacher: weight "
-                     "of each modality's feature MSE to its teacher [default: 10, BalanceMM's "
-                     "scaling]"),
-        click.option("--unimodal-teacher-mode", type=click.Choice(["train", "eval"]),
-                     help="Uni-modal teacher: the teachers' forward in train mode (BatchNorm on "
-                     "the batch's statistics, as BalanceMM) or eval mode [default: train]"),
+def _fit_option_groups() -> list:
+    """`avtrain fit` flags by what they are for, one per TrainConfig field (unset flags leave
+    the config alone); each method's own options follow under their own headings, generated
+    from the methods' declarations (MethodOptionsCommand)."""
+    return [
+        ("Run", [
+            click.option("--recipe", help="A paper's protocol by name (see `avtrain recipes`); "
+                         "--config and flags override its settings."),
+            click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                         help="YAML file of settings (same names as the flags); flags override it."),
+            click.option("--print-config", is_flag=True, help="Print the merged settings and exit."),
+            click.option("--resume", type=click.Path(),
+                         help="Continue the run in this directory from its last.pt."),
+            click.option("--overwrite", is_flag=True,
+                         help="Start afresh in a --run-dir that already holds a run (its metrics "
+                         "and checkpoints are removed)."),
+            click.option("--run-dir", type=click.Path(file_okay=False), help="Output run folder."),
+            click.option("--seed", type=int, help="[default: 0]"),
+            click.option("--folds", type=int, help="k-fold cross-validation over train+val: k runs "
+                         "in RUN/fold*, mean ± std in RUN/cv.md (rerun to resume)"),
+        ]),
+        ("Data", [
+            click.option("--shards", type=click.Path(), help="Shard folder (with index.json), or "
+                         "an s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or https://HOST/PATH URL."),
+            *_cache_options(),
+            click.option("--modalities", help="Comma list, e.g. audio or audio,visual "
+                         "[default: audio,visual]"),
+            click.option("--frames", type=int, help="Frames per clip [default: the preset's]"),
+            click.option("--image-size", type=int, help="Frame crop size [default: 224]"),
+            click.option("--crop-columns", type=int,
+                         help="Spectrogram crop in train [default: the preset's]"),
+            click.option("--eval-crop", help="Spectrogram window in eval/test: centre, or random "
+                         "(the released VGGSound test loader; seeded by --seed and the sample key) "
+                         "[default: centre]"),
+            click.option("--eval-resize", help="Frames in eval/test: crop (short side, centre "
+                         "crop) or square (Resize((224, 224)) as the released code) "
+                         "[default: crop]"),
+            click.option("--train-crop", help="Training RandomResizedCrop+flip: clip (one per clip) "
+                         "or frame (one per frame, as the released code) [default: clip]"),
+            click.option("--workers", type=int, help="Loader processes per rank [default: 2]"),
+            click.option("--sampling", help="exact (every training sample once per epoch, in an "
+                         "order set by --seed and the epoch, as DataLoader(shuffle=True)) or resample "
+                         "(shards drawn with replacement + a shuffle buffer: web-scale sets) "
+                         "[default: exact]"),
+            click.option("--shuffle-buffer", type=int, help="--sampling resample [default: 1000]"),
+            click.option("--strict/--no-strict", default=None, help="A damaged sample (a member "
+                         "the run needs missing, unreadable bytes) stops the run with one line "
+                         "instead of being skipped and counted [default: skip]"),
+            click.option("--epoch-steps", help="train (one pass over train) or shorter (the "
+                         "shorter of the train and held-out passes: OLM-com's released "
+                         "zip(train, held-out)) [default: train]"),
+            click.option("--decode-device", help="cpu or cuda (JPEGs decoded on the GPU) "
+                         "[default: cpu]"),
+        ]),
+        ("Model", [
+            click.option("--model", help="Encoders: resnet18 or tiny; or a sequence transformer: "
+                         "emt, mbt, umt, ca [default: resnet18]"),
+            click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE",
+                         help="Sequence model option, repeatable: d_model, heads, layers, bottleneck,"
+                         " ff, dropout, ... [defaults: 768, 8, 3, 12, 1024, 0.1]"),
+            click.option("--fusion", help="sum, concat, film, gated, bilinear, attention, "
+                         "bilinear_tanh, mha, boost (ReconBoost's shared head), shared (one head "
+                         "for every modality; mla builds it from concat), cosine (MMCosine's normalised "
+                         "concat; mmcosine builds it from concat) [default: concat]"),
+            click.option("--init", help="Weight init after building: torch (PyTorch's defaults) or "
+                         "ogm_ge (OGM-GE's released weight_init on the whole model: xavier-normal "
+                         "Linear with zero bias, kaiming-normal fan_out Conv2d, BatchNorm 1/0) "
+                         "[default: torch]"),
+        ]),
+        ("Optimisation", [
+            click.option("--epochs", type=int, help="[default: 30]"),
+            click.option("--batch-size", type=int, help="Per process [default: 64]"),
+            click.option("--global-batch-size", type=int,
+                         help="Across all processes (the papers' batch): sets --batch-size to "
+                         "this / processes [default: off]"),
+            click.option("--steps-per-epoch", type=int,
+                         help="[default: train samples // (batch size x processes)]"),
+            click.option("--optimizer", help="sgd, adam or adamw [default: sgd]"),
+            click.option("--lr", type=float, help="[default: 1e-3]"),
+            click.option("--momentum", type=float, help="SGD momentum [default: 0.9]"),
+            click.option("--weight-decay", type=float, help="[default: 1e-4]"),
+            click.option("--scheduler", help="step, cosine or none [default: step]"),
+            click.option("--lr-step", type=int,
+                         help="StepLR step in epochs [default: 70 % of --epochs]"),
+            click.option("--lr-gamma", type=float, help="StepLR factor [default: 0.1]"),
+            click.option("--clip-grad", type=float, help="Max gradient norm [default: off]"),
+        ]),
+        ("Evaluation and logging", [
+            click.option("--eval-batch-size", type=int, help="[default: the batch size]"),
+            click.option("--val-split", help="Split that picks the best epoch; `test` is the legacy "
+                         "protocol of the released OGM-GE code, labelled so [default: val]"),
+            click.option("--log-every", type=int, help="Steps between log records [default: 10]"),
+            click.option("--linear-probe/--no-linear-probe", default=None,
+                         help="Linear-probe the best checkpoint's encoders at the end."),
+            click.option("--shapley/--no-shapley", default=None, help="At the end, each "
+                         "modality's Shapley contribution to the best checkpoint's fused accuracy "
+                         "on val and test, in summary.json [default: on]"),
+            click.option("--probe-every", type=int, help="Also probe each encoder every N epochs "
+                         "on a fixed subset (the imbalance over time) [default: off]"),
+            click.option("--progress/--no-progress", default=None, help="Progress bars."),
+        ]),
+        ("Hardware", [
+            click.option("--device", help="auto, cpu or cuda [default: auto]"),
+            click.option("--amp/--no-amp", default=None, help="bf16 autocast on CUDA [default: on]"),
+            click.option("--compile/--no-compile", default=None, help="torch.compile the model"),
+        ]),
+        ("Balancing method", [
+            click.option("--method", help="Balancing method: none, ogm, ogm_ge, olm, olm_com, ... "
+                         "(`avtrain methods` lists them) [default: none]"),
+            click.option("--method-module", metavar="FILE.py|MODULE",
+                         help="Load a plug-in method from your own file or module first (its "
+                         "options then appear below)."),
+            click.option("--method-option", "method_option", multiple=True, metavar="NAME=VALUE",
+                         help="One of the chosen method's options by its short name "
+                         "(repeatable), e.g. gamma=2.0; the same as its own flag."),
+        ]),
     ]
-    for opt in reversed(opts):
-        f = opt(f)
+
+
+def _method_option_groups() -> list:
+    """The methods' own flags, generated from their declared options: the shared window options
+    once, then one heading per set of methods that declare the same options (ogm, ogm_ge:
+    --modulate). Imports the methods, so it runs only when `fit` is used."""
+    from avtrain.balance import all_methods
+    from avtrain.options import SHARED
+
+    methods = all_methods()
+    shared, owned = {}, {}
+    for cls in methods.values():
+        for opt in cls.options:
+            if opt.shared:
+                shared.setdefault(opt.name, []).append((cls.name, opt))
+            else:
+                key = opt.key(cls.prefix())
+                owned.setdefault(key, (opt, cls.prefix(), []))[2].append(cls.name)
+    window = []
+    for name in SHARED:
+        readers = "; ".join(f"{m} {o.describe_default()}" for m, o in shared.get(name, []))
+        what = {"alpha": "Strength of the method's modulation, with the method's meaning "
+                         "(avtrain methods NAME)",
+                "modulation_start": "First modulated epoch (0-based)",
+                "modulation_end": "Last modulated epoch (inclusive)"}[name]
+        window.append(click.option("--" + name.replace("_", "-"),
+                                   type=float if name == "alpha" else int,
+                                   help=f"{what}. Read by: {readers}; ignored by the others "
+                                   "with a warning."))
+    groups = [("Shared window options", window)]
+    by_owners: dict[tuple, list] = {}
+    for key, (opt, prefix, owners) in owned.items():
+        by_owners.setdefault(tuple(owners), []).append(_click_option(opt, prefix, key))
+    for owners, opts in by_owners.items():
+        plugin = [getattr(methods[m], "origin", None) for m in owners]
+        title = f"--method {', '.join(owners)}" + (f" (plug-in: {plugin[0]})" if plugin[0]
+                                                    else "")
+        groups.append((title, opts))
+    return groups
+
+
+def _click_option(opt, prefix: str, key: str):
+    flag = opt.flag_name(prefix)
+    default = opt.describe_default()
+    released = "" if opt.released_value == opt.default else \
+        f"; released: {opt.released_value}"
+    text = f"{opt.help[0].upper()}{opt.help[1:]} [default: {default}{released}]"
+    if opt.type is bool:
+        return click.option(f"{flag}/--no-{flag[2:]}", key, default=None, help=text)
+    if opt.type is list:
+        return click.option(flag, key, multiple=True, metavar=opt.metavar, help=text)
+    kind = click.Choice(list(opt.choices)) if opt.choices else opt.type
+    return click.option(flag, key, type=kind, metavar=opt.metavar, help=text)
+
+
+class MethodOptionsCommand(cloup.Command):
+    """`avtrain fit`: its flags grouped under headings (cloup), the methods' own flags generated
+    from the registry on first use -- after `--method-module` loaded a plug-in, whose flags then
+    parse and show in --help like the built-in ones."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fixed = list(self.params)
+        self._made_for: tuple | None = None
+
+    def _make(self, args=()) -> None:
+        from avtrain.balance import all_methods, load_method_module
+
+        module = _peek(args, "--method-module")
+        if module:
+            load_method_module(module)
+        names = tuple(all_methods())
+        if names == self._made_for:
+            return
+        params = list(self._fixed)
+        for title, opts in _method_option_groups():
+            group = cloup.OptionGroup(title)
+            for make in opts:
+                param = make(lambda: None).__click_params__[0]
+                param.group = group
+                params.append(param)
+        self.params = params
+        self.arguments, self.option_groups, self.ungrouped_options = self._group_params(params)
+        self._made_for = names
+
+    def parse_args(self, ctx, args):
+        self._make(args)
+        return super().parse_args(ctx, args)
+
+    def get_params(self, ctx):
+        self._make()
+        return super().get_params(ctx)
+
+
+def _peek(args, flag: str) -> str | None:
+    """The value of `flag` in raw arguments (--flag V or --flag=V), before click parses them."""
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _fit_options(f):
+    for title, opts in reversed(_fit_option_groups()):
+        f = cloup.option_group(title, *opts)(f)
     return f
 
 
-@avtrain.command()
+@avtrain.command(cls=MethodOptionsCommand)
 @_fit_options
-def fit(config_file, print_config, resume, overwrite, **flags):
+def fit(config_file, print_config, resume, overwrite, method_option, **flags):
     """Train an audio-visual classifier on a shard folder (also under torchrun for DDP)."""
-    from avtrain.config import to_yaml
+    from avtrain.config import parse_model_options, to_yaml
     from avtrain.settings import cli_config
 
-    config = cli_config({k: v for k, v in flags.items() if v is not None and v != ()},
-                        config_file, resume)
+    overrides = {k: v for k, v in flags.items() if v is not None and v != ()}
+    if method_option:
+        overrides["method_options"] = parse_model_options(method_option, "--method-option")
+    config = cli_config(overrides, config_file, resume)
     if print_config:
         click.echo(to_yaml(config), nl=False)
         return

@@ -79,71 +79,16 @@ class TrainConfig:
     probe_every: int | None = None  # probe each encoder every N epochs on a subset (imbalance.py)
     progress: bool = True  # tqdm bar per epoch
     tensorboard: bool = True
-    # options of the balancing methods (passed to the balancer as its config)
-    alpha: float | None = None  # OGM(-GE) α; None: the dataset's recommended value, else 0.8
-    modulation_start: int | None = None  # None: the method's default (0; OPM 6)
-    modulation_end: int | None = None  # None: the method's default (OGM 50, PMR 100, OPM none)
-    modulate: str = "conv"  # conv | encoder: which encoder parameters OGM scales
-    olm_initial: str = "mean"  # mean | last-batch (the released code's)
-    olm_lr: float | None = None  # OLM coefficient Adam lr; None: 1e-3 (CNNs), the network lr (emt..)
-    olm_weight_decay: float | None = None  # ... its weight decay; None: 0 (CNNs), --weight-decay (emt..)
-    olm_reduction: str = "sum"  # sum (released) | mean: OLM's network CE over the batch
-    olm_heldout: str = "train"  # train | eval: mode and transforms of OLM-com's held-out forward
-    pmr_momentum: float | None = None  # PMR prototype momentum; None: 0.2 (released default)
-    pmr_proto_batches: int | None = None  # PMR prototype batches; None: steps per epoch // 10
-    opm_q_base: float | None = None  # OPM base drop probability; None: 0.5 (released)
-    opm_p_exe: float | None = None  # OPM probability that a step drops at all; None: 0.7
-    opm_theta_grad: str = "released"  # released (theta as its own gradient) | none
-    reconboost_stage_epochs: int | None = None  # ReconBoost learner-phase epochs a stage; None: 4
-    reconboost_correct_epochs: int | None = None  # ... rectification epochs; None: stage epochs
-    reconboost_weight1: float | None = None  # ReconBoost boosting loss w1; None: 5.0 (released)
-    reconboost_weight2: float | None = None  # ... w2 of the reconcilement term; None: 1.0
-    reconboost_reset_optimizer: bool | None = None  # fresh optimizer state each phase; None: on
-    agm_cap: float | None = None  # AGM cap of optimal - ratio in its coefficient; None: 10
-    agm_clip: float | None = None  # AGM's conditional gradient clipping; None: 1.0, 0: off
-    agm_after_window: str = "hold"  # hold (released: last coefficients stay) | reset (1)
-    agm_floor: float | None = None  # AGM score probability floor; None: 1e-8 (CREMA-D), 0: none
-    amco_sigma: float | None = None  # AMCo dependence threshold on the softmax share; None: 0.5
-    amco_eps: float | None = None  # AMCo mask ramp length (l_t units); None: 0.3 (BalanceMM)
-    greedy_epsilon: float | None = None  # Greedy threshold on |d BDR|; None: 0.01 (released)
-    greedy_window: int | None = None  # Greedy re-balancing steps per window; None: 5 (released)
-    greedy_loss: str = "unimodal"  # unimodal (released: sum of branch CEs) | fused (BalanceMM)
-    greedy_average: str = "own"  # own | released: the MMTM running means of Greedy's steps
-    mla_projection: str = "none"  # MLA head-gradient edit: none (released) | owm | owm-add
-    mla_gate: str = "entropy"  # MLA test-time fusion: entropy | batch-entropy (released) | fixed
-    mla_stale_grads: str = "zero"  # MLA zero_grad between modalities: zero (released) | none
-    relearning_lambda: float | None = None  # Re-learning tanh(lambda * purity gap); None: 3
-    relearning_every: int | None = None  # Re-learning after every N-th epoch; None: 20
-    relearning_times: int | None = None  # Re-learning at most this many times; None: 3
-    relearning_kmeans: str = "torch"  # torch | sklearn: Re-learning's k-means
-    relearning_n_init: int | None = None  # Re-learning k-means runs (best inertia); None: 10
-    mmpareto_gamma: float | None = None  # MMPareto gradient factor; None: 1.5 (released gamma)
-    valuation_level: str = "sample"  # valuation: sample | modality (the two released scripts)
-    valuation_warmup: int | None = None  # valuation: epochs as they are; None: 5 (released)
-    valuation_part_ratio: float | None = None  # valuation modality level: Z; None: 0.2 (released)
-    valuation_alpha: float | None = None  # valuation modality level; None: 1 (released)
-    cml_lam: float | None = None  # CML weight of the confidence hinge; None: 0.1 (BalanceMM lam)
-    cml_form: str = "balancemm"  # CML hinge: balancemm (on the batch sum) | authors (per sample)
-    mbsd_rs_on: str = "auto"  # MBSD RS term on: auto (BalanceMM: logits for 2, probs for 3+) |
-    # logits | probs
-    lfm_schedule: str = "learnable"  # LFM weights: learnable (paper, released) | fitted
-    lfm_alpha_init: float | None = None  # LFM initial a_align; None: 0.95 (authors; BalanceMM 0.05)
-    lfm_lr_alpha: float | None = None  # LFM lr of a_align; None: 1e-4 (released)
-    lfm_cls_input: str = "mean"  # LFM CE input: mean of unimodal logits (authors) | fused
-    lfm_alpha_mode: str = "released"  # LFM alpha step: released (train at epoch 0) | train
-    lfm_heldout_size: int | None = None  # LFM held-out samples; None: 8 (authors' 16 // 2)
-    gblending_super_epoch: int | None = None  # G-Blending re-estimate period in epochs; None: 10
-    # (BalanceMM trainer_config.yaml)
-    gblending_offline: bool | None = None  # G-Blending one estimate before training (BalanceMM
-    # method: offline); None: False (BalanceMM's default method: online)
-    gblending_weights: str | None = None  # G-Blending fixed weights 'w_audio,w_visual,...,w_fused'
-    # (the authors' VMZ flags); None: estimated (BalanceMM)
-    mmcosine_scaling: float | None = None  # MMCosine s; None: 10 (authors' main_CD.py; BalanceMM 15)
-    mmcosine_eval_fused: str = "concat"  # MMCosine eval fused logits: concat (authors') | cosine
-    # unimodal_teacher: MODALITY=RUN_DIR per modality (--teacher, repeatable; or a mapping)
-    unimodal_teacher_runs: list[str] = field(default_factory=list)
-    unimodal_teacher_scaling: float | None = None  # MSE weight; None: 10 (BalanceMM scaling)
-    unimodal_teacher_mode: str = "train"  # teachers' mode: train (BalanceMM) | eval
+    # the shared window options (avtrain.options): each method that reads them declares its own
+    # meaning and default (OGM-GE's alpha: the dataset's value; OPM's window starts at 6)
+    alpha: float | None = None
+    modulation_start: int | None = None
+    modulation_end: int | None = None
+    # the chosen method's own options, by their short names (avtrain methods NAME lists them);
+    # avtrain.settings maps the flat spellings (--mmpareto-gamma, mmpareto_gamma) here
+    method_options: dict = field(default_factory=dict)
+    # a plug-in method's file or module (--method-module), loaded before the registry is read
+    method_module: str | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -175,8 +120,10 @@ def _normalise_keys(data: dict, source: str) -> dict:
     return out
 
 
-def load_yaml(path: str) -> dict:
-    """Settings from a YAML file (a mapping of field names)."""
+def load_yaml(path: str, *, known_only: bool = True) -> dict:
+    """Settings from a YAML file (a mapping of field names). `known_only=False` keeps names
+    that are not settings of every run (a method's flat option names, from files written
+    before method_options): avtrain.settings maps or refuses them."""
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path}")
     try:
@@ -186,6 +133,8 @@ def load_yaml(path: str) -> dict:
         raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    if not known_only:
+        return {str(k).replace("-", "_"): v for k, v in data.items()}
     return _normalise_keys(data, path)
 
 
@@ -199,6 +148,10 @@ def _coerce(name: str, value):
         return list(value)
     if name == "model_options":
         return parse_model_options(value)
+    if name == "method_options":
+        if not isinstance(value, dict):
+            raise UserError(f"method_options must be a mapping of option names, got {value!r}")
+        return {str(k).replace("-", "_"): v for k, v in value.items()}
     kind = _KINDS.get(name)
     try:
         if kind is bool and isinstance(value, str):
@@ -210,7 +163,7 @@ def _coerce(name: str, value):
     return value
 
 
-def parse_model_options(value) -> dict:
+def parse_model_options(value, flag: str = "--model-option") -> dict:
     """A mapping, or KEY=VALUE strings (repeated --model-option), values read as YAML."""
     if isinstance(value, dict):
         return dict(value)
@@ -220,7 +173,7 @@ def parse_model_options(value) -> dict:
     for item in value or ():
         key, sep, raw = str(item).partition("=")
         if not sep or not key.strip():
-            raise UserError(f"--model-option expects KEY=VALUE, got {item!r}")
+            raise UserError(f"{flag} expects KEY=VALUE, got {item!r}")
         out[key.strip().replace("-", "_")] = yaml.safe_load(raw)
     return out
 
@@ -229,8 +182,12 @@ def merge(*layers: dict) -> TrainConfig:
     """Layers of settings merged left to right (later wins) over the defaults, not yet checked:
     `avtrain.settings.make_config` merges and checks."""
     merged: dict = {}
+    options: dict = {}  # method_options merge option by option, so a flag overrides one
     for layer in layers:
-        merged.update(_normalise_keys(layer or {}, "settings"))
+        layer = _normalise_keys(layer or {}, "settings")
+        options.update(_coerce("method_options", layer.pop("method_options", None) or {}))
+        merged.update(layer)
+    merged["method_options"] = options
     return TrainConfig(**{k: _coerce(k, v) for k, v in merged.items()})
 
 
@@ -242,9 +199,6 @@ def check(config: TrainConfig, method) -> None:
     from avtrain.models.init import INITS
     from avtrain.models.sequence import DEFAULTS
 
-    if config.unimodal_teacher_runs and config.method != "unimodal_teacher":
-        raise UserError(f"--teacher is read only by --method unimodal_teacher, not "
-                        f"{config.method}; drop it or change the method")
     if config.recipe is not None:
         from .recipes import load_recipe
 
@@ -274,20 +228,12 @@ def check(config: TrainConfig, method) -> None:
         raise UserError("--modalities needs at least one of: audio, visual, text")
     for name, choices in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),
                           ("decode_device", ("cpu", "cuda")), ("device", ("auto", "cpu", "cuda")),
-                          ("modulate", ("conv", "encoder")),
-                          ("olm_initial", ("mean", "last-batch")),
                           ("eval_crop", ("centre", "random")),
                           ("eval_resize", ("crop", "square")),
                           ("train_crop", ("clip", "frame")),
-                          ("olm_reduction", ("sum", "mean")),
-                          ("olm_heldout", ("train", "eval")),
                           ("sampling", ("exact", "resample")),
                           ("epoch_steps", ("train", "shorter")),
-                          ("mla_projection", ("none", "owm", "owm-add")),
-                          ("mla_gate", ("entropy", "batch-entropy", "fixed")),
-                          ("mla_stale_grads", ("zero", "none")),
-                          ("init", INITS),
-                          ("relearning_kmeans", ("torch", "sklearn"))):
+                          ("init", INITS)):
         if getattr(config, name) not in choices:
             raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
                             f"got {getattr(config, name)!r}")
@@ -296,7 +242,7 @@ def check(config: TrainConfig, method) -> None:
         if getattr(config, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("eval_batch_size", "steps_per_epoch", "frames", "crop_columns",
-                 "global_batch_size", "lr_step", "probe_every", "pmr_proto_batches"):
+                 "global_batch_size", "lr_step", "probe_every"):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
@@ -307,10 +253,7 @@ def check(config: TrainConfig, method) -> None:
         raise UserError("--lr must be positive")
     if config.workers < 0:
         raise UserError("--workers must be 0 or more")
-    for name in ("olm_lr", "olm_weight_decay"):
-        value = getattr(config, name)
-        if value is not None and not value >= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
+
 
 
 def require_run_paths(config: TrainConfig) -> None:

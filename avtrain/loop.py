@@ -28,6 +28,7 @@ from avprep.errors import UserError
 from . import distributed as D
 from .balance import build_balancer, get_method
 from .balance.base import EpochContext, StepContext
+from .balance.plugins import check_metrics, check_step_result
 from .checkpoint import (
     bare_model,
     check_compatible,
@@ -136,7 +137,7 @@ class Trainer:
         self.optimizer = build_optimizer(c, self.model.parameters())
         self.scheduler = build_scheduler(c, self.optimizer)
         self.balancer_config = {**c.to_dict(), "alpha": resolve_alpha(
-                                    c, self.shards.dataset, get_method(c.method).default_alpha),
+                                    c, self.shards.dataset, get_method(c.method).option_default("alpha")),
                                 "dataset": self.shards.dataset,
                                 "num_classes": self.shards.num_classes,
                                 "steps_per_epoch": self.steps, "world_size": ctx.world,
@@ -304,7 +305,7 @@ class Trainer:
             autocast=lambda: autocast(self.ctx.device, c.amp), clip_grad=clip,
             extra_loss=lambda logits, labels: auxiliary_loss(self.model, logits, labels),
             feed_heldout=(lambda: self._feed_heldout(heldout)) if heldout is not None else None)
-        return self.balancer.train_step(ctx)
+        return check_step_result(self.balancer, self.balancer.train_step(ctx))
 
     def _epoch_context(self, epoch: int) -> EpochContext:
         """What a method may use before an epoch: n training batches of their own stream
@@ -339,7 +340,7 @@ class Trainer:
         mean_loss = D.all_reduce_sum(loss.detach().float(), ctx) / ctx.world
         record = {"kind": "step", "epoch": epoch, "step": self.step, "loss": float(mean_loss),
                   "lr": self.optimizer.param_groups[0]["lr"]}
-        record.update(_floats(self.balancer.step_metrics()))
+        record.update(_floats(check_metrics(self.balancer, self.balancer.step_metrics())))
         log.write(record, step=self.step, prefix="train/")
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{float(correct) / seen:.3f}")
@@ -350,7 +351,7 @@ class Trainer:
         (released): with the train transforms, as OLM-com's held-out fold is read with them;
         eval: without."""
         c, ctx = self.config, self.ctx
-        augment = c.olm_heldout == "train"
+        augment = self.balancer.heldout_train_mode
         return train_loader(self.shards, c.val_split, self.opts, batch_size=c.batch_size,
                             steps=10**12, epoch=epoch, seed=c.seed, rank=ctx.rank,
                             world=ctx.world, workers=min(1, c.workers), shuffle_buffer=100,
@@ -365,7 +366,7 @@ class Trainer:
         batch = next(heldout)
         self._skipped(batch.pop("skipped", ()))
         batch = to_device(batch, self.ctx.device, self.opts)
-        train_mode = self.config.olm_heldout == "train"
+        train_mode = self.balancer.heldout_train_mode
         if not train_mode:
             self.model.eval()
         with torch.no_grad(), autocast(self.ctx.device, self.config.amp):

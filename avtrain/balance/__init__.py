@@ -1,6 +1,8 @@
 """Balancing methods, chosen by name from a registry.
 
-Adding a method is one module with a `Balancer` subclass plus one `register` line here.
+Adding a method is one module with a `Balancer` subclass (its options declared in it) plus one
+`register` line here; a plug-in is the same subclass in the user's own file (`--method-module`)
+or package (the `avbalance.methods` entry-point group), checked by plugins.py.
 
 Methods: `none` (CE on the fused logits), `ogm`, `ogm_ge` (ogm.py), `olm`, `olm_com` (olm.py),
 `pmr` (pmr.py), `opm` (opm.py), `reconboost` (reconboost.py), `agm` (agm.py), `amco` (amco.py),
@@ -30,6 +32,7 @@ and `prototype_logits(features, prototypes)`, `opm_drop_probabilities(scores, q_
 from __future__ import annotations
 
 from avprep.errors import UserError
+from avtrain.options import Option
 
 from .agm import AGM, agm_coefficients, agm_contributions
 from .amco import AMCo, amco_masked_count, amco_share_sums
@@ -52,23 +55,52 @@ from .unimodal_teacher import UnimodalTeacher, distillation_losses, teacher_runs
 from .valuation import Valuation, modality_gap, sample_copies, valuation_contributions
 
 METHODS: dict[str, type[Balancer]] = {}
+ENTRY_POINTS = "avbalance.methods"  # the entry-point group of installed plug-in packages
 
 
-def register(cls: type[Balancer]) -> type[Balancer]:
+def register(cls: type[Balancer], origin: str | None = None) -> type[Balancer]:
+    """Add a method to the registry after checking it keeps the interface (plugins.py);
+    `origin` names where a plug-in came from, for its error lines."""
+    from .plugins import check_method
+
+    check_method(cls, origin, METHODS)
+    cls.origin = origin
     METHODS[cls.name] = cls
     return cls
 
 
 def get_method(name: str) -> type[Balancer]:
+    if name not in METHODS:
+        load_plugins()
     try:
         return METHODS[name]
     except KeyError:
         raise UserError(f"unknown balancing method {name!r}; choose one of: "
-                        f"{', '.join(sorted(METHODS))}") from None
+                        f"{', '.join(sorted(METHODS))} (or load a plug-in with "
+                        "--method-module)") from None
 
 
 def build_balancer(name: str, model, config: dict | None = None, **kwargs) -> Balancer:
     return get_method(name)(model, config, **kwargs)
+
+
+def all_methods() -> dict[str, type[Balancer]]:
+    """The registry with the installed plug-ins' methods loaded."""
+    load_plugins()
+    return METHODS
+
+
+def load_plugins() -> None:
+    from .plugins import load_entry_points
+
+    load_entry_points(ENTRY_POINTS, register)
+
+
+def load_method_module(spec: str) -> list[str]:
+    """A plug-in file or module (--method-module): import it, register its methods."""
+    from .plugins import load_module
+
+    return load_module(spec, register, METHODS)
 
 
 register(Balancer)
@@ -93,7 +125,8 @@ register(GBlending)
 register(MMCosine)
 register(UnimodalTeacher)
 
-__all__ = ["Balancer", "METHODS", "register", "get_method", "build_balancer",
+__all__ = ["Balancer", "Option", "METHODS", "register", "get_method", "build_balancer",
+           "all_methods", "load_plugins", "load_method_module",
            "ogm_coefficients", "ogm_scores", "modulated_parameters", "olm_ratios",
            "pmr_coefficients", "prototype_logits", "opm_drop_probabilities",
            "reconboost_stage", "boosting_loss", "agm_contributions", "agm_coefficients",

@@ -94,6 +94,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from avprep.errors import UserError
+from avtrain.options import Option
 
 from . import _dist
 from ._checks import choice, modulation_window, number, require_two_modalities
@@ -193,13 +194,21 @@ class AGM(Balancer):
     """Shapley contributions from padded forwards; their gradients scaled (owns the step)."""
 
     name = "agm"
-    default_alpha = 1.0
+    options = (
+        Option("alpha", float, 1.0, "strength of its coefficients", minimum=0, shared=True),
+        Option("modulation_start", int, 0, "first modulated epoch (0-based, inclusive)", minimum=0, shared=True),
+        Option("modulation_end", int, 19, "last modulated epoch (inclusive; released: the first 20 epochs)", minimum=0, shared=True),
+        Option("cap", float, 10.0, "upper bound of optimal - ratio in k = exp(alpha * min(optimal - ratio, cap)); inf: none (released CREMA-D 10, UR-Funny 7)", minimum=0, exclusive_minimum=True),
+        Option("clip", float, 1.0, "clip every gradient to this total norm when a fused-classifier weight gradient leaves [-clip, clip]; 0: off", minimum=0),
+        Option("after_window", str, "hold", "after the window: hold (the last coefficients keep scaling, as released) or reset (1)", choices=AFTER_WINDOW),
+        Option("floor", float, 1e-8, "a true-class probability below this counts as it in the scores; 0: none (released CREMA-D 1e-8, UR-Funny 0)", minimum=0, maximum=1),
+    )
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):
         super().__init__(model, config, modalities=modalities, device=device)
         c = self.config
         require_two_modalities(self.name, self.modalities)
-        self.alpha = number(c, "alpha", self.default_alpha)
+        self.alpha = self.opt.alpha
         if not self.alpha >= 0:
             raise UserError(f"--alpha must be 0 or more, got {c.get('alpha')}")
         self.start, self.end = modulation_window(c, 0, 19)

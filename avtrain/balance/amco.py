@@ -71,6 +71,7 @@ import torch
 import torch.nn.functional as F
 
 from avprep.errors import UserError
+from avtrain.options import Option
 
 from . import _dist
 from ._checks import fused_model, modulation_window, number, require_two_modalities, summed_fusion
@@ -111,6 +112,12 @@ class AMCo(Balancer):
     """Masks the dependent modality's unimodal logits, co-optimises fused and unimodal CE."""
 
     name = "amco"
+    options = (
+        Option("modulation_start", int, 0, "first modulated epoch (0-based, inclusive)", minimum=0, shared=True),
+        Option("modulation_end", int, 80, "last modulated epoch (inclusive)", minimum=0, shared=True),
+        Option("sigma", float, 0.5, "a modality whose share of the joint softmax over the unimodal logits exceeds this is masked next step", minimum=0, maximum=1),
+        Option("eps", float, 0.3, "length of the mask ramp sin(pi/2 min(eps, l)/eps)", minimum=0, exclusive_minimum=True),
+    )
     output_layer = True
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):

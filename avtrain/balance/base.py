@@ -72,6 +72,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from avprep.errors import UserError
+from avtrain.options import Option, resolve_options
+
 
 def _no_autocast():
     return contextlib.nullcontext()
@@ -118,10 +121,23 @@ class EpochContext:
 
 
 class Balancer:
+    """Plain cross-entropy on the fused logits: the baseline every method is compared with."""
+
     name = "none"
+    # what `avtrain methods` shows (one line each; `differences` a tuple of lines)
+    title = "baseline"  # the paper's short title
+    paper = ""  # authors, title, venue
+    year: int | None = None
+    summary = "CE on the fused logits, nothing balanced"  # what the method changes
+    code = ""  # the released code it was checked against (repository, files, commit)
+    differences: tuple[str, ...] = ()  # what differs from its authors' code and from BalanceMM
+    signals: tuple[str, ...] = ()  # the step_metrics keys it logs (drawn by avtrain report)
+    # options: declared here, read as self.opt.NAME (avtrain.options)
+    options: tuple[Option, ...] = ()
+    option_prefix: str | None = None  # flags are --PREFIX-NAME; None: the method's name
+    origin: str | None = None  # a plug-in's file, module or entry point (None: avbalance's own)
     needs_heldout = False  # the loop feeds a held-out (val) batch every step
     trained_unimodal_heads = False  # the model's per-modality heads must train the encoders
-    default_alpha: float | None = None  # --alpha when not given (None: OGM's dataset value)
     # parts of the model this method needs (avtrain.models.MODEL_FLAGS; build_model's keywords)
     output_layer = False  # the model passes its fused logits through a Linear(C, C) (AMCo)
     mmtm = False  # MMTM blocks between the audio and visual encoders (Greedy)
@@ -133,8 +149,33 @@ class Balancer:
                  modalities: list[str] | None = None, device: torch.device | str = "cpu"):
         self.model = model
         self.config = dict(config or {})
+        self.opt = resolve_options(type(self), self.config)
+        for opt in type(self).options:  # the flat spelling too, as the methods' code reads it
+            self.config[opt.key(type(self).prefix())] = getattr(self.opt, opt.name)
         self.modalities = list(modalities or getattr(model, "modalities", ["audio", "visual"]))
         self.device = torch.device(device)
+
+    @classmethod
+    def who(cls) -> str:
+        """How error lines name this method (a plug-in with where it came from)."""
+        return f"plug-in method {cls.name!r} ({cls.origin})" if cls.origin else \
+            f"method {cls.name!r}"
+
+    def check_loss(self, loss, what: str = "loss()") -> None:
+        """A loss must be a one-element tensor (a plug-in returning a float is one line)."""
+        if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+            got = (f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor)
+                   else type(loss).__name__)
+            raise UserError(f"{self.who()}: {what} must be a one-element tensor, got {got}")
+
+    @classmethod
+    def prefix(cls) -> str:
+        return cls.option_prefix or cls.name
+
+    @classmethod
+    def option_default(cls, name: str):
+        """The declared default of one of this method's options (None if it has none)."""
+        return next((o.default for o in cls.options if o.name == name), None)
 
     @classmethod
     def model_fusion(cls, fusion: str) -> str:
@@ -150,6 +191,7 @@ class Balancer:
         if ctx.feed_heldout is not None:
             ctx.feed_heldout()
         loss = self.loss(logits, labels, epoch=ctx.epoch, step=ctx.step)
+        self.check_loss(loss)
         extra = ctx.extra_loss(logits, labels)
         ctx.optimizer.zero_grad(set_to_none=True)
         (loss + extra if extra is not None else loss).backward()
@@ -177,6 +219,12 @@ class Balancer:
     def heldout(self, logits: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
         """A held-out batch's logits (no grad), for methods with `needs_heldout`; called after
         the training forward and before `loss()`, so the step sees this batch's losses."""
+
+    @property
+    def heldout_train_mode(self) -> bool:
+        """The held-out forward (needs_heldout) in train mode with the train transforms
+        (OLM-com's released choice) or in eval mode without them."""
+        return True
 
     def train_copies(self) -> dict[str, tuple[int, ...]] | None:
         """Asked after `start_epoch`: extra copies of training samples for this epoch (a

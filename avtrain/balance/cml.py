@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from avprep.errors import UserError
+from avtrain.options import Option
 
 from . import _dist
 from ._checks import (
@@ -109,6 +110,12 @@ class CML(Balancer):
     """Confidence ranking: no modality subset may be more confident than the full set."""
 
     name = "cml"
+    options = (
+        Option("modulation_start", int, 0, "first modulated epoch (0-based, inclusive)", minimum=0, shared=True),
+        Option("modulation_end", int, 80, "last modulated epoch (inclusive)", minimum=0, shared=True),
+        Option("lam", float, 0.1, "weight of the confidence ranking hinge (BalanceMM's lam)", minimum=0),
+        Option("form", str, "balancemm", "balancemm (the hinge on the batch sum, BalanceMM) or authors (per sample, QingyangZhang/CML)", choices=FORMS),
+    )
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):
         super().__init__(model, config, modalities=modalities, device=device)

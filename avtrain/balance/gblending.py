@@ -89,6 +89,7 @@ import torch.nn.functional as F
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from avprep.errors import UserError
+from avtrain.options import Option
 
 from ..config import TrainConfig
 from ..optim import build_optimizer
@@ -118,6 +119,11 @@ class GBlending(Balancer):
     """Weighted per-branch CE; weights re-estimated every super-epoch (start_epoch)."""
 
     name = "gblending"
+    options = (
+        Option("super_epoch", int, 10, "epochs between weight estimates (BalanceMM trainer_config.yaml)", minimum=2),
+        Option("offline", bool, False, "one estimate before training over --epochs epochs (BalanceMM method offline)"),
+        Option("weights", str, None, "fixed branch weights W_AUDIO,W_VISUAL[,...],W_FUSED (the authors' VMZ flags)", none_means="estimated, as BalanceMM"),
+    )
     trained_unimodal_heads = True
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):

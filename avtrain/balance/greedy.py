@@ -83,6 +83,7 @@ import torch.nn.functional as F
 
 from avprep.errors import UserError
 from avtrain.models.fusions import SumFusion
+from avtrain.options import Option
 
 from . import _dist
 from ._checks import choice, modulation_window, number, require_two_modalities
@@ -148,6 +149,14 @@ class Greedy(Balancer):
     """Re-balancing steps chosen by the conditional learning speed (owns the step)."""
 
     name = "greedy"
+    options = (
+        Option("modulation_start", int, 1, "first modulated epoch (0-based, inclusive)", minimum=0, shared=True),
+        Option("modulation_end", int, None, "last modulated epoch (inclusive)", minimum=0, shared=True, none_means="no end"),
+        Option("epsilon", float, 0.01, "a re-balancing window starts when |BDR_audio - BDR_visual| exceeds this (BalanceMM 0.001)", minimum=0),
+        Option("window", int, 5, "re-balancing steps per window", minimum=1),
+        Option("loss", str, "unimodal", "unimodal (the sum of the per-modality CEs, as released) or fused (BalanceMM)", choices=("unimodal", "fused")),
+        Option("average", str, "own", "own (each modality's MMTM gates replaced by their own running mean) or released (the second's by the first's)", choices=("own", "released"), released="released", differs="the released code averages the second modality's gates with the first's running mean, a slip the paper does not describe"),
+    )
     mmtm = True  # build_training_model puts MMTM blocks between the encoders
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):

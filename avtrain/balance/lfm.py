@@ -85,6 +85,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from avprep.errors import UserError
+from avtrain.options import Option
 
 from . import _dist
 from ._checks import choice, fused_model, number, require_two_modalities
@@ -148,6 +149,15 @@ class LFM(Balancer):
     """CE of the mean unimodal logits plus a logit alignment, weighted by a learned schedule."""
 
     name = "lfm"
+    options = (
+        Option("schedule", str, "learnable", "learnable (a hypergradient step before each epoch) or fitted (the authors' polynomials of the epoch)", choices=("learnable", "fitted")),
+        Option("alpha_init", float, 0.95, "initial weight of the alignment (the authors'; BalanceMM 0.05)", minimum=0.05, maximum=0.95),
+        Option("lr_alpha", float, 1e-4, "step size of the alignment weight", minimum=0),
+        Option("lr_alpha_halving", int, 20, "the step size halves every this many epochs", minimum=1),
+        Option("cls_input", str, "mean", "CE on the mean of the unimodal logits (the authors') or on the fused logits (BalanceMM)", choices=("mean", "fused")),
+        Option("alpha_mode", str, "released", "the weight step's held-out forward: released (train mode at epoch 0, eval after) or train (BalanceMM)", choices=("released", "train")),
+        Option("heldout_size", int, 8, "training samples drawn once for the weight step (the authors' 16 // 2)", minimum=1),
+    )
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):
         super().__init__(model, config, modalities=modalities, device=device)

@@ -63,6 +63,8 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from avtrain.options import Option
+
 from . import _dist
 from ._checks import choice, fused_model, modulation_window, require_two_modalities, summed_fusion
 from .base import Balancer
@@ -111,6 +113,11 @@ class MBSD(Balancer):
     """Fused + unimodal CE and the weighted KL/RS terms between modalities (hooks)."""
 
     name = "mbsd"
+    options = (
+        Option("modulation_start", int, 0, "first modulated epoch (0-based, inclusive)", minimum=0, shared=True),
+        Option("modulation_end", int, 80, "last modulated epoch (inclusive)", minimum=0, shared=True),
+        Option("rs_on", str, "auto", "what the RS term compares: auto (logits for two modalities, probabilities for more, as BalanceMM), logits or probs", choices=("auto", "logits", "probs")),
+    )
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):
         super().__init__(model, config, modalities=modalities, device=device)

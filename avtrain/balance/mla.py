@@ -111,6 +111,8 @@ import torch.nn.functional as F
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from avprep.errors import UserError
+from avtrain.models.fusions import GATES
+from avtrain.options import Option
 
 from . import _dist
 from ._checks import choice, require_two_modalities
@@ -169,6 +171,11 @@ class MLA(Balancer):
     """Alternating unimodal updates through one shared head (owns the step)."""
 
     name = "mla"
+    options = (
+        Option("projection", str, "none", "edit of the shared head's weight gradient: none (the released code), owm (the paper, the first release) or owm-add (BalanceMM)", choices=PROJECTIONS),
+        Option("gate", str, "entropy", "test-time fusion: entropy (per sample, the paper), batch-entropy (the released --dynamic code) or fixed (the released 0.55/0.45)", choices=GATES, released="batch-entropy", differs="the released softmax over the batch axis makes a sample's prediction depend on the rest of its batch; the paper's per-sample entropy is the default"),
+        Option("stale_grads", str, "zero", "what zero_grad leaves between the modalities: zero (released, torch 1.8.1) or none (BalanceMM)", choices=STALE_GRADS),
+    )
 
     @classmethod
     def model_fusion(cls, fusion: str) -> str:
@@ -179,7 +186,7 @@ class MLA(Balancer):
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):
         super().__init__(model, config, modalities=modalities, device=device)
-        from avtrain.models.fusions import GATES, SharedHeadFusion
+        from avtrain.models.fusions import SharedHeadFusion
 
         c = self.config
         require_two_modalities(self.name, self.modalities)

@@ -70,6 +70,8 @@ import torch
 import torch.nn.functional as F
 
 from avprep.errors import UserError
+from avtrain.models.fusions import COSINE_EVAL
+from avtrain.options import Option
 
 from . import _dist
 from ._checks import choice, fused_model, number, require_two_modalities
@@ -92,6 +94,10 @@ class MMCosine(Balancer):
     """CE of the summed scaled cosine logits (hooks: the loss only)."""
 
     name = "mmcosine"
+    options = (
+        Option("scaling", float, 10.0, "factor s on each modality's cosine logits (the authors' main_CD.py; BalanceMM 15)", minimum=0, exclusive_minimum=True),
+        Option("eval_fused", str, "concat", "fused logits at evaluation: concat (the plain W.[f_a; f_v] + b, the authors') or cosine (BalanceMM)", choices=COSINE_EVAL),
+    )
 
     @classmethod
     def model_fusion(cls, fusion: str) -> str:
@@ -103,7 +109,7 @@ class MMCosine(Balancer):
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):
         super().__init__(model, config, modalities=modalities, device=device)
-        from avtrain.models.fusions import COSINE_EVAL, CosineFusion
+        from avtrain.models.fusions import CosineFusion
 
         c = self.config
         require_two_modalities(self.name, self.modalities)

@@ -93,6 +93,7 @@ import torch.nn.functional as F
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from avprep.errors import UserError
+from avtrain.options import Option
 
 from . import _dist
 from ._checks import number, require_two_modalities
@@ -149,6 +150,9 @@ class MMPareto(Balancer):
     step)."""
 
     name = "mmpareto"
+    options = (
+        Option("gamma", float, 1.5, "factor on every encoder gradient after the Pareto combination", minimum=0, exclusive_minimum=True),
+    )
     trained_unimodal_heads = True
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):

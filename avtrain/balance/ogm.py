@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from avprep.errors import UserError
+from avtrain.options import Option
 
 from . import _dist
 from ._checks import choice, modulation_window, number, require_two_modalities
@@ -138,6 +139,12 @@ class OGM(Balancer):
     """Scales the dominant modality's encoder gradients inside the modulation window."""
 
     name = "ogm"
+    options = (
+        Option("alpha", float, None, "strength: k = 1 - tanh(alpha * (rho - 1)) scales the dominant modality's gradients", minimum=0, shared=True, none_means="the dataset's recommended OGM-GE alpha (its preset), else 0.8"),
+        Option("modulation_start", int, 0, "first modulated epoch (0-based, inclusive)", minimum=0, shared=True),
+        Option("modulation_end", int, 50, "last modulated epoch (inclusive)", minimum=0, shared=True),
+        Option("modulate", str, "conv", "parameters scaled: conv (the encoders' conv kernels, as released) or encoder (all of them)", choices=("conv", "encoder"), setting="modulate"),
+    )
     noise = False
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):

@@ -69,6 +69,7 @@ import torch
 import torch.nn.functional as F
 
 from avprep.errors import UserError
+from avtrain.options import Option
 
 from . import _dist
 from ._checks import choice, number, require_two_modalities
@@ -126,6 +127,13 @@ class OLM(Balancer):
     """Learns one logit scale per branch so that the branches' logit norms follow r."""
 
     name = "olm"
+    options = (
+        Option("initial", str, "mean", "initial losses: mean over the first epoch, or last-batch (its last batch, as released)", choices=("mean", "last-batch"), released="last-batch", differs="one batch is a noisy reference; r is uniform for the first epoch either way (the recipes set last-batch)"),
+        Option("lr", float, None, "learning rate of the coefficients' Adam", minimum=0, none_means="1e-3 for the CNN encoders; --lr for emt/mbt/umt/ca, as released"),
+        Option("weight_decay", float, None, "weight decay of the coefficients' Adam", minimum=0, none_means="0 for the CNN encoders; --weight-decay for emt/mbt/umt/ca, as released"),
+        Option("reduction", str, "sum", "the network loss's CE over the batch: sum (released) or mean", choices=("sum", "mean")),
+    )
+    option_prefix = "olm"
     rule = "olm"
     trained_unimodal_heads = True
 
@@ -289,8 +297,16 @@ class OLMCom(OLM):
     on a held-out batch from `val` every step."""
 
     name = "olm_com"
+    options = (
+        *OLM.options,
+        Option("heldout", str, "train", "the held-out forward: train (train mode and augmentation, as released) or eval (eval mode, no augmentation)", choices=("train", "eval")),
+    )
     rule = "olm_com"
     needs_heldout = True
+
+    @property
+    def heldout_train_mode(self) -> bool:
+        return self.opt.heldout == "train"
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):
         super().__init__(model, config, modalities=modalities, device=device)

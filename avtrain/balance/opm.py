@@ -81,6 +81,7 @@ import torch
 import torch.nn.functional as F
 
 from avprep.errors import UserError
+from avtrain.options import Option
 
 from . import _dist
 from ._checks import choice, fused_model, modulation_window, number, require_two_modalities
@@ -146,7 +147,14 @@ class OPM(Balancer):
     """Drops the dominant modality's features in the training forward (a fusion pre-hook)."""
 
     name = "opm"
-    default_alpha = 0.5
+    options = (
+        Option("alpha", float, 0.5, "lambda: how much the discrepancy raises the drop probability", minimum=0, shared=True),
+        Option("modulation_start", int, 6, "first modulated epoch (0-based, inclusive)", minimum=0, shared=True),
+        Option("modulation_end", int, None, "last modulated epoch (inclusive)", minimum=0, shared=True, none_means="no end"),
+        Option("q_base", float, 0.5, "base drop probability of the dominant modality", minimum=0, maximum=1),
+        Option("p_exe", float, 0.7, "probability that a step drops features at all", minimum=0, maximum=1),
+        Option("theta_grad", str, "released", "released (the custom autograd returns theta as its own gradient) or none (the scale carries no gradient)", choices=THETA_GRAD),
+    )
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):
         super().__init__(model, config, modalities=modalities, device=device)
@@ -155,7 +163,7 @@ class OPM(Balancer):
         if len(self.modalities) > 2:
             raise UserError(f"--method opm is defined for two modalities, got "
                             f"{', '.join(self.modalities)}")
-        self.lam = number(c, "alpha", self.default_alpha)
+        self.lam = self.opt.alpha
         if not self.lam >= 0:
             raise UserError(f"--alpha (OPM's lambda) must be 0 or more, got {c.get('alpha')}")
         self.q_base = number(c, "opm_q_base", 0.5)

@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from avprep.errors import UserError
+from avtrain.options import Option
 
 from . import _dist
 from ._checks import modulation_window, number, require_two_modalities
@@ -84,7 +85,13 @@ class PMR(Balancer):
     """Prototype CE on the weaker modality, decided by prototype scores (hooks + start_epoch)."""
 
     name = "pmr"
-    default_alpha = 1.0
+    options = (
+        Option("alpha", float, 1.0, "weight of the prototype CE on the weak modality", minimum=0, shared=True),
+        Option("modulation_start", int, 0, "first modulated epoch (0-based, inclusive)", minimum=0, shared=True),
+        Option("modulation_end", int, 100, "last modulated epoch (inclusive)", minimum=0, shared=True),
+        Option("momentum", float, 0.2, "prototype momentum, in [0, 1)", minimum=0, maximum=1),
+        Option("proto_batches", int, None, "training batches per rank averaged into the prototypes before each epoch", minimum=1, none_means="steps per epoch // 10, at least 1, as released"),
+    )
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):
         super().__init__(model, config, modalities=modalities, device=device)
@@ -93,7 +100,7 @@ class PMR(Balancer):
         if len(self.modalities) > 2:
             raise UserError(f"--method pmr is defined for two modalities, got "
                             f"{', '.join(self.modalities)}")
-        self.alpha = number(c, "alpha", self.default_alpha)
+        self.alpha = self.opt.alpha
         if not self.alpha >= 0:
             raise UserError(f"--alpha must be 0 or more, got {c.get('alpha')}")
         self.start, self.end = modulation_window(c, 0, 100)

@@ -107,6 +107,7 @@ import torch.nn.functional as F
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from avprep.errors import UserError
+from avtrain.options import Option
 
 from ..models.fusions import BoostFusion, ConcatFusion, SumFusion
 from . import _dist
@@ -158,13 +159,20 @@ class ReconBoost(Balancer):
     (owns the step)."""
 
     name = "reconboost"
-    default_alpha = 0.5
+    options = (
+        Option("alpha", float, 0.5, "weight of its (gradient-free) GA term", minimum=0, shared=True),
+        Option("stage_epochs", int, 4, "epochs of each stage's learner phase (released --epochs_per_stage)", minimum=1),
+        Option("correct_epochs", int, None, "epochs of each stage's global rectification, 0 for none", minimum=0, none_means="--reconboost-stage-epochs (released --correct_epoch 4)"),
+        Option("weight1", float, 5.0, "boosting loss: weight w1 of the learner's CE"),
+        Option("weight2", float, 1.0, "boosting loss: weight w2 of the reconcilement term"),
+        Option("reset_optimizer", bool, True, "clear the optimizer state at every phase (the released fresh SGD per phase)"),
+    )
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):
         super().__init__(model, config, modalities=modalities, device=device)
         c = self.config
         require_two_modalities(self.name, self.modalities)
-        self.alpha = number(c, "alpha", self.default_alpha)
+        self.alpha = self.opt.alpha
         self.weight1 = number(c, "reconboost_weight1", 5.0)
         self.weight2 = number(c, "reconboost_weight2", 1.0)
         for flag, value in (("--alpha", self.alpha), ("--reconboost-weight1", self.weight1),

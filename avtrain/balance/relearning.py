@@ -108,6 +108,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from avprep.errors import UserError
+from avtrain.options import Option
 
 from . import _dist
 from ._checks import choice, number, require_two_modalities
@@ -261,6 +262,13 @@ class ReLearning(Balancer):
     weights by tanh(lambda * purity gap) (start_epoch)."""
 
     name = "relearning"
+    options = (
+        Option("lam", float, 3.0, "strength w = tanh(lambda * |purity(train) - purity(val)|) of the soft re-initialisation", minimum=0, setting="relearning_lambda"),
+        Option("every", int, 20, "diagnose and re-initialise after every N-th epoch (BalanceMM 15)", minimum=1),
+        Option("times", int, 3, "at most this many re-initialisations (BalanceMM 2)", minimum=0),
+        Option("kmeans", str, "torch", "torch (sklearn's algorithm, seeded) or sklearn (KMeans, random_state=0, as released)", choices=KMEANS, released="sklearn", differs="the same Lloyd/k-means++ algorithm in torch, seeded by --seed and the epoch, so scikit-learn is not needed"),
+        Option("n_init", int, 10, "k-means runs, the best inertia kept (sklearn's default before 1.4)", minimum=1),
+    )
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):
         super().__init__(model, config, modalities=modalities, device=device)

@@ -78,6 +78,7 @@ import torch
 import torch.nn.functional as F
 
 from avprep.errors import UserError
+from avtrain.options import Option
 
 from ..checkpoint import load_checkpoint, model_from_checkpoint, weights_digest
 from . import _dist
@@ -158,6 +159,13 @@ class UnimodalTeacher(Balancer):
     single-modality teacher's (hooks: the loss)."""
 
     name = "unimodal_teacher"
+    options = (
+        Option("modulation_start", int, 0, "first modulated epoch (0-based, inclusive)", minimum=0, shared=True),
+        Option("modulation_end", int, 80, "last modulated epoch (inclusive)", minimum=0, shared=True),
+        Option("runs", list, [], "MODALITY=RUN_DIR: a finished single-modality run whose best.pt is that modality's frozen teacher; one per modality", flag="--teacher", metavar="MODALITY=RUN_DIR"),
+        Option("scaling", float, 10.0, "weight of each modality's feature MSE to its teacher (BalanceMM scaling)", minimum=0),
+        Option("mode", str, "train", "the teachers' forward: train (BalanceMM) or eval mode", choices=MODES),
+    )
     teacher_setting = "unimodal_teacher_runs"
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):

@@ -96,6 +96,7 @@ import torch
 import torch.distributed as dist
 
 from avprep.errors import UserError
+from avtrain.options import Option
 
 from ..shapley import subsets
 from . import _dist
@@ -158,6 +159,12 @@ class Valuation(Balancer):
     the modalities' mean contributions (modality level)."""
 
     name = "valuation"
+    options = (
+        Option("level", str, "sample", "sample (sample_level.py, the paper's method) or modality (modality_level.py)", choices=LEVELS),
+        Option("warmup", int, 5, "epochs trained on the data as it is before the re-sampling", minimum=0),
+        Option("part_ratio", float, 0.2, "modality level: share of the training set drawn to estimate the gap", minimum=0, maximum=1, exclusive_minimum=True),
+        Option("gap_alpha", float, 1.0, "modality level: factor on the gap difference, the re-sampled share", minimum=0, setting="valuation_alpha"),
+    )
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):
         super().__init__(model, config, modalities=modalities, device=device)
