@@ -703,6 +703,24 @@ def recipes(name):
         click.echo(f"{recipe_name:<18} {load_recipe(recipe_name).summary}")
 
 
+@avtrain.command()
+@click.argument("name", required=False)
+@click.option("--method-module", metavar="FILE.py|MODULE", help="Load a plug-in method first.")
+def methods(name, method_module):
+    """List the balancing methods (one line each: paper, year, what it changes, the code it was
+    checked against), or show one in full: options with defaults and released values, its
+    signal, what differs from its authors' code and BalanceMM's, its recipes."""
+    from avtrain.balance import all_methods, load_method_module
+    from avtrain.balance.describe import describe, methods_table
+
+    if method_module:
+        load_method_module(method_module)
+    if name:
+        click.echo(describe(name), nl=False)
+        return
+    click.echo(methods_table(all_methods()))
+
+
 @avtrain.command("eval")
 @click.option("--ckpt", required=True, type=click.Path(), help="Checkpoint (RUN/best.pt) or RUN.")
 @click.option("--shards", type=click.Path(), help="Shard folder or s3://, gs://, https:// URL "
