@@ -46,7 +46,7 @@ def options_table(cls: type[Balancer]) -> list[str]:
     prefix = cls.prefix()
     lines = ["| flag | option | default | released | what it does |", "|---|---|---|---|---|"]
     for opt in cls.options:
-        default = opt.describe_default()
+        default = _value(opt.default) if opt.default is not None else opt.describe_default()
         released = _value(opt.released_value) if opt.released_value is not None \
             else default
         extra = []
