@@ -764,7 +764,8 @@ def eval_cmd(ckpt, shards, split, batch_size, workers, device, decode_device, li
 
 # --- avtrain: benchmarks (bench) -----------------------------------------------------------
 
-BENCH_SETS = ("run_dir", "resume", "print_config", "method", "seed", "folds", "overwrite")
+BENCH_SETS = ("run_dir", "resume", "print_config", "method", "seed", "folds", "overwrite",
+              "method_option")
 
 
 def _bench_fit_options(f):
@@ -776,7 +777,7 @@ def _bench_fit_options(f):
     return f
 
 
-@avtrain.command()
+@avtrain.command(cls=MethodOptionsCommand)
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Bench folder: runs/ROW/seedS, results.md, results.csv, figures.")
 @click.option("--methods", default="none,ogm_ge,olm", show_default=True,
@@ -801,7 +802,7 @@ def bench(out_dir, methods, seeds, sets, references, executor, ray_address, over
     from avtrain.bench import run_bench
     from avtrain.config import load_yaml
 
-    settings = load_yaml(config_file) if config_file else {}
+    settings = load_yaml(config_file, known_only=False) if config_file else {}
     settings.update({k: v for k, v in flags.items() if v is not None and v != ()})
     result = run_bench(settings.pop("shards", None), out_dir, settings, methods=methods,
                        seeds=seeds, sets=sets, references=references, executor=executor,

@@ -124,7 +124,7 @@ def parse_sets(items, methods: list[str]) -> dict[str, list[tuple[str, list]]]:
             raise UserError(f"--set {item!r}: method {method!r} is not in --methods "
                             f"({', '.join(methods)})")
         if key not in FIELDS:
-            raise UserError(f"--set {item!r}: unknown setting {key!r}")
+            key = _option_key(method, key, item)
         if key in NOT_SETTABLE:
             raise UserError(f"--set {item!r}: {key!r} is the bench's to set, not a method's")
         values = [yaml.safe_load(v) for v in raw.split(",") if v.strip()]
@@ -135,6 +135,41 @@ def parse_sets(items, methods: list[str]) -> dict[str, list[tuple[str, list]]]:
             raise UserError(f"--set gives {method}.{key} twice; list its values in one --set")
         pairs.append((key, values))
     return out
+
+
+def _option_key(method: str, key: str, item: str) -> str:
+    """A method's own option in --set, by its short name (gamma) or its flat one
+    (mmpareto_gamma) -> the flat one, which labels the row and which make_config maps."""
+    from .balance import get_method
+
+    cls = get_method(method)
+    for opt in cls.options:
+        if key in (opt.name, opt.key(cls.prefix())):
+            return opt.key(cls.prefix())
+    own = ", ".join(o.name for o in cls.options) or "none"
+    raise UserError(f"--set {item!r}: {key!r} is neither a setting nor an option of "
+                    f"{method} (its options: {own})")
+
+
+def method_flags_to_sets(base: dict, methods: list[str], sets: dict) -> None:
+    """A method's own flag given to the bench (--mmpareto-gamma 2) applies to that method's
+    rows, as --set mmpareto.gamma=2 would; one naming no method of --methods is one line."""
+    from .settings import flat_options
+
+    index = flat_options()
+    for key in [k for k in base if k not in FIELDS]:
+        owners = [cls.name for cls, _ in index.get(key, ()) if cls.name in methods]
+        if key not in index:
+            raise UserError(f"unknown setting {key!r}")
+        if not owners:
+            whose = ", ".join(dict.fromkeys(cls.name for cls, _ in index[key]))
+            raise UserError(f"--{key.replace('_', '-')} is an option of --method {whose}, "
+                            "which is not in --methods")
+        value = base.pop(key)
+        for method in owners:
+            pairs = sets.setdefault(method, [])
+            if not any(k == key for k, _ in pairs):
+                pairs.append((key, [value]))
 
 
 # --- the plan -------------------------------------------------------------------------------
@@ -205,6 +240,9 @@ def _differences(old: dict, new: dict) -> list[str]:
     """Settings that differ. A setting missing from `old` (a bench or run made before the
     setting existed, e.g. another method's new option) counts as its default, which is what
     that run behaved as, so upgrading avbalance does not invalidate finished runs."""
+    from .settings import comparable
+
+    old, new = comparable(old), comparable(new)
     keys = [k for k in dict.fromkeys([*old, *new]) if k not in COSMETIC]
 
     def before(k):
@@ -345,10 +383,15 @@ def run_bench(shards: str, out: str, settings: dict | TrainConfig | None = None,
 
     if executor not in ("local", "ray"):
         raise UserError(f"unknown executor {executor!r}; choose one of: local, ray")
+    base = settings.to_dict() if isinstance(settings, TrainConfig) else dict(settings or {})
+    if base.get("method_module"):  # a plug-in: its methods exist once its file is loaded
+        from .balance import load_method_module
+
+        load_method_module(base["method_module"])
     methods = parse_methods(methods)
     seeds = parse_seeds(seeds)
-    sets = sets if isinstance(sets, dict) else parse_sets(sets, methods)
-    base = settings.to_dict() if isinstance(settings, TrainConfig) else dict(settings or {})
+    sets = dict(sets) if isinstance(sets, dict) else parse_sets(sets, methods)
+    method_flags_to_sets(base, methods, sets)
     if base.get("recipe"):  # a paper's protocol under the given settings, as fit layers it
         from .recipes import load_recipe
 

@@ -57,7 +57,8 @@ def _chosen(layers) -> tuple[str, str | None]:
     return method, module
 
 
-def method_layer(layer: dict, method, source: str = "", old_file: bool = False) -> dict:
+def method_layer(layer: dict, method, source: str = "", old_file: bool = False,
+                 quiet: bool = False) -> dict:
     """One layer with its method options moved into `method_options` (see the module rules).
     `old_file`: a YAML file, where a flat spelling is old (one Warning) and other methods'
     options at their defaults are dropped."""
@@ -88,7 +89,7 @@ def method_layer(layer: dict, method, source: str = "", old_file: bool = False) 
         whose = ", ".join(dict.fromkeys(cls.name for cls, _ in owners))
         raise UserError(f"{where}{flag} is an option of --method {whose}, not of "
                         f"--method {method.name}; drop it or change the method")
-    if old_file and old:
+    if old_file and old and not quiet:
         _say(f"Warning: {source}: {', '.join(old)} is the spelling before method_options; read "
              f"as --method {method.name}'s options (write `method_options: {{"
              f"{', '.join(f'{k}: ...' for k in options)}}}`)")
@@ -108,6 +109,8 @@ def make_config(*layers: dict, sources: list | None = None) -> TrainConfig:
     layers = [method_layer(layer or {}, method, source or "", old_file=bool(source))
               for layer, source in zip(layers, sources)]
     config = merge(*layers)
+    if module and os.path.isfile(module):  # a file: found again from any folder (resume, Ray)
+        config.method_module = os.path.abspath(module)
     check(config, method)
     values = resolve_options(method, config.to_dict())  # bad values, unknown names: one line
     config.method_options = {k: getattr(values, k) for k in config.method_options}
@@ -126,6 +129,19 @@ def saved_config(path: str) -> dict:
     if module:
         load_method_module(module)
     return method_layer(data, get_method(name), path, old_file=True)
+
+
+def comparable(config: dict) -> dict:
+    """A run's settings (saved by any version) in today's form with every option of its method
+    at the value it ran with, so two runs compare equal exactly when they train alike."""
+    if not config:
+        return {}
+    if config.get("method_module"):
+        load_method_module(config["method_module"])
+    out = method_layer(config, get_method(config.get("method") or "none"), "saved settings",
+                       old_file=True, quiet=True)
+    out["method_options"] = resolved_options(out)
+    return out
 
 
 def resolved_options(config: dict) -> dict:

@@ -8,6 +8,7 @@ import os
 import signal
 import statistics
 import tempfile
+from pathlib import Path
 
 import pytest
 import yaml
@@ -19,6 +20,7 @@ from cli import avtrain
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+EXAMPLE_PLUGIN = Path(__file__).resolve().parent.parent / "examples" / "unimodal_aux.py"
 TINY = ["--model", "tiny", "--image-size", "32", "--batch-size", "8", "--steps-per-epoch", "2",
         "--workers", "0", "--lr", "0.05"]
 
@@ -249,9 +251,11 @@ def test_ray_gives_the_local_results(train_shards, tmp_path, monkeypatch):
     from avtrain.bench import run_bench
 
     settings = {"model": "tiny", "image_size": 32, "batch_size": 8, "steps_per_epoch": 2,
-                "workers": 0, "epochs": 1, "tensorboard": False}
-    # unimodal_teacher: Ray must hold it back until its teachers (the references) finish
-    kw = dict(methods="ogm_ge,unimodal_teacher", seeds=[0], say=lambda line: None)
+                "workers": 0, "epochs": 1, "tensorboard": False,
+                "method_module": str(EXAMPLE_PLUGIN)}
+    # unimodal_teacher: Ray must hold it back until its teachers (the references) finish;
+    # unimodal_aux: a plug-in method, which each Ray task loads from its file
+    kw = dict(methods="ogm_ge,unimodal_teacher,unimodal_aux", seeds=[0], say=lambda line: None)
     run_bench(str(train_shards), str(tmp_path / "local"), settings, **kw)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_TMPDIR", tempfile.mkdtemp(prefix="rt", dir="/tmp"))
@@ -263,7 +267,7 @@ def test_ray_gives_the_local_results(train_shards, tmp_path, monkeypatch):
         run_bench(str(train_shards), str(tmp_path / "ray"), settings, executor="ray", **kw)
     finally:
         ray.shutdown()
-    for row in ("ogm_ge", "unimodal_teacher", "ref-audio", "ref-visual"):
+    for row in ("ogm_ge", "unimodal_teacher", "unimodal_aux", "ref-audio", "ref-visual"):
         local = summaries(tmp_path / "local")[f"{row}/seed0"]
         remote = summaries(tmp_path / "ray")[f"{row}/seed0"]
         for key in ("best_epoch", "steps", "val", "test", "linear_probe", "replica_digests"):

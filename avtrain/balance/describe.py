@@ -98,3 +98,14 @@ def describe(name_or_cls) -> str:
     if text:
         out += ["", "## Details (the module's docstring)", "", textwrap.dedent(text)]
     return "\n".join(out).rstrip() + "\n"
+
+
+def readme_table(methods: dict) -> str:
+    """The README's methods table: one short line per method (tests/test_readme.py keeps the
+    README equal to it; `avtrain methods NAME` has the rest)."""
+    lines = ["| method | paper | what it changes | checked against |", "|---|---|---|---|"]
+    for cls in methods.values():
+        name, year, title, summary, code = method_line(cls)
+        paper = title + (f", {year}" if year != "-" else "")
+        lines.append(f"| `{name}` | {paper} | {summary} | {code} |")
+    return "\n".join(lines)
