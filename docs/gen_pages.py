@@ -7,10 +7,13 @@ mkdocs.yml's `nav`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import mkdocs_gen_files
 
+from avtrain.balance import METHODS
+from avtrain.balance.describe import describe, readme_table
 from avtrain.recipes import load_recipe, recipe_names
 
 
@@ -34,13 +37,26 @@ def recipes_page() -> str:
     return "\n".join(lines) + "\n"
 
 
-def methods_page() -> str | None:
-    """The balancing methods, one section each.
+def _demoted(markdown: str) -> str:
+    """One level deeper headings (a method's page becomes a section), code fences untouched."""
+    out, fenced = [], False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        out.append("#" + line if not fenced and re.match(r"#{1,5} ", line) else line)
+    return "\n".join(out)
 
-    To be written from `avtrain.balance.METHODS` and `avtrain.balance.describe(name)` (markdown)
-    once they exist; then add `- Methods: methods.md` to mkdocs.yml's nav. None: no page yet.
-    """
-    return None
+
+def methods_page() -> str:
+    """Every balancing method of the registry, as `avtrain methods NAME` prints it."""
+    methods = {name: cls for name, cls in METHODS.items() if cls.origin is None}
+    lines = ["# Methods", "",
+             "Generated from each method's module (`avtrain/balance/`): its declared options, "
+             "its metadata and its docstring; `avtrain methods NAME` prints the same text.", "",
+             readme_table(methods)]
+    for name in methods:
+        lines += ["", _demoted(describe(name))]
+    return "\n".join(lines) + "\n"
 
 
 PAGES: dict[str, Callable[[], str | None]] = {

@@ -169,3 +169,24 @@ def test_readme_links_in_the_built_site(tmp_path):
     result = build(project, tmp_path / "site-bad")
     assert result.returncode != 0
     assert "'#no-such-section'" in result.stdout + result.stderr
+
+
+def test_methods_page_is_generated_from_the_modules(site):
+    """One section per built-in method, with its declared options' flags and its module's
+    docstring, as `avtrain methods NAME` prints it."""
+    import inspect
+    import sys
+
+    from avtrain.balance import METHODS
+
+    page = read(site, "methods")
+    for name, cls in METHODS.items():
+        if cls.origin is not None:
+            continue
+        anchor = re.search(rf'<h2 id="([^"]*)">{re.escape(name)}:', page)
+        assert anchor, f"no section for {name}"
+        body = text_of(section(page, anchor[1]))
+        for opt in cls.options:
+            assert text_of(opt.flag_name(cls.prefix())) in body, (name, opt.name)
+        first = (inspect.getdoc(sys.modules[cls.__module__]) or "").splitlines()[0]
+        assert text_of(first)[:40] in body, name
