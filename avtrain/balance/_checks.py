@@ -45,6 +45,16 @@ def modulation_window(config: dict, start: int, end: int | None) -> tuple[int, i
     return first, last
 
 
+def window_of(opt) -> tuple[int, int | None]:
+    """(start, end) of a method's resolved options (end None: no end); the declarations check
+    each bound, this checks their order, which one declaration cannot express."""
+    first, last = opt.modulation_start, opt.modulation_end
+    if last is not None and last < first:
+        raise UserError(f"--modulation-end ({last}) is before --modulation-start ({first}); "
+                        "the window [start, end] is inclusive")
+    return first, last
+
+
 def fused_model(model, method: str):
     """The bare model (DDP's `.module`), refused in one line unless it has per-modality encoders
     and a fusion, as the methods that work on the fusion's inputs or outputs need."""
