@@ -111,7 +111,7 @@ from avprep.errors import UserError
 from avtrain.options import Option
 
 from . import _dist
-from ._checks import choice, number, require_two_modalities
+from ._checks import number, require_two_modalities
 from .base import Balancer, EpochContext
 
 KMEANS = ("torch", "sklearn")
@@ -262,6 +262,23 @@ class ReLearning(Balancer):
     weights by tanh(lambda * purity gap) (start_epoch)."""
 
     name = "relearning"
+    title = "Diagnosing & Re-learning"
+    paper = ("Y. Wei, S. Li, R. Feng, D. Hu: Diagnosing and Re-learning for Balanced "
+             "Multimodal Learning, ECCV")
+    year = 2024
+    summary = "soft re-initialisation of encoders by purity gap"
+    code = ("GeWu-Lab/Diagnosing_Relearning_ECCV2024 (code/ours.py, code/script/ours.sh) "
+            "@ 025085e; GeWu-Lab/BalanceBenchmark (ReLearning_trainer.py, "
+            "trainer_config.yaml) @ 4c1482f")
+    differences = (
+        "Authors' code: k-means in torch seeded by (--seed, epoch), on the samples in key "
+        "order (--relearning-kmeans sklearn: KMeans(random_state=0) as released)",
+        "Authors' code: the val split also picks the best epoch (released: picks on test)",
+        "Authors' code: any number of modalities; features under the run's autocast",
+        "BalanceMM: every 15 epochs, 2 times; diagnoses on its augmented training loader, "
+        "per rank; re-initialises every parameter named after a modality",
+    )
+    signals = ("relearn_weight_<m>", "purity_train_<m>", "purity_val_<m>")
     options = (
         Option("lam", float, 3.0, "strength w = tanh(lambda * |purity(train) - purity(val)|) of the soft re-initialisation", minimum=0, setting="relearning_lambda"),
         Option("every", int, 20, "diagnose and re-initialise after every N-th epoch (BalanceMM 15)", minimum=1),
@@ -274,13 +291,12 @@ class ReLearning(Balancer):
         super().__init__(model, config, modalities=modalities, device=device)
         c = self.config
         require_two_modalities(self.name, self.modalities)
-        self.lam = number(c, "relearning_lambda", 3.0)
-        if not (self.lam >= 0 and math.isfinite(self.lam)):
-            raise UserError(f"--relearning-lambda must be 0 or more, got {c.get('relearning_lambda')}")
-        self.every = self._count(c, "relearning_every", 20, 1)
-        self.times = self._count(c, "relearning_times", 3, 0)
-        self.n_init = self._count(c, "relearning_n_init", 10, 1)
-        self.backend = choice(c, "relearning_kmeans", "torch", KMEANS)
+        self.lam = self.opt.lam
+        if not math.isfinite(self.lam):  # the declaration checks the range, not infinity
+            raise UserError(f"--relearning-lambda must be a finite number, got {self.lam}")
+        self.every, self.times = self.opt.every, self.opt.times
+        self.n_init = self.opt.n_init
+        self.backend = self.opt.kmeans
         if self.backend == "sklearn":
             try:
                 import sklearn.cluster  # noqa: F401
@@ -308,14 +324,6 @@ class ReLearning(Balancer):
         self.reinits = 0
         self.last: dict[str, float] = {f"relearn_weight_{m}": 0.0 for m in self.modalities}
         self._metrics = self._as_tensors(self.last)
-
-    @staticmethod
-    def _count(c, key, default, least) -> int:
-        value = number(c, key, default)
-        if value != int(value) or value < least:
-            raise UserError(f"--{key.replace('_', '-')} must be a whole number of at least "
-                            f"{least}, got {c.get(key)}")
-        return int(value)
 
     def _as_tensors(self, values: dict) -> dict[str, torch.Tensor]:
         return {k: torch.tensor(v, dtype=torch.float32, device=self.device)
