@@ -350,8 +350,8 @@ def test_resume_is_exact(shards, tmp_path):
 
 
 @pytest.mark.parametrize("extra,words", [
-    ({"mmpareto_gamma": 0}, "--mmpareto-gamma must be a number above 0"),
-    ({"mmpareto_gamma": "nan"}, "--mmpareto-gamma must be a number above 0"),
+    ({"mmpareto_gamma": 0}, "--mmpareto-gamma must be above 0, got 0.0"),
+    ({"mmpareto_gamma": "nan"}, "--mmpareto-gamma must be a finite number, got nan"),
     ({"modalities": "audio"}, "needs at least two"),
 ])
 def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
