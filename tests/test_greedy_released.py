@@ -419,6 +419,7 @@ def test_resume_is_exact(shards, tmp_path):
 @pytest.mark.parametrize("extra,words", [
     ({"greedy_window": 0}, "--greedy-window must be at least 1, got 0"),
     ({"greedy_epsilon": -0.1}, "--greedy-epsilon must be 0 or more, got -0.1"),
+    ({"greedy_epsilon": "nan"}, "--greedy-epsilon must be a finite number, got nan"),
     ({"greedy_loss": "mean"}, "Invalid value for '--greedy-loss'"),
     ({"greedy_average": "x"}, "Invalid value for '--greedy-average'"),
     ({"fusion": "film"}, "--greedy-loss unimodal (released: the sum of the branches' CE) needs"),

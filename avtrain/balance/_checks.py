@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from avprep.errors import UserError
 
 
@@ -43,6 +45,14 @@ def modulation_window(config: dict, start: int, end: int | None) -> tuple[int, i
         raise UserError(f"--modulation-end ({last}) is before --modulation-start ({first}); "
                         "the window [start, end] is inclusive")
     return first, last
+
+
+def finite(flag: str, value: float) -> float:
+    """`value`, refused in one line when NaN or infinite: a declared range lets NaN through
+    (every comparison with it is false)."""
+    if not math.isfinite(value):
+        raise UserError(f"{flag} must be a finite number, got {value}")
+    return value
 
 
 def window_of(opt) -> tuple[int, int | None]:

@@ -86,7 +86,7 @@ from avtrain.models.fusions import SumFusion
 from avtrain.options import Option
 
 from . import _dist
-from ._checks import require_two_modalities, window_of
+from ._checks import finite, require_two_modalities, window_of
 from .base import Balancer, StepContext
 
 
@@ -188,7 +188,7 @@ class Greedy(Balancer):
             raise UserError("--method greedy needs a model with MMTM blocks between its "
                             "encoders (build it with mmtm=True; resnet18 or tiny encoders)")
         self.bare = bare
-        self.epsilon = self.opt.epsilon
+        self.epsilon = finite("--greedy-epsilon", self.opt.epsilon)
         self.window = self.opt.window
         self.start, self.end = window_of(self.opt)
         self.loss_kind = self.opt.loss

@@ -86,8 +86,6 @@ line before training.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -96,7 +94,7 @@ from avprep.errors import UserError
 from avtrain.options import Option
 
 from . import _dist
-from ._checks import require_two_modalities
+from ._checks import finite, require_two_modalities
 from .base import Balancer, StepContext
 from .mla import _broadcast_from_rank0
 
@@ -173,9 +171,7 @@ class MMPareto(Balancer):
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):
         super().__init__(model, config, modalities=modalities, device=device)
         require_two_modalities(self.name, self.modalities)
-        self.gamma = self.opt.gamma
-        if not math.isfinite(self.gamma):  # the declaration checks the range, not NaN or inf
-            raise UserError(f"--mmpareto-gamma must be a finite number, got {self.gamma}")
+        self.gamma = finite("--mmpareto-gamma", self.opt.gamma)
         bare = getattr(model, "module", model)
         if getattr(bare, "encoders", None) is None or getattr(bare, "fusion", None) is None:
             raise UserError("--method mmpareto needs a model with per-modality encoders, a fusion "

@@ -111,7 +111,7 @@ from avprep.errors import UserError
 from avtrain.options import Option
 
 from . import _dist
-from ._checks import number, require_two_modalities
+from ._checks import finite, number, require_two_modalities
 from .base import Balancer, EpochContext
 
 KMEANS = ("torch", "sklearn")
@@ -291,9 +291,7 @@ class ReLearning(Balancer):
         super().__init__(model, config, modalities=modalities, device=device)
         c = self.config
         require_two_modalities(self.name, self.modalities)
-        self.lam = self.opt.lam
-        if not math.isfinite(self.lam):  # the declaration checks the range, not infinity
-            raise UserError(f"--relearning-lambda must be a finite number, got {self.lam}")
+        self.lam = finite("--relearning-lambda", self.opt.lam)
         self.every, self.times = self.opt.every, self.opt.times
         self.n_init = self.opt.n_init
         self.backend = self.opt.kmeans

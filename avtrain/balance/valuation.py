@@ -100,7 +100,7 @@ from avtrain.options import Option
 
 from ..shapley import subsets
 from . import _dist
-from ._checks import fused_model, number, require_two_modalities
+from ._checks import finite, fused_model, number, require_two_modalities
 from .base import Balancer, EpochContext, StepContext
 
 LEVELS = ("sample", "modality")
@@ -189,11 +189,8 @@ class Valuation(Balancer):
         require_two_modalities(self.name, self.modalities)
         self.level = self.opt.level
         self.warmup = self.opt.warmup
-        self.part_ratio = self.opt.part_ratio
-        self.alpha = self.opt.gap_alpha
-        for flag, value in (("part-ratio", self.part_ratio), ("alpha", self.alpha)):
-            if not math.isfinite(value):  # the declarations check ranges, not NaN or inf
-                raise UserError(f"--valuation-{flag} must be a finite number, got {value}")
+        self.part_ratio = finite("--valuation-part-ratio", self.opt.part_ratio)
+        self.alpha = finite("--valuation-alpha", self.opt.gap_alpha)
         self.seed = int(number(c, "seed", 0))
         bare = fused_model(model, self.name)
         self.bare = bare
