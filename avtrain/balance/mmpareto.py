@@ -133,7 +133,7 @@ def _combine(g_mm: torch.Tensor, g_uni: torch.Tensor, like: list[torch.Tensor],
     return new, cos, conflict, w_mm, w_uni
 
 
-def mmpareto_gradient(g_mm: list[torch.Tensor], g_uni: list[torch.Tensor], gamma: float = 1.5):
+def mmpareto_gradient(g_mm: list[torch.Tensor], g_uni: list[torch.Tensor], gamma: float):
     """One encoder's new per-tensor gradients from its multimodal and unimodal ones (lists of
     tensors, one per parameter) -> (gradients, {"cos", "conflict", "w_mm", "w_uni"})."""
     counts = torch.tensor([g.numel() for g in g_mm], device=g_mm[0].device)

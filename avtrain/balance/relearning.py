@@ -215,7 +215,7 @@ def _lloyd(x, x_sq, centers, k: int, max_iter: int, tol: float):
     return labels, inertia
 
 
-def kmeans(x: torch.Tensor, k: int, *, n_init: int = 10, max_iter: int = 300, tol: float = 1e-4,
+def kmeans(x: torch.Tensor, k: int, *, n_init: int, max_iter: int = 300, tol: float = 1e-4,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Cluster labels [N] of x [N, D]: sklearn's KMeans(k) algorithm (k-means++, Lloyd, the best
     of n_init by inertia) in torch, its draws from `generator` (a CPU generator)."""
@@ -234,7 +234,7 @@ def kmeans(x: torch.Tensor, k: int, *, n_init: int = 10, max_iter: int = 300, to
     return best
 
 
-def sklearn_kmeans(x: torch.Tensor, k: int, *, n_init: int = 10) -> torch.Tensor:
+def sklearn_kmeans(x: torch.Tensor, k: int, *, n_init: int) -> torch.Tensor:
     """The released clustering itself: sklearn KMeans(n_clusters=k, random_state=0)."""
     from sklearn.cluster import KMeans
 
@@ -243,8 +243,8 @@ def sklearn_kmeans(x: torch.Tensor, k: int, *, n_init: int = 10) -> torch.Tensor
     return torch.as_tensor(labels, dtype=torch.long)
 
 
-def diagnose(features: torch.Tensor, labels: torch.Tensor, k: int, *, backend: str = "torch",
-             n_init: int = 10, generator: torch.Generator | None = None) -> torch.Tensor:
+def diagnose(features: torch.Tensor, labels: torch.Tensor, k: int, *, backend: str,
+             n_init: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Purity of one feature set [N, D] against its labels: scaled, clustered, voted."""
     scaled = minmax_scale(features.float())
     if backend == "sklearn":
