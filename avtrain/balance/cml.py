@@ -122,8 +122,8 @@ class CML(Balancer):
         "(--cml-form authors: their per-sample penalty)",
         "BalanceMM: the epoch's modality order from a generator seeded by (--seed, epoch), "
         "not Python's global random; under DDP the hinge is gated on the global batch sum",
-        "BalanceMM: M modalities (BalanceMM: 2 and 3); its trainer at 4c1482f calls a renamed "
-        "method (AttributeError): the formula before the rename",
+        "BalanceMM: any number of modalities (its trainer: 2 or 3); its trainer at 4c1482f "
+        "calls a renamed model method (AttributeError): we follow the formula before the rename",
     )
     signals = ("penalty", "conf_fused", "conf_subset", "removed_<m>")
     options = (

@@ -280,7 +280,7 @@ class ReLearning(Balancer):
     )
     signals = ("relearn_weight_<m>", "purity_train_<m>", "purity_val_<m>")
     options = (
-        Option("lam", float, 3.0, "strength w = tanh(lambda * |purity(train) - purity(val)|) of the soft re-initialisation", minimum=0, setting="relearning_lambda"),
+        Option("lam", float, 3.0, "strength w = tanh(lambda * abs(purity(train) - purity(val))) of the soft re-initialisation", minimum=0, setting="relearning_lambda"),
         Option("every", int, 20, "diagnose and re-initialise after every N-th epoch (BalanceMM 15)", minimum=1),
         Option("times", int, 3, "at most this many re-initialisations (BalanceMM 2)", minimum=0),
         Option("kmeans", str, "torch", "torch (sklearn's algorithm, seeded) or sklearn (KMeans, random_state=0, as released)", choices=KMEANS, released="sklearn", differs="the same Lloyd/k-means++ algorithm in torch, seeded by --seed and the epoch, so scikit-learn is not needed"),
