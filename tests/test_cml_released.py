@@ -271,7 +271,9 @@ def test_resume_is_exact(shards, tmp_path):
 
 
 @pytest.mark.parametrize("extra,words", [
-    ({"cml_lam": -1}, "--cml-lam must be a number >= 0"),
+    ({"cml_lam": -1}, "--cml-lam must be 0 or more, got -1.0"),
+    ({"cml_lam": "nan"}, "--cml-lam must be a finite number, got nan"),
+    ({"cml_form": "x"}, "Invalid value for '--cml-form'"),
     ({"modulation_start": 2, "modulation_end": 1},
      "--modulation-end (1) is before --modulation-start (2)"),
     ({"fusion": "film"}, "--method cml removes a modality's summand"),
@@ -281,4 +283,8 @@ def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
     from cli import avtrain
 
     out = CliRunner().invoke(avtrain, fit_args(shards, tmp_path / "run", 1, **extra))
+    if words.startswith("Invalid value"):  # a choice flag: click's usage error
+        assert out.exit_code == 2 and f"Error: {words}" in out.output, out.output
+        assert not (tmp_path / "run").exists()
+        return
     assert_one_error_line(out, words, tmp_path / "run")

@@ -417,10 +417,11 @@ def test_resume_is_exact(shards, tmp_path):
 
 
 @pytest.mark.parametrize("extra,words", [
-    ({"greedy_window": 0}, "--greedy-window must be a whole number of steps, 1 or more"),
-    ({"greedy_epsilon": -0.1}, "--greedy-epsilon must be 0 or more"),
-    ({"greedy_loss": "mean"}, "--greedy-loss must be one of unimodal, fused"),
-    ({"greedy_average": "x"}, "--greedy-average must be one of own, released"),
+    ({"greedy_window": 0}, "--greedy-window must be at least 1, got 0"),
+    ({"greedy_epsilon": -0.1}, "--greedy-epsilon must be 0 or more, got -0.1"),
+    ({"greedy_epsilon": "nan"}, "--greedy-epsilon must be a finite number, got nan"),
+    ({"greedy_loss": "mean"}, "Invalid value for '--greedy-loss'"),
+    ({"greedy_average": "x"}, "Invalid value for '--greedy-average'"),
     ({"fusion": "film"}, "--greedy-loss unimodal (released: the sum of the branches' CE) needs"),
     ({"modulation_end": 0}, "--modulation-end (0) is before --modulation-start (1)"),
     ({"modalities": "audio"}, "defined for those two modalities, got audio"),
@@ -430,7 +431,22 @@ def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
     from cli import avtrain
 
     out = CliRunner().invoke(avtrain, fit_args(shards, tmp_path / "run", 1, **extra))
+    if words and words.startswith("Invalid value"):  # a choice flag: click's usage error
+        assert out.exit_code == 2 and f"Error: {words}" in out.output, out.output
+        assert not (tmp_path / "run").exists()
+        return
     assert_one_error_line(out, words, tmp_path / "run")
+
+
+def test_a_value_outside_the_choices_is_one_line_outside_the_cli():
+    from avprep.errors import UserError
+    from avtrain.balance import build_balancer
+    from avtrain.models import build_model
+
+    model = build_model("tiny", "sum", 3, ["audio", "visual"], mmtm=True)
+    with pytest.raises(UserError, match="^--greedy-loss must be one of unimodal, fused, "
+                                        "got 'mean'$"):
+        build_balancer("greedy", model, {"greedy_loss": "mean"}, modalities=model.modalities)
 
 
 def test_more_than_two_modalities_is_refused():

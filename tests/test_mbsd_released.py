@@ -70,7 +70,8 @@ def test_pair_terms_by_hand():
     assert float(rs_p) == pytest.approx(0.25 * (1 / 16) / 2, abs=1e-7)
     # the total for two modalities: CE(fused) + CE(a) + CE(v) + RS + KL
     fused = torch.zeros(2, 2)  # CE = ln 2
-    total, info = mbsd_loss({"fused": fused, "audio": z_a, "visual": z_v}, y, ["audio", "visual"])
+    total, info = mbsd_loss({"fused": fused, "audio": z_a, "visual": z_v}, y, ["audio", "visual"],
+                            "auto")
     ce = math.log(2) + F.cross_entropy(z_a, y).item() + F.cross_entropy(z_v, y).item()
     assert float(total) == pytest.approx(ce + float(rs) + float(kl), abs=1e-6)
     assert float(info["weighted"]) == 0.5 and float(info["weight"]) == pytest.approx(0.125)
@@ -89,7 +90,7 @@ def test_gradient_reaches_the_weight_as_released():
     z_a = torch.tensor([[math.log(3.0), 0.0]], requires_grad=True)
     z_v = torch.tensor([[0.0, 0.0]], requires_grad=True)
     y = torch.tensor([0])
-    kl_ours, _, _ = mbsd_pair_terms(z_a, z_v, y)
+    kl_ours, _, _ = mbsd_pair_terms(z_a, z_v, y, "logits")
     kl_ours.backward()
     pa = F.softmax(z_a.detach(), 1)[0, 0]
     want = p.grad[0] * pa * (1 - pa)  # dp_a/dz_a0 = p_a (1 - p_a)
@@ -99,7 +100,7 @@ def test_gradient_reaches_the_weight_as_released():
 def test_ties_take_the_first_modality():
     # equal probabilities: w = 0, strong = weak = p_a, KL = p (ln p - p)
     z = torch.tensor([[1.0, 0.0]])
-    kl, rs, w = mbsd_pair_terms(z, z.clone(), torch.tensor([0]))
+    kl, rs, w = mbsd_pair_terms(z, z.clone(), torch.tensor([0]), "logits")
     assert w.tolist() == [0.0] and float(kl) == 0.0 and float(rs) == 0.0
 
 
@@ -303,7 +304,7 @@ def test_rs_choice_reaches_the_rule():
     torch.manual_seed(0)
     z_a, z_v, y = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
     logits = {"fused": z_a + z_v, "audio": z_a, "visual": z_v}
-    _, auto = mbsd_loss(logits, y, ["audio", "visual"])
+    _, auto = mbsd_loss(logits, y, ["audio", "visual"], "auto")
     _, probs = mbsd_loss(logits, y, ["audio", "visual"], "probs")
     _, rs_p, _ = mbsd_pair_terms(z_a, z_v, y, "probs")
     assert float(probs["rs"]) == pytest.approx(float(rs_p)) and auto["rs"] != probs["rs"]

@@ -380,9 +380,9 @@ def test_resume_is_exact(shards, tmp_path):
 
 @pytest.mark.parametrize("extra,words", [
     ({"fusion": "sum"}, "use --fusion concat or shared, not 'sum'"),
-    ({"mla_gate": "softmax"}, "--mla-gate must be one of entropy, batch-entropy, fixed"),
-    ({"mla_projection": "gpm"}, "--mla-projection must be one of none, owm, owm-add"),
-    ({"mla_stale_grads": "keep"}, "--mla-stale-grads must be one of zero, none"),
+    ({"mla_gate": "softmax"}, "Invalid value for '--mla-gate'"),
+    ({"mla_projection": "gpm"}, "Invalid value for '--mla-projection'"),
+    ({"mla_stale_grads": "keep"}, "Invalid value for '--mla-stale-grads'"),
     ({"modalities": "audio"}, "needs at least two"),
 ])
 def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
@@ -393,7 +393,21 @@ def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
         i = args.index("--fusion")
         args = args[:i] + args[i + 2:]
     out = CliRunner().invoke(avtrain, args)
+    if words.startswith("Invalid value"):  # a choice flag: click's usage error
+        assert out.exit_code == 2 and f"Error: {words}" in out.output, out.output
+        assert not (tmp_path / "run").exists()
+        return
     assert_one_error_line(out, words, tmp_path / "run")
+
+
+def test_a_value_outside_the_choices_is_one_line_outside_the_cli():
+    from avprep.errors import UserError
+    from avtrain.balance import build_balancer
+
+    model = build_model("tiny", "shared", CLASSES)
+    with pytest.raises(UserError, match="^--mla-gate must be one of entropy, batch-entropy, "
+                                        "fixed, got 'softmax'$"):
+        build_balancer("mla", model, {"mla_gate": "softmax"}, modalities=model.modalities)
 
 
 def test_models_without_the_shared_head_are_refused():

@@ -65,7 +65,7 @@ def test_weights_and_gradient_by_hand():
     # aligned: g_mm = ([1, 0], [0]), g_u = ([1, 1], [1]): cos = 1 / (1 * sqrt 3) > 0 -> 1/2, 1/2;
     # new = g_mm + g_u = ([2, 1], [1]), the summed gradient itself: ratio 1 -> 1.5 * new
     grads, info = mmpareto_gradient([torch.tensor([1.0, 0.0]), torch.tensor([0.0])],
-                                    [torch.tensor([1.0, 1.0]), torch.tensor([1.0])])
+                                    [torch.tensor([1.0, 1.0]), torch.tensor([1.0])], gamma=1.5)
     assert float(info["cos"]) == pytest.approx(1 / math.sqrt(3), abs=1e-7)
     assert not bool(info["conflict"]) and float(info["w_mm"]) == float(info["w_uni"]) == 0.5
     assert grads[0].tolist() == pytest.approx([3.0, 1.5], abs=1e-6)
@@ -77,7 +77,7 @@ def test_weights_and_gradient_by_hand():
     #   1.5 * 9 / sqrt(68) * [2/9, 8/9] = [3, 12] / sqrt(68) = [0.363803, 1.455214];
     # tensor 2: |summed| = 0 -> ratio 0, not > 1: 1.5 * 2/9 = 1/3 (never rescaled down)
     grads, info = mmpareto_gradient([torch.tensor([1.0, 0.0]), torch.tensor([1.0])],
-                                    [torch.tensor([-1.0, 1.0]), torch.tensor([-1.0])])
+                                    [torch.tensor([-1.0, 1.0]), torch.tensor([-1.0])], gamma=1.5)
     assert float(info["cos"]) == pytest.approx(-2 / math.sqrt(6), abs=1e-7)
     assert bool(info["conflict"])
     assert float(info["w_mm"]) == pytest.approx(5 / 9, abs=1e-7)
@@ -350,8 +350,8 @@ def test_resume_is_exact(shards, tmp_path):
 
 
 @pytest.mark.parametrize("extra,words", [
-    ({"mmpareto_gamma": 0}, "--mmpareto-gamma must be a number above 0"),
-    ({"mmpareto_gamma": "nan"}, "--mmpareto-gamma must be a number above 0"),
+    ({"mmpareto_gamma": 0}, "--mmpareto-gamma must be above 0, got 0.0"),
+    ({"mmpareto_gamma": "nan"}, "--mmpareto-gamma must be a finite number, got nan"),
     ({"modalities": "audio"}, "needs at least two"),
 ])
 def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):

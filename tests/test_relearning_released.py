@@ -324,16 +324,32 @@ def test_resume_is_exact(shards, tmp_path):
 
 
 @pytest.mark.parametrize("extra,words", [
-    ({"relearning_lambda": -1}, "--relearning-lambda must be 0 or more"),
-    ({"relearning_every": 0}, "--relearning-every must be a whole number of at least 1"),
-    ({"relearning_kmeans": "faiss"}, "--relearning-kmeans must be one of"),
+    ({"relearning_lambda": -1}, "--relearning-lambda must be 0 or more, got -1.0"),
+    ({"relearning_lambda": "inf"}, "--relearning-lambda must be a finite number, got inf"),
+    ({"relearning_every": 0}, "--relearning-every must be at least 1, got 0"),
+    ({"relearning_kmeans": "faiss"}, "Invalid value for '--relearning-kmeans'"),
     ({"modalities": "audio"}, "needs at least two"),
 ])
 def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
     from cli import avtrain
 
     out = CliRunner().invoke(avtrain, fit_args(shards, tmp_path / "run", 1, **extra))
+    if words.startswith("Invalid value"):  # a choice flag: click's usage error
+        assert out.exit_code == 2 and f"Error: {words}" in out.output, out.output
+        assert not (tmp_path / "run").exists()
+        return
     assert_one_error_line(out, words, tmp_path / "run")
+
+
+def test_a_value_outside_the_choices_is_one_line_outside_the_cli():
+    from avprep.errors import UserError
+    from avtrain.balance import build_balancer
+    from avtrain.models import build_model
+
+    model = build_model("tiny", "concat", 6)
+    with pytest.raises(UserError, match="^--relearning-kmeans must be one of torch, sklearn, "
+                                        "got 'faiss'$"):
+        build_balancer("relearning", model, {"relearning_kmeans": "faiss"})
 
 
 def test_too_few_samples_to_cluster_is_refused():

@@ -341,9 +341,10 @@ def test_resume_is_exact(shards, tmp_path):
 
 
 @pytest.mark.parametrize("extra,words", [
-    (["--valuation-warmup", "0"], "--valuation-warmup must be a whole number"),
-    (["--valuation-part-ratio", "1.5"], "--valuation-part-ratio must be in (0, 1]"),
-    (["--valuation-alpha", "-1"], "--valuation-alpha must be 0 or more"),
+    (["--valuation-warmup", "0"], "--valuation-warmup must be at least 1, got 0"),
+    (["--valuation-part-ratio", "1.5"], "--valuation-part-ratio must be in (0, 1], got 1.5"),
+    (["--valuation-part-ratio", "nan"], "--valuation-part-ratio must be a finite number"),
+    (["--valuation-alpha", "-1"], "--valuation-alpha must be 0 or more, got -1.0"),
     (["--modalities", "audio"], "needs at least two"),
 ])
 def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):

@@ -63,17 +63,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from avprep.errors import UserError
 from avtrain.options import Option
 
 from . import _dist
 from ._checks import (
-    choice,
+    finite,
     fused_model,
-    modulation_window,
     number,
     require_two_modalities,
     summed_fusion,
+    window_of,
 )
 from .base import Balancer, EpochContext
 from .ogm import _mix
@@ -110,10 +109,27 @@ class CML(Balancer):
     """Confidence ranking: no modality subset may be more confident than the full set."""
 
     name = "cml"
+    title = "CML"
+    paper = ("H. Ma, Q. Zhang, C. Zhang, B. Wu, H. Fu, J. T. Zhou, Q. Hu: Calibrating "
+             "Multimodal Learning, ICML")
+    year = 2023
+    summary = "hinge: no modality subset more confident than all"
+    code = ("GeWu-Lab/BalanceBenchmark (CML_trainer.py, trainer_config.yaml) @ 4c1482f; "
+            "QingyangZhang/CML (cpm/CPM_Nets.py rank_loss, miwae/train.py) @ 9d2496e")
+    differences = (
+        "Authors' code: written for multi-view tabular data (mean-imputed re-forwards, a "
+        "per-sample hinge); the default is BalanceMM's audio-visual form "
+        "(--cml-form authors: their per-sample penalty)",
+        "BalanceMM: the epoch's modality order from a generator seeded by (--seed, epoch), "
+        "not Python's global random; under DDP the hinge is gated on the global batch sum",
+        "BalanceMM: any number of modalities (its trainer: 2 or 3); its trainer at 4c1482f "
+        "calls a renamed model method (AttributeError): we follow the formula before the rename",
+    )
+    signals = ("penalty", "conf_fused", "conf_subset", "removed_<m>")
     options = (
-        Option("modulation_start", int, 0, "first modulated epoch (0-based, inclusive)", minimum=0, shared=True),
-        Option("modulation_end", int, 80, "last modulated epoch (inclusive)", minimum=0, shared=True),
-        Option("lam", float, 0.1, "weight of the confidence ranking hinge (BalanceMM's lam)", minimum=0),
+        Option("modulation_start", int, 0, "first epoch with the hinge (0-based, inclusive; BalanceMM's modulation_starts)", minimum=0, shared=True),
+        Option("modulation_end", int, 80, "last epoch with the hinge (inclusive; BalanceMM's modulation_ends); CE alone outside", minimum=0, shared=True),
+        Option("lam", float, 0.1, "weight of the confidence ranking hinge (BalanceMM's lam; the authors' README: beta 10 / 100)", minimum=0),
         Option("form", str, "balancemm", "balancemm (the hinge on the batch sum, BalanceMM) or authors (per sample, QingyangZhang/CML)", choices=FORMS),
     )
 
@@ -121,11 +137,9 @@ class CML(Balancer):
         super().__init__(model, config, modalities=modalities, device=device)
         c = self.config
         require_two_modalities(self.name, self.modalities)
-        self.lam = number(c, "cml_lam", 0.1)
-        if not self.lam >= 0:
-            raise UserError(f"--cml-lam must be a number >= 0, got {self.lam}")
-        self.form = choice(c, "cml_form", "balancemm", FORMS)
-        self.start, self.end = modulation_window(c, 0, 80)
+        self.lam = finite("--cml-lam", self.opt.lam)
+        self.form = self.opt.form
+        self.start, self.end = window_of(self.opt)
         self.seed = int(number(c, "seed", 0))
         bare = fused_model(model, self.name)
         summed_fusion(bare, self.name, "removes a modality's summand from the fused logits")

@@ -86,7 +86,7 @@ from avtrain.models.fusions import SumFusion
 from avtrain.options import Option
 
 from . import _dist
-from ._checks import choice, modulation_window, number, require_two_modalities
+from ._checks import finite, require_two_modalities, window_of
 from .base import Balancer, StepContext
 
 
@@ -149,10 +149,27 @@ class Greedy(Balancer):
     """Re-balancing steps chosen by the conditional learning speed (owns the step)."""
 
     name = "greedy"
+    title = "Greedy"
+    paper = ("N. Wu, S. Jastrzebski, K. Cho, K. J. Geras: Characterizing and Overcoming the "
+             "Greedy Nature of Learning in Multi-modal Deep Neural Networks, ICML")
+    year = 2022
+    summary = "re-balancing steps by conditional learning speed"
+    code = ("nyukat/greedy_multimodal_learning (src/callbacks.py Bias_Mitigation_Strong, "
+            "src/balanced_mmtm.py, configs/training_guided.gin) @ a190e03; "
+            "GeWu-Lab/BalanceBenchmark (Greedy_trainer.py, trainer_config.yaml) @ 4c1482f")
+    differences = (
+        "Authors' code: MMTM running means from training forwards only, each modality's own "
+        "(--greedy-average released: the second's by the first's), global-batch under DDP",
+        "Authors' code: the learning speeds and the decision stay on the device (no .item())",
+        "Authors' code: audio-visual late-fusion encoders with MMTM blocks, not MMTM_MVCNN",
+        "BalanceMM: threshold 0.001, no warm-up epoch, CE of the fused logits, MMTM also "
+        "after layer 1; here the authors' 0.01, epoch 1, the branches' CE",
+    )
+    signals = ("speed_diff", "bdr_<m>", "rebalance_<m>")
     options = (
-        Option("modulation_start", int, 1, "first modulated epoch (0-based, inclusive)", minimum=0, shared=True),
-        Option("modulation_end", int, None, "last modulated epoch (inclusive)", minimum=0, shared=True, none_means="no end"),
-        Option("epsilon", float, 0.01, "a re-balancing window starts when |BDR_audio - BDR_visual| exceeds this (BalanceMM 0.001)", minimum=0),
+        Option("modulation_start", int, 1, "first epoch of the rule, 0-based (released starting_epoch=2, counted from 1)", minimum=0, shared=True),
+        Option("modulation_end", int, None, "last epoch a re-balancing window may start (inclusive; released: never undone)", minimum=0, shared=True, none_means="no end"),
+        Option("epsilon", float, 0.01, "a re-balancing window starts when abs(BDR_audio - BDR_visual) exceeds this (BalanceMM 0.001)", minimum=0),
         Option("window", int, 5, "re-balancing steps per window", minimum=1),
         Option("loss", str, "unimodal", "unimodal (the sum of the per-modality CEs, as released) or fused (BalanceMM)", choices=("unimodal", "fused")),
         Option("average", str, "own", "own (each modality's MMTM gates replaced by their own running mean) or released (the second's by the first's)", choices=("own", "released"), released="released", differs="the released code averages the second modality's gates with the first's running mean, a slip the paper does not describe"),
@@ -171,21 +188,15 @@ class Greedy(Balancer):
             raise UserError("--method greedy needs a model with MMTM blocks between its "
                             "encoders (build it with mmtm=True; resnet18 or tiny encoders)")
         self.bare = bare
-        self.epsilon = number(c, "greedy_epsilon", 0.01)
-        if not self.epsilon >= 0:
-            raise UserError(f"--greedy-epsilon must be 0 or more, got {c.get('greedy_epsilon')}")
-        window = number(c, "greedy_window", 5)
-        if window < 1 or window != int(window):
-            raise UserError(f"--greedy-window must be a whole number of steps, 1 or more, got "
-                            f"{c.get('greedy_window')}")
-        self.window = int(window)
-        self.start, self.end = modulation_window(c, 1, None)
-        self.loss_kind = choice(c, "greedy_loss", "unimodal", ("unimodal", "fused"))
+        self.epsilon = finite("--greedy-epsilon", self.opt.epsilon)
+        self.window = self.opt.window
+        self.start, self.end = window_of(self.opt)
+        self.loss_kind = self.opt.loss
         if self.loss_kind == "unimodal" and not bare.fusion.decomposable:
             raise UserError(f"--greedy-loss unimodal (released: the sum of the branches' CE) "
                             f"needs --fusion sum or concat, whose per-modality logits train the "
                             f"encoders; with {c.get('fusion')!r} use --greedy-loss fused")
-        bare.mmtm.average = choice(c, "greedy_average", "own", ("own", "released"))
+        bare.mmtm.average = self.opt.average
         dev = self.device
         self.m_sums = torch.zeros(4, dtype=torch.float64, device=dev)
         self.state = {"curating": torch.zeros((), dtype=torch.bool, device=dev),

@@ -66,12 +66,12 @@ import torch.nn.functional as F
 from avtrain.options import Option
 
 from . import _dist
-from ._checks import choice, fused_model, modulation_window, require_two_modalities, summed_fusion
+from ._checks import fused_model, require_two_modalities, summed_fusion, window_of
 from .base import Balancer
 
 
 def mbsd_pair_terms(z_m: torch.Tensor, z_n: torch.Tensor, labels: torch.Tensor,
-                    rs_on: str = "logits") -> tuple[torch.Tensor, ...]:
+                    rs_on: str) -> tuple[torch.Tensor, ...]:
     """One pair of modalities -> (loss_KL, loss_RS, w [B]) as BalanceMM's step computes them."""
     prob_m, prob_n = F.softmax(z_m, dim=1), F.softmax(z_n, dim=1)
     idx = labels.view(-1, 1)
@@ -88,7 +88,7 @@ def mbsd_pair_terms(z_m: torch.Tensor, z_n: torch.Tensor, labels: torch.Tensor,
 
 
 def mbsd_loss(logits: dict[str, torch.Tensor], labels: torch.Tensor, modalities: list[str],
-              rs_on: str = "auto") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              rs_on: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """CE(fused) + sum_m CE(z_m) + mean over pairs of loss_KL + mean over pairs of loss_RS."""
     if rs_on == "auto":
         rs_on = "logits" if len(modalities) == 2 else "probs"
@@ -113,18 +113,32 @@ class MBSD(Balancer):
     """Fused + unimodal CE and the weighted KL/RS terms between modalities (hooks)."""
 
     name = "mbsd"
+    title = "MBSD"
+    paper = ("Liu et al., as BalanceMM's algorithm table cites it (the full reference and the "
+             "authors' code were not found)")
+    year = 2023
+    summary = "fused + unimodal CE, sample-weighted KL/RS between them"
+    code = ("GeWu-Lab/BalanceBenchmark (MBSD_trainer.py, avclassify_model.py, "
+            "trainer_config.yaml) @ 4c1482f")
+    differences = (
+        "Authors' code: not found; the reference is BalanceMM's trainer",
+        "BalanceMM: its step calls Unimodality_Calculate, which its models lack; we read the "
+        "per-modality logits forward gives, what the call was meant to do",
+        "BalanceMM: every modality's CE and the mean over all pairs for any number of "
+        "modalities (BalanceMM: two or exactly three)",
+    )
+    signals = ("mbsd_kl", "mbsd_rs", "mbsd_weight", "mbsd_weighted")
     options = (
-        Option("modulation_start", int, 0, "first modulated epoch (0-based, inclusive)", minimum=0, shared=True),
-        Option("modulation_end", int, 80, "last modulated epoch (inclusive)", minimum=0, shared=True),
+        Option("modulation_start", int, 0, "first epoch with the unimodal CE and KL/RS terms (0-based, inclusive; BalanceMM's modulation_starts)", minimum=0, shared=True),
+        Option("modulation_end", int, 80, "last epoch with them (inclusive; BalanceMM's modulation_ends); CE of the fused logits alone outside", minimum=0, shared=True),
         Option("rs_on", str, "auto", "what the RS term compares: auto (logits for two modalities, probabilities for more, as BalanceMM), logits or probs", choices=("auto", "logits", "probs")),
     )
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):
         super().__init__(model, config, modalities=modalities, device=device)
-        c = self.config
         require_two_modalities(self.name, self.modalities)
-        self.start, self.end = modulation_window(c, 0, 80)
-        self.rs_on = choice(c, "mbsd_rs_on", "auto", ("auto", "logits", "probs"))
+        self.start, self.end = window_of(self.opt)
+        self.rs_on = self.opt.rs_on
         bare = fused_model(model, self.name)
         summed_fusion(bare, self.name, "trains the per-modality logits of the fused layer")
         self._metrics: dict[str, torch.Tensor] = {}

@@ -115,7 +115,7 @@ from avtrain.models.fusions import GATES
 from avtrain.options import Option
 
 from . import _dist
-from ._checks import choice, require_two_modalities
+from ._checks import require_two_modalities
 from .base import Balancer, EpochContext, StepContext
 
 PROJECTIONS = ("none", "owm", "owm-add")
@@ -171,9 +171,27 @@ class MLA(Balancer):
     """Alternating unimodal updates through one shared head (owns the step)."""
 
     name = "mla"
+    title = "MLA"
+    paper = ("X. Zhang, J. Yoon, M. Bansal, H. Yao: Multimodal Representation Learning by "
+             "Alternating Unimodal Adaptation, CVPR")
+    year = 2024
+    summary = "alternating unimodal steps through one shared head"
+    code = ("Cecile-hi/Multimodal-Learning-with-Alternating-Unimodal-Adaptation (main.py, "
+            "utils/utils.py GSPlugin, models/basic_model.py) @ ab6c184; "
+            "GeWu-Lab/BalanceBenchmark (MLA_trainer.py, trainer_config.yaml) @ 4c1482f")
+    differences = (
+        "Authors' code: the test-time gate per sample (--mla-gate batch-entropy: the released "
+        "softmax over the batch), entropies by log_softmax",
+        "Authors' code: the projector sized by the feature width (released: a fixed 512 x 512)",
+        "Authors' code: the logged loss is the mean of the unimodal CEs (released: av_alpha-"
+        "weighted); gradients averaged over the ranks by hand (released: one process)",
+        "BalanceMM: projection owm-add, stale gradients none, an encoder forward per modality, "
+        "a window [0, 80] with fused CE after it; the authors have no window",
+    )
+    signals = ("uniloss_<m>", "gate_<m>", "headkept_<m>")
     options = (
         Option("projection", str, "none", "edit of the shared head's weight gradient: none (the released code), owm (the paper, the first release) or owm-add (BalanceMM)", choices=PROJECTIONS),
-        Option("gate", str, "entropy", "test-time fusion: entropy (per sample, the paper), batch-entropy (the released --dynamic code) or fixed (the released 0.55/0.45)", choices=GATES, released="batch-entropy", differs="the released softmax over the batch axis makes a sample's prediction depend on the rest of its batch; the paper's per-sample entropy is the default"),
+        Option("gate", str, "entropy", "test-time fusion: entropy (per sample, the paper), batch-entropy (the released --dynamic code) or fixed (the released default without --dynamic: 0.55/0.45)", choices=GATES, released="batch-entropy", differs="the released softmax over the batch axis (README's 'MLA (dynamic fusion)') makes a sample's prediction depend on the rest of its batch; the paper's per-sample entropy is the default"),
         Option("stale_grads", str, "zero", "what zero_grad leaves between the modalities: zero (released, torch 1.8.1) or none (BalanceMM)", choices=STALE_GRADS),
     )
 
@@ -195,10 +213,9 @@ class MLA(Balancer):
                 bare, "encoders", None) is None:
             raise UserError("--method mla needs per-modality encoders and the shared head "
                             "(--fusion concat or shared; not a sequence model)")
-        self.projection = choice(c, "mla_projection", "none", PROJECTIONS)
-        self.stale = choice(c, "mla_stale_grads", "zero", STALE_GRADS)
-        gate = choice(c, "mla_gate", "entropy", GATES)
-        bare.fusion.set_gate(gate)
+        self.projection = self.opt.projection
+        self.stale = self.opt.stale_grads
+        bare.fusion.set_gate(self.opt.gate)
         self.bare = bare
         self.head = bare.fusion.fc_out
         self.steps_per_epoch = max(1, int(c.get("steps_per_epoch") or 1))

@@ -86,8 +86,6 @@ line before training.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -96,7 +94,7 @@ from avprep.errors import UserError
 from avtrain.options import Option
 
 from . import _dist
-from ._checks import number, require_two_modalities
+from ._checks import finite, require_two_modalities
 from .base import Balancer, StepContext
 from .mla import _broadcast_from_rank0
 
@@ -135,7 +133,7 @@ def _combine(g_mm: torch.Tensor, g_uni: torch.Tensor, like: list[torch.Tensor],
     return new, cos, conflict, w_mm, w_uni
 
 
-def mmpareto_gradient(g_mm: list[torch.Tensor], g_uni: list[torch.Tensor], gamma: float = 1.5):
+def mmpareto_gradient(g_mm: list[torch.Tensor], g_uni: list[torch.Tensor], gamma: float):
     """One encoder's new per-tensor gradients from its multimodal and unimodal ones (lists of
     tensors, one per parameter) -> (gradients, {"cos", "conflict", "w_mm", "w_uni"})."""
     counts = torch.tensor([g.numel() for g in g_mm], device=g_mm[0].device)
@@ -150,17 +148,30 @@ class MMPareto(Balancer):
     step)."""
 
     name = "mmpareto"
+    title = "MMPareto"
+    paper = ("Y. Wei, D. Hu: MMPareto: Boosting Multimodal Learning with Innocent Unimodal "
+             "Assistance, ICML")
+    year = 2024
+    summary = "Pareto mix of multimodal and unimodal encoder grads"
+    code = ("GeWu-Lab/MMPareto_ICML2024 (code/MMPareto.py, code/min_norm_solvers.py) @ a339db3; "
+            "GeWu-Lab/BalanceBenchmark (MMPareto_trainer.py, trainer_config.yaml) @ 4c1482f")
+    differences = (
+        "Authors' code: the summed gradient is g_mm + g_m, not a third backward (equal up to "
+        "rounding); all on the device; gradients averaged over the ranks by hand",
+        "BalanceMM: its per-loss gradients are not zeroed between the losses (cosine 1, the "
+        "min-norm branch never runs: encoders get 3G); unimodal logits are slices of the "
+        "concat layer; a window [0, 80]",
+    )
+    signals = ("cos_<m>", "minnorm_<m>", "wmm_<m>", "wuni_<m>", "uniloss_<m>", "loss_mm")
     options = (
-        Option("gamma", float, 1.5, "factor on every encoder gradient after the Pareto combination", minimum=0, exclusive_minimum=True),
+        Option("gamma", float, 1.5, "factor on every encoder gradient after the Pareto combination (released gamma, BalanceMM's alpha)", minimum=0, exclusive_minimum=True),
     )
     trained_unimodal_heads = True
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):
         super().__init__(model, config, modalities=modalities, device=device)
         require_two_modalities(self.name, self.modalities)
-        self.gamma = number(self.config, "mmpareto_gamma", 1.5)
-        if not (self.gamma > 0 and math.isfinite(self.gamma)):
-            raise UserError(f"--mmpareto-gamma must be a number above 0, got {self.gamma}")
+        self.gamma = finite("--mmpareto-gamma", self.opt.gamma)
         bare = getattr(model, "module", model)
         if getattr(bare, "encoders", None) is None or getattr(bare, "fusion", None) is None:
             raise UserError("--method mmpareto needs a model with per-modality encoders, a fusion "

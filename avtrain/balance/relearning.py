@@ -111,7 +111,7 @@ from avprep.errors import UserError
 from avtrain.options import Option
 
 from . import _dist
-from ._checks import choice, number, require_two_modalities
+from ._checks import finite, number, require_two_modalities
 from .base import Balancer, EpochContext
 
 KMEANS = ("torch", "sklearn")
@@ -215,7 +215,7 @@ def _lloyd(x, x_sq, centers, k: int, max_iter: int, tol: float):
     return labels, inertia
 
 
-def kmeans(x: torch.Tensor, k: int, *, n_init: int = 10, max_iter: int = 300, tol: float = 1e-4,
+def kmeans(x: torch.Tensor, k: int, *, n_init: int, max_iter: int = 300, tol: float = 1e-4,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Cluster labels [N] of x [N, D]: sklearn's KMeans(k) algorithm (k-means++, Lloyd, the best
     of n_init by inertia) in torch, its draws from `generator` (a CPU generator)."""
@@ -234,7 +234,7 @@ def kmeans(x: torch.Tensor, k: int, *, n_init: int = 10, max_iter: int = 300, to
     return best
 
 
-def sklearn_kmeans(x: torch.Tensor, k: int, *, n_init: int = 10) -> torch.Tensor:
+def sklearn_kmeans(x: torch.Tensor, k: int, *, n_init: int) -> torch.Tensor:
     """The released clustering itself: sklearn KMeans(n_clusters=k, random_state=0)."""
     from sklearn.cluster import KMeans
 
@@ -243,8 +243,8 @@ def sklearn_kmeans(x: torch.Tensor, k: int, *, n_init: int = 10) -> torch.Tensor
     return torch.as_tensor(labels, dtype=torch.long)
 
 
-def diagnose(features: torch.Tensor, labels: torch.Tensor, k: int, *, backend: str = "torch",
-             n_init: int = 10, generator: torch.Generator | None = None) -> torch.Tensor:
+def diagnose(features: torch.Tensor, labels: torch.Tensor, k: int, *, backend: str,
+             n_init: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Purity of one feature set [N, D] against its labels: scaled, clustered, voted."""
     scaled = minmax_scale(features.float())
     if backend == "sklearn":
@@ -262,8 +262,25 @@ class ReLearning(Balancer):
     weights by tanh(lambda * purity gap) (start_epoch)."""
 
     name = "relearning"
+    title = "Diagnosing & Re-learning"
+    paper = ("Y. Wei, S. Li, R. Feng, D. Hu: Diagnosing and Re-learning for Balanced "
+             "Multimodal Learning, ECCV")
+    year = 2024
+    summary = "soft re-initialisation of encoders by purity gap"
+    code = ("GeWu-Lab/Diagnosing_Relearning_ECCV2024 (code/ours.py, code/script/ours.sh) "
+            "@ 025085e; GeWu-Lab/BalanceBenchmark (ReLearning_trainer.py, "
+            "trainer_config.yaml) @ 4c1482f")
+    differences = (
+        "Authors' code: k-means in torch seeded by (--seed, epoch), on the samples in key "
+        "order (--relearning-kmeans sklearn: KMeans(random_state=0) as released)",
+        "Authors' code: the val split also picks the best epoch (released: picks on test)",
+        "Authors' code: any number of modalities; features under the run's autocast",
+        "BalanceMM: every 15 epochs, 2 times; diagnoses on its augmented training loader, "
+        "per rank; re-initialises every parameter named after a modality",
+    )
+    signals = ("relearn_weight_<m>", "purity_train_<m>", "purity_val_<m>")
     options = (
-        Option("lam", float, 3.0, "strength w = tanh(lambda * |purity(train) - purity(val)|) of the soft re-initialisation", minimum=0, setting="relearning_lambda"),
+        Option("lam", float, 3.0, "strength w = tanh(lambda * abs(purity(train) - purity(val))) of the soft re-initialisation", minimum=0, setting="relearning_lambda"),
         Option("every", int, 20, "diagnose and re-initialise after every N-th epoch (BalanceMM 15)", minimum=1),
         Option("times", int, 3, "at most this many re-initialisations (BalanceMM 2)", minimum=0),
         Option("kmeans", str, "torch", "torch (sklearn's algorithm, seeded) or sklearn (KMeans, random_state=0, as released)", choices=KMEANS, released="sklearn", differs="the same Lloyd/k-means++ algorithm in torch, seeded by --seed and the epoch, so scikit-learn is not needed"),
@@ -274,13 +291,10 @@ class ReLearning(Balancer):
         super().__init__(model, config, modalities=modalities, device=device)
         c = self.config
         require_two_modalities(self.name, self.modalities)
-        self.lam = number(c, "relearning_lambda", 3.0)
-        if not (self.lam >= 0 and math.isfinite(self.lam)):
-            raise UserError(f"--relearning-lambda must be 0 or more, got {c.get('relearning_lambda')}")
-        self.every = self._count(c, "relearning_every", 20, 1)
-        self.times = self._count(c, "relearning_times", 3, 0)
-        self.n_init = self._count(c, "relearning_n_init", 10, 1)
-        self.backend = choice(c, "relearning_kmeans", "torch", KMEANS)
+        self.lam = finite("--relearning-lambda", self.opt.lam)
+        self.every, self.times = self.opt.every, self.opt.times
+        self.n_init = self.opt.n_init
+        self.backend = self.opt.kmeans
         if self.backend == "sklearn":
             try:
                 import sklearn.cluster  # noqa: F401
@@ -308,14 +322,6 @@ class ReLearning(Balancer):
         self.reinits = 0
         self.last: dict[str, float] = {f"relearn_weight_{m}": 0.0 for m in self.modalities}
         self._metrics = self._as_tensors(self.last)
-
-    @staticmethod
-    def _count(c, key, default, least) -> int:
-        value = number(c, key, default)
-        if value != int(value) or value < least:
-            raise UserError(f"--{key.replace('_', '-')} must be a whole number of at least "
-                            f"{least}, got {c.get(key)}")
-        return int(value)
 
     def _as_tensors(self, values: dict) -> dict[str, torch.Tensor]:
         return {k: torch.tensor(v, dtype=torch.float32, device=self.device)

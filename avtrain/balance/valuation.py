@@ -100,7 +100,7 @@ from avtrain.options import Option
 
 from ..shapley import subsets
 from . import _dist
-from ._checks import choice, fused_model, number, require_two_modalities
+from ._checks import finite, fused_model, number, require_two_modalities
 from .base import Balancer, EpochContext, StepContext
 
 LEVELS = ("sample", "modality")
@@ -159,9 +159,26 @@ class Valuation(Balancer):
     the modalities' mean contributions (modality level)."""
 
     name = "valuation"
+    title = "Sample-level modality valuation"
+    paper = ("Y. Wei, R. Feng, Z. Wang, D. Hu: Enhancing Multimodal Cooperation via "
+             "Sample-level Modality Valuation, CVPR")
+    year = 2024
+    summary = "re-samples training data by per-sample Shapley value"
+    code = ("GeWu-Lab/Valuate-and-Enhance-Multimodal-Cooperation (code/sample_level.py, "
+            "code/modality_level.py, code/datasets/dataloader.py) @ 7ed12b0; "
+            "GeWu-Lab/BalanceBenchmark (Sample_trainer.py, trainer_config.yaml) @ 4c1482f")
+    differences = (
+        "Authors' code: the valuation reads the training split with eval transforms "
+        "(released: randomly cropped and flipped), for exact resume and equal ranks",
+        "Authors' code: any number of modalities (value |S|, one modality kept per copy); "
+        "features under the run's autocast",
+        "BalanceMM: value 1 for any right prediction, a result cache from the first batch, "
+        "inputs zeroed instead of features, from epoch 1, modality level ignores alpha",
+    )
+    signals = ("valuation_contrib_<m>", "valuation_copies_<m>", "valuation_copies")
     options = (
         Option("level", str, "sample", "sample (sample_level.py, the paper's method) or modality (modality_level.py)", choices=LEVELS),
-        Option("warmup", int, 5, "epochs trained on the data as it is before the re-sampling", minimum=0),
+        Option("warmup", int, 5, "epochs trained on the data as it is before the re-sampling (the first re-sampling uses the valuation after epoch warmup-1)", minimum=1),
         Option("part_ratio", float, 0.2, "modality level: share of the training set drawn to estimate the gap", minimum=0, maximum=1, exclusive_minimum=True),
         Option("gap_alpha", float, 1.0, "modality level: factor on the gap difference, the re-sampled share", minimum=0, setting="valuation_alpha"),
     )
@@ -170,19 +187,10 @@ class Valuation(Balancer):
         super().__init__(model, config, modalities=modalities, device=device)
         c = self.config
         require_two_modalities(self.name, self.modalities)
-        self.level = choice(c, "valuation_level", "sample", LEVELS)
-        self.warmup = number(c, "valuation_warmup", 5)
-        if self.warmup != int(self.warmup) or self.warmup < 1:
-            raise UserError(f"--valuation-warmup must be a whole number of epochs, at least 1 "
-                            f"(the first re-sampling uses the valuation after epoch warmup-1), "
-                            f"got {c.get('valuation_warmup')}")
-        self.warmup = int(self.warmup)
-        self.part_ratio = number(c, "valuation_part_ratio", 0.2)
-        if not 0 < self.part_ratio <= 1:
-            raise UserError(f"--valuation-part-ratio must be in (0, 1], got {self.part_ratio}")
-        self.alpha = number(c, "valuation_alpha", 1.0)
-        if not self.alpha >= 0:
-            raise UserError(f"--valuation-alpha must be 0 or more, got {self.alpha}")
+        self.level = self.opt.level
+        self.warmup = self.opt.warmup
+        self.part_ratio = finite("--valuation-part-ratio", self.opt.part_ratio)
+        self.alpha = finite("--valuation-alpha", self.opt.gap_alpha)
         self.seed = int(number(c, "seed", 0))
         bare = fused_model(model, self.name)
         self.bare = bare
