@@ -148,7 +148,7 @@ class GBlending(Balancer):
                "whose first and last are compared", minimum=2),
         Option("offline", bool, False,
                "one estimate before training, over --epochs epochs (BalanceMM's method offline; "
-               "released: online)"),
+               "its config: online)"),
         Option("weights", str, None,
                "fixed branch weights W_AUDIO,W_VISUAL[,...],W_FUSED (the authors' VMZ flags)",
                none_means="estimated, as BalanceMM"),

@@ -211,7 +211,7 @@ class UnimodalTeacher(Balancer):
             raise UserError(f"--method {self.name} distils the feature vectors of resnet18 or "
                             f"tiny encoders, not of the sequence model {bare.spec['model']!r} "
                             "(--model umt is a sequence transformer, not this method)")
-        runs = teacher_runs(c.get(self.teacher_setting))
+        runs = teacher_runs(self.opt.runs)
         extra = [m for m in runs if m not in self.modalities]
         if extra:
             raise UserError(f"--teacher {extra[0]}=...: this run's modalities are "
