@@ -419,7 +419,7 @@ def test_resume_is_exact(shards, tmp_path, super_epoch):
 @pytest.mark.parametrize("extra,words", [
     ({"val_split": "nosuch"}, "no 'nosuch' split"),
     ({"val_split": "train"}, "--val-split must not be the train split"),
-    ({"gblending_super_epoch": 1}, "--gblending-super-epoch must be a whole number"),
+    ({"gblending_super_epoch": 1}, "--gblending-super-epoch must be at least 2, got 1"),
     ({"gblending_weights": "1,2"}, "--gblending-weights must be 3 numbers"),
     ({"modalities": "audio"}, "needs at least two"),
 ])

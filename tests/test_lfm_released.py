@@ -71,17 +71,39 @@ def test_alignment_by_hand():
 
 def test_alpha_update_by_hand():
     # 0.95 - 1e-4 * 100 = 0.94; a_cls = 0.06; no halving at epoch 0
-    cls_w, align, lr = lfm_alpha_update(torch.tensor(0.95), 1e-4, torch.tensor(100.0), 0)
+    cls_w, align, lr = lfm_alpha_update(torch.tensor(0.95), 1e-4, torch.tensor(100.0), 0,
+                                        halving=20)
     assert float(align) == pytest.approx(0.94) and float(cls_w) == pytest.approx(0.06)
     assert lr == 1e-4
     # epoch 20 halves lr to 5e-5 first: 0.5 - 5e-5 * 2000 = 0.4
-    _, align, lr = lfm_alpha_update(torch.tensor(0.5), 1e-4, torch.tensor(2000.0), 20)
+    _, align, lr = lfm_alpha_update(torch.tensor(0.5), 1e-4, torch.tensor(2000.0), 20,
+                                    halving=20)
     assert lr == 5e-5 and float(align) == pytest.approx(0.4)
     # 21 does not halve; the clip: 0.5 + 1e-4 * 1e4 = 1.5 -> 0.95, 0.5 - 1 -> 0.05
-    _, align, lr = lfm_alpha_update(torch.tensor(0.5), 1e-4, torch.tensor(-1e4), 21)
+    _, align, lr = lfm_alpha_update(torch.tensor(0.5), 1e-4, torch.tensor(-1e4), 21,
+                                    halving=20)
     assert lr == 1e-4 and float(align) == pytest.approx(0.95)
-    _, align, _ = lfm_alpha_update(torch.tensor(0.5), 1e-4, torch.tensor(1e4), 3)
+    _, align, _ = lfm_alpha_update(torch.tensor(0.5), 1e-4, torch.tensor(1e4), 3, halving=20)
     assert float(align) == pytest.approx(0.05)
+    # another period: epoch 10 halves with 10 and not with 20
+    assert lfm_alpha_update(torch.tensor(0.5), 1e-4, torch.tensor(0.0), 10, halving=10)[2] \
+        == 5e-5
+    assert lfm_alpha_update(torch.tensor(0.5), 1e-4, torch.tensor(0.0), 10, halving=20)[2] \
+        == 1e-4
+
+
+def test_the_balancer_halves_its_step_size_with_its_option():
+    """The balancer's weight step uses --lfm-lr-alpha-halving (declared default: the released
+    20): with 2, the step size halves at epochs 2 and 4; with the default, not before 20."""
+    torch.manual_seed(0)
+    held = as_batch(make_batches(99, BATCH, 1, CLASSES)[0], slice(0, HELD))
+    for halving, want in ((2, LR_ALPHA / 4), (None, LR_ALPHA)):
+        extra = {} if halving is None else {"lfm_lr_alpha_halving": halving}
+        b = trainer(**extra).balancer
+        assert b.opt.lr_alpha_halving == (halving or 20)
+        for epoch in range(5):
+            b.update_alpha(held, epoch)
+        assert b.lr_alpha == want
 
 
 def test_small_weight_steps_are_kept_as_the_released_python_float():
@@ -94,7 +116,7 @@ def test_small_weight_steps_are_kept_as_the_released_python_float():
     align, released = balancer.align, 0.95
     grad = torch.tensor(2e-4)  # a float32 hypergradient, as the released .mean().item()
     for epoch in range(1, 21):
-        _, align, _ = lfm_alpha_update(align, 1e-4, grad, epoch)
+        _, align, _ = lfm_alpha_update(align, 1e-4, grad, epoch, halving=20)
         released -= (1e-4 / (2 if epoch == 20 else 1)) * grad.item()
     assert float(align) == released
     assert 0.95 - float(align) == pytest.approx(3.9e-7, rel=1e-9)  # 19 x 2e-8 + 1e-8
@@ -377,9 +399,10 @@ def test_resume_is_exact(shards, tmp_path):
 
 @pytest.mark.parametrize("extra,words", [
     ({"lfm_alpha_init": 1.5}, "--lfm-alpha-init must be in [0.05, 0.95]"),
-    ({"lfm_heldout_size": 0}, "--lfm-heldout-size must be a whole number above 0"),
+    ({"lfm_heldout_size": 0}, "--lfm-heldout-size must be at least 1, got 0"),
+    ({"lfm_lr_alpha_halving": 0}, "--lfm-lr-alpha-halving must be at least 1"),
     ({"lfm_heldout_size": 9}, "above --batch-size 4"),
-    ({"lfm_lr_alpha": -1}, "--lfm-lr-alpha must be a number >= 0"),
+    ({"lfm_lr_alpha": -1}, "--lfm-lr-alpha must be 0 or more, got -1.0"),
     ({"fusion": "film"}, "--method lfm aligns and classifies"),
     ({"modalities": "audio"}, "needs at least two"),
 ])

@@ -292,8 +292,9 @@ def test_resume_is_exact(shards, tmp_path):
 
 
 @pytest.mark.parametrize("extra,words", [
-    ({"mmcosine_scaling": 0}, "--mmcosine-scaling must be a positive number"),
-    ({"mmcosine_scaling": -2.5}, "--mmcosine-scaling must be a positive number"),
+    ({"mmcosine_scaling": 0}, "--mmcosine-scaling must be above 0, got 0.0"),
+    ({"mmcosine_scaling": -2.5}, "--mmcosine-scaling must be above 0, got -2.5"),
+    ({"mmcosine_scaling": "inf"}, "--mmcosine-scaling must be a finite number, got inf"),
     ({"fusion": "sum"}, "use --fusion concat or cosine, not 'sum'"),
     ({"modalities": "audio"}, "needs at least two"),
 ])

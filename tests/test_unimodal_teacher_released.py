@@ -312,8 +312,8 @@ def test_cli_one_epoch_on_synth_logs_the_signal(shards, teachers, tmp_path):
     import yaml
 
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["unimodal_teacher_runs"] == [f"audio={teachers['audio']}",
-                                              f"visual={teachers['visual']}"]
+    assert saved["method_options"]["runs"] == [f"audio={teachers['audio']}",
+                                               f"visual={teachers['visual']}"]
     from avtrain.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(str(run / "best.pt"))
@@ -433,4 +433,6 @@ def test_teacher_with_another_method_is_one_error_line(shards, teachers, tmp_pat
     run = tmp_path / "run"
     args = method_fit_args("ogm_ge", shards, run, 1,
                            *[a for m, d in teachers.items() for a in ("--teacher", f"{m}={d}")])
-    assert_one_error_line(CliRunner().invoke(avtrain, args), "--teacher is read only by", run)
+    assert_one_error_line(CliRunner().invoke(avtrain, args),
+                          "--teacher is an option of --method unimodal_teacher, not of --method "
+                          "ogm_ge", run)

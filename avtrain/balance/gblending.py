@@ -94,7 +94,7 @@ from avtrain.options import Option
 from ..config import TrainConfig
 from ..optim import build_optimizer
 from . import _dist
-from ._checks import number, require_two_modalities
+from ._checks import require_two_modalities
 from .base import Balancer, EpochContext
 
 STATS = ("train_first", "val_first", "train_last", "val_last", "G", "O")
@@ -119,10 +119,39 @@ class GBlending(Balancer):
     """Weighted per-branch CE; weights re-estimated every super-epoch (start_epoch)."""
 
     name = "gblending"
+    title = "G-Blending"
+    paper = ("W. Wang, D. Tran, M. Feiszli, What Makes Training Multi-modal Classification "
+             "Networks Hard?, CVPR")
+    year = 2020
+    summary = "per-branch CE, weights from held-out overfitting ratios"
+    code = ("GeWu-Lab/BalanceBenchmark (balancemm/trainer/GBlending_trainer.py, "
+            "balancemm/train.py, configs/trainer_config.yaml) @ 4c1482f; facebookresearch/VMZ "
+            "(c2/lib/models/loss/loss_creator.py, c2/tools/train_net.py) @ 4cc542d: the "
+            "weighted loss only")
+    differences = (
+        "Authors' code: only the weighted loss with weights given by hand was released "
+        "(--gblending-weights); the estimate follows BalanceMM's",
+        "BalanceMM: unimodal logits from each modality's own head (the authors' VMZ), not the "
+        "concat layer's weight split",
+        "BalanceMM: the temporary training reads one seeded stream, the same for every branch "
+        "(BalanceMM reshuffles each pass), so --resume re-estimates exactly",
+        "BalanceMM: DDP (the temporary model's gradients averaged by hand, the same weights on "
+        "every rank); BalanceMM runs one process",
+        "BalanceMM: the weights are in the checkpoint (BalanceMM starts with none, so a resume "
+        "between estimates fails)",
+        "BalanceMM: O = 0 is one Error line (BalanceMM: ZeroDivisionError)",
+    )
+    signals = ("gblend_w_<m>", "gblend_w_fused")
     options = (
-        Option("super_epoch", int, 10, "epochs between weight estimates (BalanceMM trainer_config.yaml)", minimum=2),
-        Option("offline", bool, False, "one estimate before training over --epochs epochs (BalanceMM method offline)"),
-        Option("weights", str, None, "fixed branch weights W_AUDIO,W_VISUAL[,...],W_FUSED (the authors' VMZ flags)", none_means="estimated, as BalanceMM"),
+        Option("super_epoch", int, 10,
+               "epochs between weight estimates, each a temporary training of that many epochs "
+               "whose first and last are compared", minimum=2),
+        Option("offline", bool, False,
+               "one estimate before training, over --epochs epochs (BalanceMM's method offline; "
+               "its config: online)"),
+        Option("weights", str, None,
+               "fixed branch weights W_AUDIO,W_VISUAL[,...],W_FUSED (the authors' VMZ flags)",
+               none_means="estimated, as BalanceMM"),
     )
     trained_unimodal_heads = True
 
@@ -132,21 +161,16 @@ class GBlending(Balancer):
         require_two_modalities(self.name, self.modalities)
         self.branches = [*self.modalities, "fused"]
         k = len(self.branches)
-        se = number(c, "gblending_super_epoch", 10)
-        if se != int(se) or se < 2:
-            raise UserError(f"--gblending-super-epoch must be a whole number of at least 2 (the "
-                            f"estimate compares its first and last epoch), got "
-                            f"{c.get('gblending_super_epoch')}")
-        self.super_epoch = int(se)
-        if c.get("gblending_offline"):
-            epochs = int(number(c, "epochs", 0))
+        self.super_epoch = self.opt.super_epoch
+        if self.opt.offline:
+            epochs = int(c.get("epochs") or 0)
             if epochs < 2:
                 raise UserError(f"--gblending-offline estimates over --epochs epochs and needs "
                                 f"at least 2, got --epochs {epochs}")
             self.super_epoch = epochs
-        self.fixed = c.get("gblending_weights") is not None
+        self.fixed = self.opt.weights is not None
         if self.fixed:
-            self.weights = self._parse_weights(c.get("gblending_weights"))
+            self.weights = self._parse_weights(self.opt.weights)
         else:
             self.weights = torch.full((k,), 1.0 / k, dtype=torch.float64)
             val = c.get("val_split") or "val"
@@ -163,7 +187,8 @@ class GBlending(Balancer):
 
     def _parse_weights(self, text) -> torch.Tensor:
         names = ",".join(f"W_{b.upper()}" for b in self.branches)
-        items = text if isinstance(text, (list, tuple)) else str(text).split(",")  # YAML list
+        # "0.1,0.2,0.7"; a YAML list in config.yaml reaches us as its text "[0.1, 0.2, 0.7]"
+        items = str(text).strip().removeprefix("[").removesuffix("]").split(",")
         try:
             values = [float(v) for v in items]
         except ValueError:

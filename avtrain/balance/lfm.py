@@ -35,8 +35,9 @@ The weights (a_cls, a_align = 1 - a_cls), once per epoch before its first step:
   training samples held out from training, the first 8 used): L = a_cls * CE + a_align * align
   (no factor 2), g = dL/dθ (with its graph), c = dCE/dθ, h = (d(g . c)/dθ) for the *first
   parameter only* (the released `hessian_vector_prod[0]`: the audio encoder's first conv),
-  lr_alpha halves when e % 20 == 0 and e > 0, a_align <- clip(a_align - lr_alpha * mean(h),
-  0.05, 0.95), a_cls = 1 - a_align. lr_alpha = 1e-4.
+  lr_alpha halves when e % 20 == 0 and e > 0 (`--lfm-lr-alpha-halving`), a_align <-
+  clip(a_align - lr_alpha * mean(h), 0.05, 0.95), a_cls = 1 - a_align. lr_alpha = 1e-4
+  (`--lfm-lr-alpha`; both the authors' line 246 and BalanceMM's config line 117).
 - `fitted` (Crema_epoch.py, the README's command): the polynomials of the epoch that the
   authors fitted to a learnable run on CREMA-D: a_cls(e) = sum_i c_i e^i.
 
@@ -88,7 +89,7 @@ from avprep.errors import UserError
 from avtrain.options import Option
 
 from . import _dist
-from ._checks import choice, fused_model, number, require_two_modalities
+from ._checks import fused_model, require_two_modalities
 from .base import Balancer, EpochContext
 
 # Crema_epoch.py lines 49-50: a_cls(e) and a_align(e) = sum_i c_i * e**i
@@ -119,10 +120,12 @@ def lfm_fitted_alpha(epoch: int) -> tuple[float, float]:
             sum(c * epoch ** i for i, c in enumerate(FITTED_ALIGN)))
 
 
-def lfm_alpha_update(align: torch.Tensor, lr: float, grad: torch.Tensor, epoch: int):
-    """One learnable update -> (a_cls, a_align, lr): lr halves when epoch % 20 == 0 and
-    epoch > 0, a_align <- clip(a_align - lr * grad, 0.05, 0.95), a_cls = 1 - a_align."""
-    if epoch % 20 == 0 and epoch != 0:
+def lfm_alpha_update(align: torch.Tensor, lr: float, grad: torch.Tensor, epoch: int, *,
+                     halving: int):
+    """One learnable update -> (a_cls, a_align, lr): lr halves when epoch % halving == 0 and
+    epoch > 0 (the released 20: `--lfm-lr-alpha-halving`), a_align <- clip(a_align - lr * grad,
+    0.05, 0.95), a_cls = 1 - a_align."""
+    if epoch % halving == 0 and epoch != 0:
         lr = lr / 2
     # float64, as the released Python float (`alpha[1] -= lr_alpha * alpha_grad.item()`):
     # in float32 a step below ~3e-8 at a_align ~0.95 (half a float32 ulp) would vanish
@@ -149,37 +152,65 @@ class LFM(Balancer):
     """CE of the mean unimodal logits plus a logit alignment, weighted by a learned schedule."""
 
     name = "lfm"
+    title = "LFM"
+    paper = ("F. Yang, F. Wan, et al., Facilitating Multimodal Classification via Dynamically "
+             "Learning Modality Gap, NeurIPS")
+    year = 2024
+    summary = "CE + unimodal logit alignment, weights learned per epoch"
+    code = ("njustkmg/NeurIPS24-LFM (Crema_epoch_learnable.py, Crema_epoch.py, "
+            "model/AudioVideo.py) @ ad44fa0; GeWu-Lab/BalanceBenchmark "
+            "(balancemm/trainer/LFM_trainer.py, configs/trainer_config.yaml) @ 4c1482f")
+    differences = (
+        "Authors' code: the held-out batch is 8 samples of the training stream drawn once and "
+        "kept in the checkpoint, not removed from training (they hold out 16 training clips)",
+        "Authors' code: log_softmax for the released softmax().log() (equal up to rounding)",
+        "Authors' code: more than two modalities: the alignment is the mean over all pairs "
+        "(BalanceMM's rule)",
+        "BalanceMM: starts from a_align 0.95 (the authors'); BalanceMM 0.05 "
+        "(--lfm-alpha-init)",
+        "BalanceMM: CE of the mean unimodal logits (the authors'); BalanceMM the fused output "
+        "(--lfm-cls-input fused)",
+        "BalanceMM: held-out samples from the training stream; BalanceMM the first quarter "
+        "of the first val batch",
+        "BalanceMM: the weight step runs in eval mode after epoch 0 (the authors' loop); "
+        "BalanceMM always in train mode (--lfm-alpha-mode train)",
+    )
+    signals = ("alpha_cls", "alpha_align", "loss_cls", "loss_align", "alpha_grad")
     options = (
-        Option("schedule", str, "learnable", "learnable (a hypergradient step before each epoch) or fitted (the authors' polynomials of the epoch)", choices=("learnable", "fitted")),
-        Option("alpha_init", float, 0.95, "initial weight of the alignment (the authors'; BalanceMM 0.05)", minimum=0.05, maximum=0.95),
+        Option("schedule", str, "learnable",
+               "learnable (a hypergradient step before each epoch; Crema_epoch_learnable.py, "
+               "BalanceMM) or fitted (the authors' polynomials of the epoch, Crema_epoch.py)",
+               choices=("learnable", "fitted")),
+        Option("alpha_init", float, 0.95,
+               "initial weight of the alignment (the authors' cls_k; BalanceMM 0.05)",
+               minimum=0.05, maximum=0.95),
         Option("lr_alpha", float, 1e-4, "step size of the alignment weight", minimum=0),
-        Option("lr_alpha_halving", int, 20, "the step size halves every this many epochs", minimum=1),
-        Option("cls_input", str, "mean", "CE on the mean of the unimodal logits (the authors') or on the fused logits (BalanceMM)", choices=("mean", "fused")),
-        Option("alpha_mode", str, "released", "the weight step's held-out forward: released (train mode at epoch 0, eval after) or train (BalanceMM)", choices=("released", "train")),
-        Option("heldout_size", int, 8, "training samples drawn once for the weight step (the authors' 16 // 2)", minimum=1),
+        Option("lr_alpha_halving", int, 20,
+               "the weight's step size halves every this many epochs", minimum=1),
+        Option("cls_input", str, "mean",
+               "CE on the mean of the unimodal logits (the authors') or on the fused logits "
+               "(BalanceMM)", choices=("mean", "fused")),
+        Option("alpha_mode", str, "released",
+               "the weight step's forward: released (train mode at epoch 0, eval after) or "
+               "train (BalanceMM)", choices=("released", "train")),
+        Option("heldout_size", int, 8,
+               "training samples drawn once for the weight step (the authors' 16 // 2); the "
+               "processes share them evenly", minimum=1),
     )
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):
         super().__init__(model, config, modalities=modalities, device=device)
         c = self.config
         require_two_modalities(self.name, self.modalities)
-        self.schedule = choice(c, "lfm_schedule", "learnable", ("learnable", "fitted"))
-        self.cls_input = choice(c, "lfm_cls_input", "mean", ("mean", "fused"))
-        self.alpha_mode = choice(c, "lfm_alpha_mode", "released", ("released", "train"))
-        init = number(c, "lfm_alpha_init", 0.95)
-        if not 0.05 <= init <= 0.95:
-            raise UserError(f"--lfm-alpha-init must be in [0.05, 0.95] (the released clip), "
-                            f"got {init}")
-        self.lr_alpha = number(c, "lfm_lr_alpha", 1e-4)
-        if not self.lr_alpha >= 0:
-            raise UserError(f"--lfm-lr-alpha must be a number >= 0, got {self.lr_alpha}")
-        size = number(c, "lfm_heldout_size", 8)
-        world = int(number(c, "world_size", 1))
+        opt = self.opt
+        self.schedule, self.cls_input, self.alpha_mode = opt.schedule, opt.cls_input, opt.alpha_mode
+        self.lr_alpha = opt.lr_alpha  # halves every lr_alpha_halving epochs: in the state
+        world = int(c.get("world_size") or 1)
         batch = c.get("batch_size")
-        if size != int(size) or size < 1 or int(size) % world:
-            raise UserError(f"--lfm-heldout-size must be a whole number above 0 that the "
-                            f"{world} process(es) share evenly, got {size:g}")
-        self.heldout_size = int(size)
+        if opt.heldout_size % world:
+            raise UserError(f"--lfm-heldout-size must be a number of samples that the {world} "
+                            f"processes share evenly, got {opt.heldout_size}")
+        self.heldout_size = opt.heldout_size
         if batch is not None and self.schedule == "learnable" and \
                 self.heldout_size // world > int(batch):
             raise UserError(f"--lfm-heldout-size {self.heldout_size} needs "
@@ -192,7 +223,7 @@ class LFM(Balancer):
                             f"concat, not {bare.spec['fusion']}")
         self.bare = bare
         # a_align (a_cls = 1 - a_align) in float64: the released code keeps a Python float
-        self.align = torch.tensor(init, dtype=torch.float64, device=self.device)
+        self.align = torch.tensor(opt.alpha_init, dtype=torch.float64, device=self.device)
         self.heldout: dict[str, torch.Tensor] | None = None
         self.updated_epoch = -1  # the epoch whose weights are set
         self.alpha_grad = torch.zeros((), device=self.device)
@@ -275,7 +306,8 @@ class LFM(Balancer):
         finally:
             model.train(was_training)
         _, self.align, self.lr_alpha = lfm_alpha_update(
-            self.align.to(self.alpha_grad.device), self.lr_alpha, self.alpha_grad, epoch)
+            self.align.to(self.alpha_grad.device), self.lr_alpha, self.alpha_grad, epoch,
+            halving=self.opt.lr_alpha_halving)
 
     # -- the step ------------------------------------------------------------------------------
 

@@ -58,7 +58,7 @@ FiLM/gated fc_out reads both modulated features; ours differ). DDP: the loss is 
 so DDP's averaged gradients of equal per-rank batches are the global batch's. Nothing is
 stateful; no host sync per step.
 
-Bad input: --mmcosine-scaling not a number or <= 0, a --fusion other than concat/cosine, a
+Bad input: --mmcosine-scaling not a number, <= 0 or infinite, a --fusion other than concat/cosine, a
 sequence model, one modality: one `Error:` line before training.
 """
 
@@ -74,7 +74,7 @@ from avtrain.models.fusions import COSINE_EVAL
 from avtrain.options import Option
 
 from . import _dist
-from ._checks import choice, fused_model, number, require_two_modalities
+from ._checks import fused_model, require_two_modalities
 from .base import Balancer
 
 
@@ -94,9 +94,32 @@ class MMCosine(Balancer):
     """CE of the summed scaled cosine logits (hooks: the loss only)."""
 
     name = "mmcosine"
+    title = "MMCosine"
+    paper = ("R. Xu, R. Feng, S.-X. Zhang, D. Hu, MMCosine: Multi-Modal Cosine Loss Towards "
+             "Balanced Audio-Visual Fine-Grained Learning, ICASSP")
+    year = 2023
+    summary = "CE of the summed scaled cosine logits of each modality"
+    code = ("GeWu-Lab/MMCosine_ICASSP23 (main_CD.py, models/fusion_modules.py) @ 00ba0a9; "
+            "GeWu-Lab/BalanceBenchmark (balancemm/trainer/MMCosine_trainer.py, "
+            "configs/trainer_config.yaml) @ 4c1482f")
+    differences = (
+        "Authors' code: not offered: the NCE term (--lam, 0 by default, supplementary "
+        "material only) and the film/gated fusions",
+        "BalanceMM: scaling 10 (the authors' main_CD.py); BalanceMM's config 15 "
+        "(--mmcosine-scaling 15)",
+        "BalanceMM: no window, as the authors (BalanceMM trains the plain concat output after "
+        "epoch 80)",
+        "BalanceMM: fused eval logits from the plain concat layer (the authors' valid); "
+        "BalanceMM sums the cosines (--mmcosine-eval-fused cosine)",
+    )
+    signals = ("mmcosine_logit_<m>", "mmcosine_loss_<m>")
     options = (
-        Option("scaling", float, 10.0, "factor s on each modality's cosine logits (the authors' main_CD.py; BalanceMM 15)", minimum=0, exclusive_minimum=True),
-        Option("eval_fused", str, "concat", "fused logits at evaluation: concat (the plain W.[f_a; f_v] + b, the authors') or cosine (BalanceMM)", choices=COSINE_EVAL),
+        Option("scaling", float, 10.0,
+               "factor s on each modality's cosine logits (the authors' main_CD.py; BalanceMM "
+               "15)", minimum=0, exclusive_minimum=True),
+        Option("eval_fused", str, "concat",
+               "fused logits at evaluation: concat (the plain W.[f_a; f_v] + b, the authors') or "
+               "cosine (BalanceMM)", choices=COSINE_EVAL),
     )
 
     @classmethod
@@ -111,12 +134,10 @@ class MMCosine(Balancer):
         super().__init__(model, config, modalities=modalities, device=device)
         from avtrain.models.fusions import CosineFusion
 
-        c = self.config
         require_two_modalities(self.name, self.modalities)
-        self.scaling = number(c, "mmcosine_scaling", 10.0)
-        if not (self.scaling > 0 and math.isfinite(self.scaling)):
-            raise UserError(f"--mmcosine-scaling must be a positive number, got {self.scaling}")
-        self.eval_fused = choice(c, "mmcosine_eval_fused", "concat", COSINE_EVAL)
+        self.scaling, self.eval_fused = self.opt.scaling, self.opt.eval_fused
+        if not math.isfinite(self.scaling):  # the declaration bounds it below only
+            raise UserError(f"--mmcosine-scaling must be a finite number, got {self.scaling}")
         bare = fused_model(model, self.name)
         if not isinstance(bare.fusion, CosineFusion):
             raise UserError("--method mmcosine needs the cosine fusion (--fusion concat or "

@@ -82,7 +82,7 @@ from avtrain.options import Option
 
 from ..checkpoint import load_checkpoint, model_from_checkpoint, weights_digest
 from . import _dist
-from ._checks import choice, fused_model, modulation_window, number, require_two_modalities
+from ._checks import fused_model, require_two_modalities
 from .base import Balancer, StepContext
 
 MODES = ("train", "eval")
@@ -159,12 +159,39 @@ class UnimodalTeacher(Balancer):
     single-modality teacher's (hooks: the loss)."""
 
     name = "unimodal_teacher"
+    title = "Uni-Modal Teacher"
+    paper = ("C. Du, J. Teng, T. Li, Y. Liu, T. Yuan, Y. Wang, Y. Yuan, H. Zhao, On Uni-modal "
+             "Feature Learning in Supervised Multi-modal Learning, ICML")
+    year = 2023
+    summary = "fused CE + each encoder's MSE to a unimodal teacher"
+    code = ("GeWu-Lab/BalanceBenchmark (balancemm/trainer/UMT_trainer.py, "
+            "configs/trainer_config.yaml, balancemm/models/avclassify_model.py) @ 4c1482f; "
+            "no code of the authors found")
+    differences = (
+        "Authors' code: none released; BalanceMM's re-implementation is the reference",
+        "BalanceMM: the teacher is the run --teacher names (BalanceMM: the newest run folder "
+        "of its naming scheme), refused unless it has the student's encoder",
+        "BalanceMM: only the teacher's encoder runs (the same features, without its head)",
+        "BalanceMM: --unimodal-teacher-mode eval gives teachers in eval mode (BalanceMM's are "
+        "always in train mode, the default)",
+        "BalanceMM: any number of modalities; sequence models are refused",
+    )
+    signals = ("ce", "distill_<m>")
     options = (
-        Option("modulation_start", int, 0, "first modulated epoch (0-based, inclusive)", minimum=0, shared=True),
-        Option("modulation_end", int, 80, "last modulated epoch (inclusive)", minimum=0, shared=True),
-        Option("runs", list, [], "MODALITY=RUN_DIR: a finished single-modality run whose best.pt is that modality's frozen teacher; one per modality", flag="--teacher", metavar="MODALITY=RUN_DIR"),
-        Option("scaling", float, 10.0, "weight of each modality's feature MSE to its teacher (BalanceMM scaling)", minimum=0),
-        Option("mode", str, "train", "the teachers' forward: train (BalanceMM) or eval mode", choices=MODES),
+        Option("modulation_start", int, 0, "first distilled epoch (0-based, inclusive)",
+               minimum=0, shared=True),
+        Option("modulation_end", int, 80, "last distilled epoch (inclusive)", minimum=0,
+               shared=True),
+        Option("runs", list, [],
+               "MODALITY=RUN_DIR: a finished single-modality run whose best.pt is that "
+               "modality's frozen teacher; one per modality", flag="--teacher",
+               metavar="MODALITY=RUN_DIR"),
+        Option("scaling", float, 10.0,
+               "weight of each modality's feature MSE to its teacher (BalanceMM scaling)",
+               minimum=0),
+        Option("mode", str, "train",
+               "the teachers' forward: train (BalanceMM: batch statistics) or eval mode",
+               choices=MODES),
     )
     teacher_setting = "unimodal_teacher_runs"
 
@@ -172,11 +199,11 @@ class UnimodalTeacher(Balancer):
         super().__init__(model, config, modalities=modalities, device=device)
         c = self.config
         require_two_modalities(self.name, self.modalities)
-        self.scaling = number(c, "unimodal_teacher_scaling", 10.0)
-        if not self.scaling >= 0:
-            raise UserError(f"--unimodal-teacher-scaling must be 0 or more, got {self.scaling}")
-        self.mode = choice(c, "unimodal_teacher_mode", "train", MODES)
-        self.start, self.end = modulation_window(c, 0, 80)
+        self.scaling, self.mode = self.opt.scaling, self.opt.mode
+        self.start, self.end = self.opt.modulation_start, self.opt.modulation_end
+        if self.end < self.start:
+            raise UserError(f"--modulation-end ({self.end}) is before --modulation-start "
+                            f"({self.start}); the window [start, end] is inclusive")
         bare = fused_model(model, self.name)
         from ..models import AVModel
 
@@ -184,7 +211,7 @@ class UnimodalTeacher(Balancer):
             raise UserError(f"--method {self.name} distils the feature vectors of resnet18 or "
                             f"tiny encoders, not of the sequence model {bare.spec['model']!r} "
                             "(--model umt is a sequence transformer, not this method)")
-        runs = teacher_runs(c.get("unimodal_teacher_runs"))
+        runs = teacher_runs(self.opt.runs)
         extra = [m for m in runs if m not in self.modalities]
         if extra:
             raise UserError(f"--teacher {extra[0]}=...: this run's modalities are "

@@ -1,8 +1,9 @@
 """Recipes: a paper's whole training protocol under one name (`avtrain fit --recipe NAME`).
 
 A recipe is a YAML file shipped beside this module. Its `settings` are `avtrain fit` settings
-(the TrainConfig fields) and sit between the defaults and the user's `--config` file and
-flags, so any flag still overrides them. Its `data` block says which shards the protocol needs
+(the TrainConfig fields; the method's own options under `method_options:`, by their short
+names) and sit between the defaults and the user's `--config` file and flags, so any flag
+still overrides them (a method option one by one: `--olm-reduction mean` keeps the rest). Its `data` block says which shards the protocol needs
 (dataset, preset, the preset parameters that make its tensors the released loader's, the
 released class order, the split lists and the val policy the shards must have been built
 with): `check_shards` refuses shards built otherwise, in one line that says how to build the
@@ -62,7 +63,7 @@ class Recipe:
             lines.append("  data:")
             lines += [f"    {k}: {v}" for k, v in self.data.items()]
         lines.append("  settings:")
-        lines += [f"    {k}: {v}" for k, v in self.settings.items()]
+        lines += [f"    {k}: {_flow(v)}" for k, v in self.settings.items()]
         if self.differences:
             lines.append("  still differs from the released code:")
             lines += [f"    - {d}" for d in self.differences]
@@ -73,6 +74,13 @@ class Recipe:
             lines.append("  published numbers to compare with:")
             lines += [f"    - {p}" for p in self.published]
         return "\n".join(lines)
+
+
+def _flow(value) -> str:
+    """A mapping as the recipe writes it (`{reduction: sum}`), anything else as it prints."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 def protocol_label(protocol: str | None) -> str:
