@@ -56,6 +56,7 @@ class Option:
     minimum: float | None = None
     maximum: float | None = None
     exclusive_minimum: bool = False
+    exclusive_maximum: bool = False
     differs: str = ""  # why the default is not the released value (required when it is not)
     none_means: str = ""  # what a None default resolves to at run time
     shared: bool = False  # alpha / modulation_start / modulation_end: a top-level setting
@@ -83,12 +84,15 @@ class Option:
         """"in [0, 1]", "above 0", "0 or more", "at least 1", "at most 5"."""
         lo, hi = self.minimum, self.maximum
         if lo is not None and hi is not None:
-            return f"in {'(' if self.exclusive_minimum else '['}{lo:g}, {hi:g}]"
+            return (f"in {'(' if self.exclusive_minimum else '['}{lo:g}, {hi:g}"
+                    f"{')' if self.exclusive_maximum else ']'}")
         if lo is not None:
             if self.exclusive_minimum:
                 return f"above {lo:g}"
             return f"at least {lo:g}" if self.type is int else f"{lo:g} or more"
-        return f"at most {hi:g}" if hi is not None else "valid"
+        if hi is not None:
+            return f"below {hi:g}" if self.exclusive_maximum else f"at most {hi:g}"
+        return "valid"
 
     def describe_default(self) -> str:
         if self.default is None:
@@ -110,6 +114,8 @@ class Option:
                     value = lowered in ("1", "true", "yes", "on")
                 value = bool(value)
             elif self.type is list:
+                if isinstance(value, dict):  # a YAML mapping of KEY=VALUE items (m: RUN)
+                    value = [f"{k}={v}" for k, v in value.items()]
                 value = [value] if isinstance(value, str) else [str(v) for v in value]
             elif self.type is int:
                 if isinstance(value, float) and not value.is_integer():
@@ -117,8 +123,11 @@ class Option:
                 value = int(value)
             elif self.type is float:
                 value = float(value)
-            else:
-                value = str(value)
+                if value != value:  # NaN passes every range check
+                    raise ValueError(value)
+            else:  # a YAML list given to a text option (G-Blending's weights): comma-joined
+                value = ",".join(map(str, value)) if isinstance(value, (list, tuple)) \
+                    else str(value)
         except (TypeError, ValueError):
             raise UserError(f"{where} expects {self.type.__name__}, got {value!r}") from None
         if self.choices and value not in self.choices:
@@ -126,7 +135,9 @@ class Option:
                             f"got {value!r}")
         low = self.minimum is not None and (value < self.minimum or (
             self.exclusive_minimum and value == self.minimum))
-        if low or (self.maximum is not None and value > self.maximum):
+        high = self.maximum is not None and (value > self.maximum or (
+            self.exclusive_maximum and value == self.maximum))
+        if low or high:
             raise UserError(f"{where} must be {self.range_text()}, got {value}")
         return value
 

@@ -14,7 +14,7 @@ from cli import avprep, avtrain
 
 GROUPS = {"avprep": avprep, "avtrain": avtrain}
 # commands for which no arguments at all is a complete, valid call
-NO_ARGUMENTS_OK = {("avprep", "doctor"), ("avtrain", "recipes")}
+NO_ARGUMENTS_OK = {("avprep", "doctor"), ("avtrain", "recipes"), ("avtrain", "methods")}
 # path parameters a command writes (a nonexistent path is what they expect)
 OUTPUTS = {"out", "output", "out_dir", "run_dir", "png", "missing_file",
            "cache_dir"}  # cache_dir: created when missing, like an output folder
