@@ -112,8 +112,8 @@ class PMR(Balancer):
                minimum=0, shared=True),
         Option("modulation_end", int, 100, "last modulated epoch (inclusive)", minimum=0,
                shared=True),
-        Option("momentum", float, 0.2, "prototype momentum, in [0, 1): weight of the previous "
-               "prototypes", minimum=0, maximum=1),
+        Option("momentum", float, 0.2, "prototype momentum: weight of the previous prototypes, "
+               "below 1", minimum=0, maximum=1),
         Option("proto_batches", int, None, "training batches per rank averaged into the "
                "prototypes before each epoch", minimum=1,
                none_means="steps per epoch // 10, at least 1, as released"),
