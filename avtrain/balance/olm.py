@@ -84,10 +84,12 @@ CNN_COEFFICIENT_LR, CNN_COEFFICIENT_WEIGHT_DECAY = 1e-3, 0.0
 
 
 def _declared(config: dict, name: str):
-    """OLM's option `name` from a flat config (`olm_reduction`), checked by its declaration;
-    the declared default when absent."""
+    """OLM's option `name` from a config dict (`method_options`, else the flat `olm_NAME`),
+    checked by its declaration; the declared default when absent."""
     opt = next(o for o in OLM.options if o.name == name)
-    value = config.get(opt.key(OLM.prefix()))
+    value = (config.get("method_options") or {}).get(name)
+    if value is None:
+        value = config.get(opt.key(OLM.prefix()))
     return opt.coerce(opt.default if value is None else value, opt.flag_name(OLM.prefix()))
 
 
