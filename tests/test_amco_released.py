@@ -294,7 +294,8 @@ def test_resume_is_exact(shards, tmp_path):
 
 @pytest.mark.parametrize("extra,words", [
     ({"amco_sigma": 1.5}, "--amco-sigma must be in [0, 1]"),
-    ({"amco_eps": 0}, "--amco-eps must be a number above 0"),
+    ({"amco_eps": 0}, "--amco-eps must be above 0"),
+    ({"amco_eps": "inf"}, "--amco-eps must be a finite number"),
     ({"modulation_start": 2, "modulation_end": 1},
      "--modulation-end (1) is before --modulation-start (2)"),
     ({"fusion": "film"}, "--method amco masks per-modality logits"),

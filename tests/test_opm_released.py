@@ -290,8 +290,9 @@ def test_resume_is_exact(shards, tmp_path):
 @pytest.mark.parametrize("extra,words", [
     ({"opm_q_base": 1.5}, "--opm-q-base must be in [0, 1]"),
     ({"opm_p_exe": -0.1}, "--opm-p-exe must be in [0, 1]"),
-    ({"opm_theta_grad": "all"}, "--opm-theta-grad must be one of released, none"),
-    ({"alpha": -1}, "--alpha (OPM's lambda) must be 0 or more"),
+    # a choice as a flag is click's (usage lines); given any other way, one Error line
+    ({"method_option": "theta_grad=all"}, "--opm-theta-grad must be one of released, none"),
+    ({"alpha": -1}, "--alpha must be 0 or more"),
     ({"modulation_end": 0}, "--modulation-end (0) is before --modulation-start (1)"),
     ({"modalities": "audio,visual,text"}, None),
 ])

@@ -372,17 +372,33 @@ def test_resume_is_exact(shards, tmp_path):
 
 @pytest.mark.parametrize("extra,words", [
     ({"reconboost_stage_epochs": 0}, "--reconboost-stage-epochs must be at least 1"),
-    ({"reconboost_correct_epochs": -1}, "--reconboost-correct-epochs must be 0 or more"),
-    ({"reconboost_weight2": -1}, "--reconboost-weight2 must be a number of 0 or more"),
+    ({"reconboost_correct_epochs": -1}, "--reconboost-correct-epochs must be at least 0"),
+    ({"reconboost_weight2": -1}, "--reconboost-weight2 must be 0 or more"),
+    ({"reconboost_weight1": "inf"}, "--reconboost-weight1 must be a finite number"),
     ({"fusion": "film"}, "--fusion boost"),
     ({"fusion": "cosine"}, "--fusion boost"),
-    ({"modulation_end": 3}, "no modulation window"),
 ])
 def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
     from cli import avtrain
 
     out = CliRunner().invoke(avtrain, fit_args(shards, tmp_path / "run", 1, **extra))
     assert_one_error_line(out, words, tmp_path / "run")
+
+
+def test_a_window_is_ignored_with_one_warning(shards, tmp_path, capsys):
+    """ReconBoost's stages run for the whole training: a shared window option given to it is
+    not read, which the settings say in one Warning line (the rule of avtrain.options)."""
+    from avtrain.balance import build_balancer
+    from avtrain.models import build_model
+    from avtrain.settings import make_config
+
+    config = make_config({"shards": str(shards), "run_dir": str(tmp_path / "run"),
+                          "method": "reconboost", "fusion": "boost", "modulation_end": 3})
+    assert capsys.readouterr().err.splitlines() == [
+        "Warning: --method reconboost does not read --modulation-end (ignored)"]
+    model = build_model("tiny", "boost", 3, ["audio", "visual"])
+    rb = build_balancer("reconboost", model, config.to_dict(), modalities=model.modalities)
+    assert (rb.stage_epochs, rb.correct_epochs) == (4, 4)  # released 4 + 4, whatever the window
 
 
 def test_three_modalities_cycle_the_learners():

@@ -81,3 +81,14 @@ def summed_fusion(bare, method: str, why: str) -> None:
     if not bare.fusion.decomposable or bare.aux_heads:
         raise UserError(f"--method {method} {why}: use --fusion concat (BalanceMM's) or sum, "
                         f"not {bare.spec['fusion']}")
+
+
+def window(opt) -> tuple[int, int | None]:
+    """A method's resolved modulation window (`opt.modulation_start`, `opt.modulation_end`;
+    end None: no end), refused in one line when it ends before it starts -- the one check on
+    the window that a single option's declaration cannot make."""
+    first, last = opt.modulation_start, opt.modulation_end
+    if last is not None and last < first:
+        raise UserError(f"--modulation-end ({last}) is before --modulation-start ({first}); "
+                        "the window [start, end] is inclusive")
+    return first, last

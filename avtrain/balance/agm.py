@@ -97,7 +97,7 @@ from avprep.errors import UserError
 from avtrain.options import Option
 
 from . import _dist
-from ._checks import choice, modulation_window, number, require_two_modalities
+from ._checks import require_two_modalities, window
 from .base import Balancer, StepContext
 
 AFTER_WINDOW = ("hold", "reset")
@@ -194,34 +194,54 @@ class AGM(Balancer):
     """Shapley contributions from padded forwards; their gradients scaled (owns the step)."""
 
     name = "agm"
+    title = "AGM"
+    paper = ("H. Li, X. Li, P. Hu, Y. Lei, C. Li, Y. Zhou, \"Boosting Multi-modal Model "
+             "Performance with Adaptive Gradient Modulation\", ICCV 2023")
+    year = 2023
+    summary = "scales each modality's Shapley contribution's gradient"
+    code = ("lihong2303/AGM (model/CREMAD_net.py, run/CREMAD_main.py, utils/config.py) @ "
+            "5a65542; BalanceMM: GeWu-Lab/BalanceBenchmark (AGM_trainer.py) @ 4c1482f")
+    differences = (
+        "Authors' code: scores, ratios and coefficients stay device tensors (float64) instead "
+        "of .item() and math.exp: the same numbers, no host sync",
+        "Authors' code: the defaults are the CREMA-D script's for any number of modalities "
+        "(UR-Funny's: --agm-cap 7 --agm-clip 5 --agm-floor 0)",
+        "BalanceMM: padded forwards under no_grad, coefficients on the gradients of every "
+        "non-1-D parameter named after the modality, the opposite ratio sign",
+        "BalanceMM: its Shapley sum skips the empty coalition; cap 7, clip 5, alpha 0.1, "
+        "applied at every step (its window [0, 80] unused)",
+    )
+    signals = ("agm_score_<m>", "agm_running_<m>", "agm_coeff_<m>", "agm_scale_<m>",
+               "agm_clipped")
     options = (
         Option("alpha", float, 1.0, "strength of its coefficients", minimum=0, shared=True),
-        Option("modulation_start", int, 0, "first modulated epoch (0-based, inclusive)", minimum=0, shared=True),
-        Option("modulation_end", int, 19, "last modulated epoch (inclusive; released: the first 20 epochs)", minimum=0, shared=True),
-        Option("cap", float, 10.0, "upper bound of optimal - ratio in k = exp(alpha * min(optimal - ratio, cap)); inf: none (released CREMA-D 10, UR-Funny 7)", minimum=0, exclusive_minimum=True),
-        Option("clip", float, 1.0, "clip every gradient to this total norm when a fused-classifier weight gradient leaves [-clip, clip]; 0: off", minimum=0),
-        Option("after_window", str, "hold", "after the window: hold (the last coefficients keep scaling, as released) or reset (1)", choices=AFTER_WINDOW),
-        Option("floor", float, 1e-8, "a true-class probability below this counts as it in the scores; 0: none (released CREMA-D 1e-8, UR-Funny 0)", minimum=0, maximum=1),
+        Option("modulation_start", int, 0, "first modulated epoch (0-based, inclusive)",
+               minimum=0, shared=True),
+        Option("modulation_end", int, 19, "last modulated epoch (inclusive; released: the "
+               "first 20 epochs, counted from 1)", minimum=0, shared=True),
+        Option("cap", float, 10.0, "upper bound of optimal - ratio in k = exp(alpha * "
+               "min(optimal - ratio, cap)); inf: none (released CREMA-D 10, UR-Funny 7)",
+               minimum=0, exclusive_minimum=True),
+        Option("clip", float, 1.0, "clip every gradient to this total norm when a "
+               "fused-classifier weight gradient leaves [-clip, clip]; 0: off", minimum=0),
+        Option("after_window", str, "hold", "after the window: hold (the last coefficients "
+               "keep scaling, as released) or reset (1)", choices=AFTER_WINDOW),
+        Option("floor", float, 1e-8, "a true-class probability below this counts as it in the "
+               "scores, below 1; 0: none (released CREMA-D 1e-8, UR-Funny 0)", minimum=0,
+               maximum=1),
     )
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):
         super().__init__(model, config, modalities=modalities, device=device)
-        c = self.config
         require_two_modalities(self.name, self.modalities)
         self.alpha = self.opt.alpha
-        if not self.alpha >= 0:
-            raise UserError(f"--alpha must be 0 or more, got {c.get('alpha')}")
-        self.start, self.end = modulation_window(c, 0, 19)
-        self.cap = number(c, "agm_cap", 10.0)
-        if not self.cap > 0:
-            raise UserError(f"--agm-cap must be above 0 (inf: no cap), got {c.get('agm_cap')}")
-        self.clip = number(c, "agm_clip", 1.0)
-        if not (self.clip >= 0 and math.isfinite(self.clip)):
-            raise UserError(f"--agm-clip must be 0 (off) or more, got {c.get('agm_clip')}")
-        self.after_window = choice(c, "agm_after_window", "hold", AFTER_WINDOW)
-        self.floor = number(c, "agm_floor", 1e-8)
-        if not 0 <= self.floor < 1:
-            raise UserError(f"--agm-floor must be in [0, 1) (0: none), got {c.get('agm_floor')}")
+        self.start, self.end = window(self.opt)
+        self.cap, self.clip, self.floor = self.opt.cap, self.opt.clip, self.opt.floor
+        if not math.isfinite(self.clip):  # declared 0 or more; inf would never clip
+            raise UserError(f"--agm-clip must be 0 (off) or a finite number, got {self.clip}")
+        if self.floor == 1:  # declared in [0, 1]; every probability would count as 1
+            raise UserError(f"--agm-floor must be in [0, 1) (0: none), got {self.floor}")
+        self.after_window = self.opt.after_window
         bare = getattr(model, "module", model)
         if getattr(bare, "unimodal", False):
             raise UserError("--method agm needs a multimodal model")

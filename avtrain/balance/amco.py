@@ -74,7 +74,7 @@ from avprep.errors import UserError
 from avtrain.options import Option
 
 from . import _dist
-from ._checks import fused_model, modulation_window, number, require_two_modalities, summed_fusion
+from ._checks import fused_model, number, require_two_modalities, summed_fusion, window
 from .base import Balancer, EpochContext, StepContext
 from .ogm import _mix
 
@@ -112,11 +112,32 @@ class AMCo(Balancer):
     """Masks the dependent modality's unimodal logits, co-optimises fused and unimodal CE."""
 
     name = "amco"
+    title = "AMCo"
+    paper = ("Y. Zhou, X. Liang, S. Zheng, H. Xuan, T. Kumada, \"Adaptive Mask Co-Optimization "
+             "for Modal Dependence in Multimodal Learning\", ICASSP 2023")
+    year = 2023
+    summary = "masks the dependent modality's unimodal logits"
+    code = ("GeWu-Lab/BalanceBenchmark (AMCo_trainer.py, avclassify_model.py) @ 4c1482f; no "
+            "public code of the authors")
+    differences = (
+        "Authors' code: none public; the defaults and the step are BalanceMM's",
+        "BalanceMM: the mask's order comes from the global numpy generator (ours: one seeded "
+        "by (--seed, step), the same on every rank)",
+        "BalanceMM: its [2, C] mask broadcasts only when split over two GPUs; ours applies "
+        "the one row to every sample, as two GPUs do",
+        "BalanceMM: outside the window the fused logits are linear_star(fusion(f)), equal to "
+        "its linear_star(sum z_m) up to rounding; --fusion sum is ours",
+    )
+    signals = ("mask_ratio", "share_<m>", "dependent_<m>")
     options = (
-        Option("modulation_start", int, 0, "first modulated epoch (0-based, inclusive)", minimum=0, shared=True),
-        Option("modulation_end", int, 80, "last modulated epoch (inclusive)", minimum=0, shared=True),
-        Option("sigma", float, 0.5, "a modality whose share of the joint softmax over the unimodal logits exceeds this is masked next step", minimum=0, maximum=1),
-        Option("eps", float, 0.3, "length of the mask ramp sin(pi/2 min(eps, l)/eps)", minimum=0, exclusive_minimum=True),
+        Option("modulation_start", int, 0, "first modulated epoch (0-based, inclusive)",
+               minimum=0, shared=True),
+        Option("modulation_end", int, 80, "last modulated epoch (inclusive)", minimum=0,
+               shared=True),
+        Option("sigma", float, 0.5, "a modality whose share of the joint softmax over the "
+               "unimodal logits exceeds this is masked next step", minimum=0, maximum=1),
+        Option("eps", float, 0.3, "length of the mask ramp sin(pi/2 min(eps, l)/eps)",
+               minimum=0, exclusive_minimum=True),
     )
     output_layer = True
 
@@ -124,13 +145,10 @@ class AMCo(Balancer):
         super().__init__(model, config, modalities=modalities, device=device)
         c = self.config
         require_two_modalities(self.name, self.modalities)
-        self.sigma = number(c, "amco_sigma", 0.5)
-        if not 0 <= self.sigma <= 1:
-            raise UserError(f"--amco-sigma must be in [0, 1], got {self.sigma}")
-        self.eps = number(c, "amco_eps", 0.3)
-        if not (self.eps > 0 and math.isfinite(self.eps)):
-            raise UserError(f"--amco-eps must be a number above 0, got {self.eps}")
-        self.start, self.end = modulation_window(c, 0, 80)
+        self.sigma, self.eps = self.opt.sigma, self.opt.eps
+        if not math.isfinite(self.eps):  # declared above 0; inf would never mask
+            raise UserError(f"--amco-eps must be a finite number, got {self.eps}")
+        self.start, self.end = window(self.opt)
         self.seed = int(number(c, "seed", 0))
         bare = fused_model(model, self.name)
         summed_fusion(bare, self.name, "masks per-modality logits that sum to the fused ones")

@@ -6,6 +6,14 @@ dominant modality's encoder gradients are scaled down by k = 1 - tanh(alpha * rh
 also adds Gaussian noise with the std of each gradient tensor to both modalities' encoders
 (generalisation enhancement). Everything stays on the device: no host sync per step.
 
+Paper: X. Peng, Y. Wei, A. Deng, D. Wang, D. Hu, "Balanced Multimodal Learning via On-the-fly
+Gradient Modulation", CVPR 2022. Released code: github.com/GeWu-Lab/OGM-GE_CVPR2022 (commit
+343dc1d), main.py: argparse defaults (window 0-50, alpha required; lines 41-43), scores and
+coefficients (105-123), the modulation of the 4-D (conv) encoder gradients (132-147). Its README
+recommends alpha 0.1 for VGGSound and 0.8 for CREMA-D (line 151), which the dataset presets
+hold. BalanceMM's re-implementation: GeWu-Lab/BalanceBenchmark (4c1482f)
+balancemm/trainer/OGM_trainer.py and configs/trainer_config.yaml (OGM block, lines 9-13).
+
 Two modalities follow the released code exactly, including its discontinuity: with
 rho = score_2 / score_1, the second modality gets 1 - tanh(alpha * rho) when rho > 1,
 otherwise the first gets 1 - tanh(alpha / rho) -- so at a tie (rho == 1) the first modality
@@ -25,10 +33,13 @@ from avprep.errors import UserError
 from avtrain.options import Option
 
 from . import _dist
-from ._checks import choice, modulation_window, number, require_two_modalities
+from ._checks import number, require_two_modalities, window
 from .base import Balancer
 
 GE_EPS = 1e-8  # added to each gradient's std, as the released code
+# alpha when neither the user nor the dataset gives one (the loop resolves the dataset's preset
+# first: avtrain.config.resolve_alpha); only a balancer built outside the loop sees None
+FALLBACK_ALPHA = 0.8
 
 
 def ogm_scores(logits: dict[str, torch.Tensor], labels: torch.Tensor,
@@ -139,11 +150,34 @@ class OGM(Balancer):
     """Scales the dominant modality's encoder gradients inside the modulation window."""
 
     name = "ogm"
+    title = "OGM"
+    paper = ("X. Peng, Y. Wei, A. Deng, D. Wang, D. Hu, \"Balanced Multimodal Learning via "
+             "On-the-fly Gradient Modulation\", CVPR 2022")
+    year = 2022
+    summary = "scales the dominant modality's encoder gradients"
+    code = ("GeWu-Lab/OGM-GE_CVPR2022 (main.py) @ 343dc1d; BalanceMM: GeWu-Lab/BalanceBenchmark "
+            "(OGM_trainer.py) @ 4c1482f")
+    differences = (
+        "Authors' code: written for two modalities; for N, rho_m = score_m / mean(other scores)",
+        "Authors' code: under DDP the scores are summed over all ranks (released: one process)",
+        "BalanceMM: alpha 0.3, window [10, 80], 1e-5 added to the ratio's denominator, no "
+        "scaling at a tie, three modalities against the lowest score",
+        "BalanceMM: scales every non-1-D parameter whose name holds the modality (ours: "
+        "--modulate encoder; released: the encoders' conv kernels)",
+    )
+    signals = ("score_<m>", "rho_<m>", "coeff_<m>")
     options = (
-        Option("alpha", float, None, "strength: k = 1 - tanh(alpha * (rho - 1)) scales the dominant modality's gradients", minimum=0, shared=True, none_means="the dataset's recommended OGM-GE alpha (its preset), else 0.8"),
-        Option("modulation_start", int, 0, "first modulated epoch (0-based, inclusive)", minimum=0, shared=True),
-        Option("modulation_end", int, 50, "last modulated epoch (inclusive)", minimum=0, shared=True),
-        Option("modulate", str, "conv", "parameters scaled: conv (the encoders' conv kernels, as released) or encoder (all of them)", choices=("conv", "encoder"), setting="modulate"),
+        Option("alpha", float, None, "strength: the dominant modality's gradients are scaled "
+               "by k = 1 - tanh(alpha * rho)", minimum=0, shared=True,
+               none_means="the dataset's preset (released README: CREMA-D 0.8, VGGSound 0.1), "
+               "else 0.8"),
+        Option("modulation_start", int, 0, "first modulated epoch (0-based, inclusive)",
+               minimum=0, shared=True),
+        Option("modulation_end", int, 50, "last modulated epoch (inclusive)", minimum=0,
+               shared=True),
+        Option("modulate", str, "conv", "parameters scaled: conv (the encoders' conv kernels, "
+               "as released) or encoder (every encoder parameter with more than one dimension)",
+               choices=("conv", "encoder"), setting="modulate"),
     )
     noise = False
 
@@ -151,11 +185,9 @@ class OGM(Balancer):
         super().__init__(model, config, modalities=modalities, device=device)
         c = self.config
         require_two_modalities(self.name, self.modalities)
-        self.alpha = number(c, "alpha", 0.8)
-        if self.alpha < 0:
-            raise UserError(f"--alpha must be 0 or more, got {c.get('alpha')}")
-        self.start, self.end = modulation_window(c, 0, 50)
-        self.modulate = choice(c, "modulate", "conv", ("conv", "encoder"))
+        self.alpha = FALLBACK_ALPHA if self.opt.alpha is None else self.opt.alpha
+        self.start, self.end = window(self.opt)
+        self.modulate = self.opt.modulate
         self.seed = int(number(c, "seed", 0))
         encoders = getattr(getattr(model, "module", model), "encoders", None)
         if encoders is None:
@@ -222,4 +254,12 @@ class OGMGE(OGM):
     """OGM plus generalisation enhancement: Gaussian noise on both modalities' gradients."""
 
     name = "ogm_ge"
+    title = "OGM-GE"
+    summary = "OGM plus Gaussian noise on both encoders' gradients"
+    differences = (
+        *OGM.differences[:2],
+        "Authors' code: the noise comes from a generator seeded by (--seed, step), the same on "
+        "every rank (released: the global torch generator)",
+        *OGM.differences[2:],
+    )
     noise = True

@@ -72,30 +72,43 @@ from avprep.errors import UserError
 from avtrain.options import Option
 
 from . import _dist
-from ._checks import choice, number, require_two_modalities
+from ._checks import number, require_two_modalities
 from .base import Balancer
 
 CLAMP = 1e-6
 REDUCTIONS = ("sum", "mean")
 
 
+# w's Adam for the CNN encoders, as released (main_logits.py: Adam(lr=0.001), no decay)
+CNN_COEFFICIENT_LR, CNN_COEFFICIENT_WEIGHT_DECAY = 1e-3, 0.0
+
+
+def _declared(config: dict, name: str):
+    """OLM's option `name` from a config dict (`method_options`, else the flat `olm_NAME`),
+    checked by its declaration; the declared default when absent."""
+    opt = next(o for o in OLM.options if o.name == name)
+    value = (config.get("method_options") or {}).get(name)
+    if value is None:
+        value = config.get(opt.key(OLM.prefix()))
+    return opt.coerce(opt.default if value is None else value, opt.flag_name(OLM.prefix()))
+
+
 def olm_reduction(config: dict) -> str:
     """`sum` (released, the default) or `mean`: the network loss's reduction over the batch."""
-    return choice(config, "olm_reduction", "sum", REDUCTIONS)
+    return _declared(config, "reduction")
 
 
 def coefficient_optimizer_settings(config: dict) -> tuple[float, float]:
-    """(lr, weight decay) of w's Adam: given, else the released choice for the model family."""
+    """(lr, weight decay) of w's Adam: given, else the released choice for the model family
+    (the network's own for the transformers, main_trans_logits.py)."""
     from avtrain.models import SEQUENCE_MODELS
 
     transformer = config.get("model") in SEQUENCE_MODELS
-    lr_default = number(config, "lr", 1e-3) if transformer else 1e-3
-    wd_default = number(config, "weight_decay", 1e-4) if transformer else 0.0
-    lr = number(config, "olm_lr", lr_default)
-    wd = number(config, "olm_weight_decay", wd_default)
-    for name, value in (("olm_lr", lr), ("olm_weight_decay", wd)):
-        if not value >= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
+    lr, wd = _declared(config, "lr"), _declared(config, "weight_decay")
+    if lr is None:
+        lr = number(config, "lr", 1e-3) if transformer else CNN_COEFFICIENT_LR
+    if wd is None:
+        wd = number(config, "weight_decay", 1e-4) if transformer else CNN_COEFFICIENT_WEIGHT_DECAY
     return lr, wd
 
 
@@ -127,11 +140,34 @@ class OLM(Balancer):
     """Learns one logit scale per branch so that the branches' logit norms follow r."""
 
     name = "olm"
+    title = "OLM"
+    paper = ("D. Zong, C. Ding, B. Li, J. Li, K. Zheng, Q. Zhou, \"Balancing Multimodal Learning "
+             "via Online Logit Modulation\", IJCAI 2024")
+    year = 2024
+    summary = "learns one logit scale per branch from its loss ratio"
+    code = ("anonymous-gitlab/OLM (engines/engine_logits.py, losses/loss.py, main_logits.py, "
+            "main_trans_logits.py) @ c4a4244")
+    differences = (
+        "Authors' code: initial losses are the mean over epoch 0 (released: its last batch; "
+        "--olm-initial last-batch)",
+        "Authors' code: --olm-reduction mean is ours (released: CE summed over the batch)",
+        "Authors' code: under DDP the losses are averaged over the ranks and the sums kept "
+        "global (released: one process)",
+        "BalanceMM: has no OLM",
+    )
+    signals = ("w_<branch>", "r_<branch>", "loss_<branch>")
     options = (
-        Option("initial", str, "mean", "initial losses: mean over the first epoch, or last-batch (its last batch, as released)", choices=("mean", "last-batch"), released="last-batch", differs="one batch is a noisy reference; r is uniform for the first epoch either way (the recipes set last-batch)"),
-        Option("lr", float, None, "learning rate of the coefficients' Adam", minimum=0, none_means="1e-3 for the CNN encoders; --lr for emt/mbt/umt/ca, as released"),
-        Option("weight_decay", float, None, "weight decay of the coefficients' Adam", minimum=0, none_means="0 for the CNN encoders; --weight-decay for emt/mbt/umt/ca, as released"),
-        Option("reduction", str, "sum", "the network loss's CE over the batch: sum (released) or mean", choices=("sum", "mean")),
+        Option("initial", str, "mean", "initial losses: mean over the first epoch, or "
+               "last-batch (its last batch, as released)", choices=("mean", "last-batch"),
+               released="last-batch", differs="one batch is a noisy reference; r is uniform "
+               "for the first epoch either way (the recipes set last-batch)"),
+        Option("lr", float, None, "learning rate of the coefficients' Adam", minimum=0,
+               none_means="1e-3 for the CNN encoders; --lr for emt/mbt/umt/ca, as released"),
+        Option("weight_decay", float, None, "weight decay of the coefficients' Adam", minimum=0,
+               none_means="0 for the CNN encoders; --weight-decay for emt/mbt/umt/ca, as "
+               "released"),
+        Option("reduction", str, "sum", "the network loss's CE over the batch: sum (released) "
+               "or mean", choices=REDUCTIONS),
     )
     option_prefix = "olm"
     rule = "olm"
@@ -139,11 +175,11 @@ class OLM(Balancer):
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):
         super().__init__(model, config, modalities=modalities, device=device)
-        c = self.config
         require_two_modalities(self.name, self.modalities)
-        self.initial = choice(c, "olm_initial", "mean", ("mean", "last-batch"))
-        self.reduction = olm_reduction(c)
-        self.coefficient_lr, self.coefficient_weight_decay = coefficient_optimizer_settings(c)
+        self.initial = self.opt.initial
+        self.reduction = self.opt.reduction
+        self.coefficient_lr, self.coefficient_weight_decay = coefficient_optimizer_settings(
+            self.config)
         self.branches = [*self.modalities, "fused"]
         k = len(self.branches)
         self.weights = torch.ones(k, device=self.device, requires_grad=True)
@@ -297,9 +333,22 @@ class OLMCom(OLM):
     on a held-out batch from `val` every step."""
 
     name = "olm_com"
+    title = "OLM-com"
+    summary = "OLM with ratios of held-out generalisation to over-fitting"
+    code = ("anonymous-gitlab/OLM (engines/engine_logits_com.py, losses/loss.py, "
+            "main_logits_com.py, main_trans_logits_com.py) @ c4a4244")
+    differences = (
+        *OLM.differences[:3],
+        "Authors' code: the held-out batch comes from val (released: the held-out fold of its "
+        "5-fold split of train+val)",
+        *OLM.differences[3:],
+    )
+    signals = (*OLM.signals, "val_loss_<branch>")
     options = (
         *OLM.options,
-        Option("heldout", str, "train", "the held-out forward: train (train mode and augmentation, as released) or eval (eval mode, no augmentation)", choices=("train", "eval")),
+        Option("heldout", str, "train", "the held-out forward: train (train mode and "
+               "augmentation, as released) or eval (eval mode, no augmentation)",
+               choices=("train", "eval")),
     )
     rule = "olm_com"
     needs_heldout = True

@@ -84,7 +84,7 @@ from avprep.errors import UserError
 from avtrain.options import Option
 
 from . import _dist
-from ._checks import choice, fused_model, modulation_window, number, require_two_modalities
+from ._checks import fused_model, number, require_two_modalities, window
 from .base import Balancer, StepContext
 from .ogm import _mix
 
@@ -147,13 +147,38 @@ class OPM(Balancer):
     """Drops the dominant modality's features in the training forward (a fusion pre-hook)."""
 
     name = "opm"
+    title = "OPM"
+    paper = ("Y. Wei, D. Hu, H. Du, J.-R. Wen, \"On-the-fly Modulation for Balanced Multimodal "
+             "Learning\", IEEE TPAMI 2024")
+    year = 2024
+    summary = "drops the dominant modality's features before fusion"
+    code = ("GeWu-Lab/BML_TPAMI2024 (code/models/Classifier.py, code/main.py) @ 4b3aa4f; "
+            "BalanceMM: GeWu-Lab/BalanceBenchmark (OPM_trainer.py) @ 4c1482f")
+    differences = (
+        "Authors' code: the draws come from a generator seeded by (--seed, step), the same on "
+        "every rank (released: the global numpy and torch generators)",
+        "Authors' code: the window is an option (released: a fixed warm-up, epochs 0-5, no "
+        "end)",
+        "Authors' code: Classifier.py line 53's stray `]` is read as the evident chunking",
+        "BalanceMM: q_base 0.4, window [0, 80] without the warm-up, 1e-5 in the score ratio "
+        "and in 1 - theta, no backward outside its window",
+        "BalanceMM: three modalities against the sum of the other scores; ours: two, as the "
+        "authors",
+    )
+    signals = ("drop_exe", "score_<m>", "drop_p_<m>", "dropped_<m>")
     options = (
-        Option("alpha", float, 0.5, "lambda: how much the discrepancy raises the drop probability", minimum=0, shared=True),
-        Option("modulation_start", int, 6, "first modulated epoch (0-based, inclusive)", minimum=0, shared=True),
-        Option("modulation_end", int, None, "last modulated epoch (inclusive)", minimum=0, shared=True, none_means="no end"),
-        Option("q_base", float, 0.5, "base drop probability of the dominant modality", minimum=0, maximum=1),
-        Option("p_exe", float, 0.7, "probability that a step drops features at all", minimum=0, maximum=1),
-        Option("theta_grad", str, "released", "released (the custom autograd returns theta as its own gradient) or none (the scale carries no gradient)", choices=THETA_GRAD),
+        Option("alpha", float, 0.5, "lambda: how much the discrepancy raises the drop "
+               "probability", minimum=0, shared=True),
+        Option("modulation_start", int, 6, "first modulated epoch (0-based, inclusive; "
+               "released: after the warm-up epochs 0-5)", minimum=0, shared=True),
+        Option("modulation_end", int, None, "last modulated epoch (inclusive)", minimum=0,
+               shared=True, none_means="no end"),
+        Option("q_base", float, 0.5, "base drop probability of the dominant modality",
+               minimum=0, maximum=1),
+        Option("p_exe", float, 0.7, "probability that a step drops features at all",
+               minimum=0, maximum=1),
+        Option("theta_grad", str, "released", "released (the custom autograd returns theta as "
+               "its own gradient) or none (the scale carries no gradient)", choices=THETA_GRAD),
     )
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):
@@ -164,16 +189,9 @@ class OPM(Balancer):
             raise UserError(f"--method opm is defined for two modalities, got "
                             f"{', '.join(self.modalities)}")
         self.lam = self.opt.alpha
-        if not self.lam >= 0:
-            raise UserError(f"--alpha (OPM's lambda) must be 0 or more, got {c.get('alpha')}")
-        self.q_base = number(c, "opm_q_base", 0.5)
-        if not 0 <= self.q_base <= 1:
-            raise UserError(f"--opm-q-base must be in [0, 1], got {self.q_base}")
-        self.p_exe = number(c, "opm_p_exe", 0.7)
-        if not 0 <= self.p_exe <= 1:
-            raise UserError(f"--opm-p-exe must be in [0, 1], got {self.p_exe}")
-        self.start, self.end = modulation_window(c, 6, None)
-        self.theta_grad = choice(c, "opm_theta_grad", "released", THETA_GRAD)
+        self.q_base, self.p_exe = self.opt.q_base, self.opt.p_exe
+        self.start, self.end = window(self.opt)
+        self.theta_grad = self.opt.theta_grad
         self.seed = int(number(c, "seed", 0))
         bare = fused_model(model, self.name)
         self.bare = bare

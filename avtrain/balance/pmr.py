@@ -61,7 +61,7 @@ from avprep.errors import UserError
 from avtrain.options import Option
 
 from . import _dist
-from ._checks import modulation_window, number, require_two_modalities
+from ._checks import number, require_two_modalities, window
 from .base import Balancer, EpochContext
 
 
@@ -85,12 +85,38 @@ class PMR(Balancer):
     """Prototype CE on the weaker modality, decided by prototype scores (hooks + start_epoch)."""
 
     name = "pmr"
+    title = "PMR"
+    paper = ("Y. Fan, W. Xu, H. Wang, J. Wang, S. Guo, \"PMR: Prototypical Modal Rebalance for "
+             "Multimodal Learning\", CVPR 2023")
+    year = 2023
+    summary = "prototype CE speeds up the weaker modality"
+    code = ("fanyunfeng-bit/Modal-Imbalance-PMR (main_Prototype_grad.py) @ 3615e48; BalanceMM: "
+            "GeWu-Lab/BalanceBenchmark (PMR_trainer.py) @ 4c1482f")
+    differences = (
+        "Authors' code: a class with no sample in the prototype batches keeps its prototype "
+        "(released: 0/0, NaN)",
+        "Authors' code: AVE's prototypes come from training batches too (released: its val "
+        "split)",
+        "Authors' code: prototypes are measured before each epoch (released: after each, the "
+        "same model and data order)",
+        "BalanceMM: alpha 0.6, momentum 0.5, window [0, 80], momentum from epoch 1 (released: "
+        "epoch 2)",
+        "BalanceMM: an OGM-GE-like rule (eta 0.01) for three modalities; ours: two, as the "
+        "authors",
+    )
+    signals = ("proto_ratio", "proto_score_<m>", "pce_coeff_<m>")
     options = (
-        Option("alpha", float, 1.0, "weight of the prototype CE on the weak modality", minimum=0, shared=True),
-        Option("modulation_start", int, 0, "first modulated epoch (0-based, inclusive)", minimum=0, shared=True),
-        Option("modulation_end", int, 100, "last modulated epoch (inclusive)", minimum=0, shared=True),
-        Option("momentum", float, 0.2, "prototype momentum, in [0, 1)", minimum=0, maximum=1),
-        Option("proto_batches", int, None, "training batches per rank averaged into the prototypes before each epoch", minimum=1, none_means="steps per epoch // 10, at least 1, as released"),
+        Option("alpha", float, 1.0, "weight of the prototype CE on the weak modality",
+               minimum=0, shared=True),
+        Option("modulation_start", int, 0, "first modulated epoch (0-based, inclusive)",
+               minimum=0, shared=True),
+        Option("modulation_end", int, 100, "last modulated epoch (inclusive)", minimum=0,
+               shared=True),
+        Option("momentum", float, 0.2, "prototype momentum: weight of the previous prototypes, "
+               "below 1", minimum=0, maximum=1),
+        Option("proto_batches", int, None, "training batches per rank averaged into the "
+               "prototypes before each epoch", minimum=1,
+               none_means="steps per epoch // 10, at least 1, as released"),
     )
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):
@@ -101,16 +127,14 @@ class PMR(Balancer):
             raise UserError(f"--method pmr is defined for two modalities, got "
                             f"{', '.join(self.modalities)}")
         self.alpha = self.opt.alpha
-        if not self.alpha >= 0:
-            raise UserError(f"--alpha must be 0 or more, got {c.get('alpha')}")
-        self.start, self.end = modulation_window(c, 0, 100)
-        self.momentum = number(c, "pmr_momentum", 0.2)
-        if not 0 <= self.momentum < 1:
+        self.start, self.end = window(self.opt)
+        self.momentum = self.opt.momentum
+        if self.momentum == 1:  # the declaration's bound is inclusive; 1 would freeze them
             raise UserError(f"--pmr-momentum must be in [0, 1), got {self.momentum}")
-        steps = int(number(c, "steps_per_epoch", 10) or 10)
-        self.proto_batches = int(number(c, "pmr_proto_batches", max(1, steps // 10)))
-        if self.proto_batches < 1:
-            raise UserError(f"--pmr-proto-batches must be at least 1, got {self.proto_batches}")
+        self.proto_batches = self.opt.proto_batches
+        if self.proto_batches is None:  # released: len(train_loader) // 10, at least one
+            steps = int(number(c, "steps_per_epoch", 10) or 10)
+            self.proto_batches = max(1, steps // 10)
         bare = getattr(model, "module", model)
         encoders = getattr(bare, "encoders", None)
         if encoders is None:

@@ -111,7 +111,7 @@ from avtrain.options import Option
 
 from ..models.fusions import BoostFusion, ConcatFusion, SumFusion
 from . import _dist
-from ._checks import number, require_two_modalities
+from ._checks import require_two_modalities
 from .base import Balancer, StepContext
 
 
@@ -159,40 +159,57 @@ class ReconBoost(Balancer):
     (owns the step)."""
 
     name = "reconboost"
+    title = "ReconBoost"
+    paper = ("C. Hua, Q. Xu, S. Bao, Z. Yang, Q. Huang, \"ReconBoost: Boosting Can Achieve "
+             "Modality Reconcilement\", ICML 2024")
+    year = 2024
+    summary = "boosts one modality's learner at a time, then rectifies"
+    code = ("huacong/ReconBoost (train.py, schedule.py, models/dynamic_net.py) @ 14ab57a; "
+            "BalanceMM: GeWu-Lab/BalanceBenchmark (ReconBoost_trainer.py) @ 4c1482f")
+    differences = (
+        "Authors' code: learners start from scratch, its argparse default (released CREMA-D "
+        "and AVE commands: --use_pretrain)",
+        "Authors' code: one learning rate for both phases (released m_lr = e_lr by default)",
+        "Authors' code: evaluated after every epoch, best epoch on val (released: on test "
+        "after each rectification, from stage 3)",
+        "Authors' code: the three-modality order is ours, audio, visual, text (released MOSEI: "
+        "text, visual, audio); --fusion sum and concat are ours (no boost rate)",
+        "BalanceMM: every modality boosted once per epoch (T 1), one optimizer, a one-layer "
+        "shared head, boost rate 0.01, every learner in the ensemble from the start",
+    )
+    signals = ("rb_stage", "rb_phase", "trained_<m>", "learner_loss", "ga_loss", "join_prob",
+               "ensemble_loss", "boost_rate")
     options = (
-        Option("alpha", float, 0.5, "weight of its (gradient-free) GA term", minimum=0, shared=True),
-        Option("stage_epochs", int, 4, "epochs of each stage's learner phase (released --epochs_per_stage)", minimum=1),
-        Option("correct_epochs", int, None, "epochs of each stage's global rectification, 0 for none", minimum=0, none_means="--reconboost-stage-epochs (released --correct_epoch 4)"),
-        Option("weight1", float, 5.0, "boosting loss: weight w1 of the learner's CE"),
-        Option("weight2", float, 1.0, "boosting loss: weight w2 of the reconcilement term"),
-        Option("reset_optimizer", bool, True, "clear the optimizer state at every phase (the released fresh SGD per phase)"),
+        Option("alpha", float, 0.5, "weight of its (gradient-free) GA term", minimum=0,
+               shared=True),
+        Option("stage_epochs", int, 4, "epochs of each stage's learner phase (released "
+               "--epochs_per_stage)", minimum=1),
+        Option("correct_epochs", int, None, "epochs of each stage's global rectification, 0 "
+               "for none", minimum=0,
+               none_means="--reconboost-stage-epochs (released --correct_epoch 4)"),
+        Option("weight1", float, 5.0, "boosting loss: weight w1 of the learner's CE",
+               minimum=0),
+        Option("weight2", float, 1.0, "boosting loss: weight w2 of the reconcilement term",
+               minimum=0),
+        Option("reset_optimizer", bool, True, "clear the optimizer state at every phase (the "
+               "released fresh SGD per phase)"),
     )
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):
         super().__init__(model, config, modalities=modalities, device=device)
-        c = self.config
         require_two_modalities(self.name, self.modalities)
-        self.alpha = self.opt.alpha
-        self.weight1 = number(c, "reconboost_weight1", 5.0)
-        self.weight2 = number(c, "reconboost_weight2", 1.0)
+        self.alpha, self.weight1, self.weight2 = self.opt.alpha, self.opt.weight1, self.opt.weight2
         for flag, value in (("--alpha", self.alpha), ("--reconboost-weight1", self.weight1),
                             ("--reconboost-weight2", self.weight2)):
-            if not (math.isfinite(value) and value >= 0):
-                raise UserError(f"{flag} must be a number of 0 or more, got {value}")
-        self.stage_epochs = int(number(c, "reconboost_stage_epochs", 4))
-        if self.stage_epochs < 1:
-            raise UserError(f"--reconboost-stage-epochs must be at least 1, got "
-                            f"{self.stage_epochs}")
-        self.correct_epochs = int(number(c, "reconboost_correct_epochs", self.stage_epochs))
-        if self.correct_epochs < 0:
-            raise UserError(f"--reconboost-correct-epochs must be 0 or more, got "
-                            f"{self.correct_epochs}")
-        reset = c.get("reconboost_reset_optimizer")
-        self.reset = True if reset is None else bool(reset)
-        for key in ("modulation_start", "modulation_end"):
-            if c.get(key) is not None:
-                raise UserError(f"--method reconboost has no modulation window (its stages run "
-                                f"for the whole training); drop --{key.replace('_', '-')}")
+            if not math.isfinite(value):  # the declarations bound them below only
+                raise UserError(f"{flag} must be a finite number, got {value}")
+        self.stage_epochs = self.opt.stage_epochs
+        self.correct_epochs = self.opt.correct_epochs
+        if self.correct_epochs is None:  # released: --correct_epoch 4 = --epochs_per_stage 4
+            self.correct_epochs = self.stage_epochs
+        self.reset = self.opt.reset_optimizer
+        # --modulation-start/-end: not read (the stages run for the whole training); given,
+        # they are ignored with one Warning (avtrain.options, shared window options)
         bare = getattr(model, "module", model)
         fusion = getattr(bare, "fusion", None)
         # exact types: CosineFusion is a ConcatFusion whose learner logits are not its slices
