@@ -34,35 +34,12 @@ def choice(config: dict, key: str, default: str, choices: tuple[str, ...]) -> st
     return value
 
 
-def modulation_window(config: dict, start: int, end: int | None) -> tuple[int, int | None]:
-    """The modulation window [--modulation-start, --modulation-end] (inclusive, 0-based epochs),
-    with a method's defaults; `end` None: no end unless given."""
-    first = int(number(config, "modulation_start", start))
-    value = config.get("modulation_end")
-    last = (int(number(config, "modulation_end", end)) if value is not None or end is not None
-            else None)
-    if last is not None and last < first:
-        raise UserError(f"--modulation-end ({last}) is before --modulation-start ({first}); "
-                        "the window [start, end] is inclusive")
-    return first, last
-
-
 def finite(flag: str, value: float) -> float:
     """`value`, refused in one line when NaN or infinite: a declared range lets NaN through
     (every comparison with it is false)."""
     if not math.isfinite(value):
         raise UserError(f"{flag} must be a finite number, got {value}")
     return value
-
-
-def window_of(opt) -> tuple[int, int | None]:
-    """(start, end) of a method's resolved options (end None: no end); the declarations check
-    each bound, this checks their order, which one declaration cannot express."""
-    first, last = opt.modulation_start, opt.modulation_end
-    if last is not None and last < first:
-        raise UserError(f"--modulation-end ({last}) is before --modulation-start ({first}); "
-                        "the window [start, end] is inclusive")
-    return first, last
 
 
 def fused_model(model, method: str):

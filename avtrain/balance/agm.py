@@ -227,8 +227,8 @@ class AGM(Balancer):
         Option("after_window", str, "hold", "after the window: hold (the last coefficients "
                "keep scaling, as released) or reset (1)", choices=AFTER_WINDOW),
         Option("floor", float, 1e-8, "a true-class probability below this counts as it in the "
-               "scores, below 1; 0: none (released CREMA-D 1e-8, UR-Funny 0)", minimum=0,
-               maximum=1),
+               "scores; 0: none (released CREMA-D 1e-8, UR-Funny 0)", minimum=0,
+               maximum=1, exclusive_maximum=True),
     )
 
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):
@@ -239,8 +239,6 @@ class AGM(Balancer):
         self.cap, self.clip, self.floor = self.opt.cap, self.opt.clip, self.opt.floor
         if not math.isfinite(self.clip):  # declared 0 or more; inf would never clip
             raise UserError(f"--agm-clip must be 0 (off) or a finite number, got {self.clip}")
-        if self.floor == 1:  # declared in [0, 1]; every probability would count as 1
-            raise UserError(f"--agm-floor must be in [0, 1) (0: none), got {self.floor}")
         self.after_window = self.opt.after_window
         bare = getattr(model, "module", model)
         if getattr(bare, "unimodal", False):

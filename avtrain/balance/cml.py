@@ -72,7 +72,7 @@ from ._checks import (
     number,
     require_two_modalities,
     summed_fusion,
-    window_of,
+    window,
 )
 from .base import Balancer, EpochContext
 from .ogm import _mix
@@ -139,7 +139,7 @@ class CML(Balancer):
         require_two_modalities(self.name, self.modalities)
         self.lam = finite("--cml-lam", self.opt.lam)
         self.form = self.opt.form
-        self.start, self.end = window_of(self.opt)
+        self.start, self.end = window(self.opt)
         self.seed = int(number(c, "seed", 0))
         bare = fused_model(model, self.name)
         summed_fusion(bare, self.name, "removes a modality's summand from the fused logits")

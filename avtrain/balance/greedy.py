@@ -86,7 +86,7 @@ from avtrain.models.fusions import SumFusion
 from avtrain.options import Option
 
 from . import _dist
-from ._checks import finite, require_two_modalities, window_of
+from ._checks import finite, require_two_modalities, window
 from .base import Balancer, StepContext
 
 
@@ -190,7 +190,7 @@ class Greedy(Balancer):
         self.bare = bare
         self.epsilon = finite("--greedy-epsilon", self.opt.epsilon)
         self.window = self.opt.window
-        self.start, self.end = window_of(self.opt)
+        self.start, self.end = window(self.opt)
         self.loss_kind = self.opt.loss
         if self.loss_kind == "unimodal" and not bare.fusion.decomposable:
             raise UserError(f"--greedy-loss unimodal (released: the sum of the branches' CE) "

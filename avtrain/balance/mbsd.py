@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from avtrain.options import Option
 
 from . import _dist
-from ._checks import fused_model, require_two_modalities, summed_fusion, window_of
+from ._checks import fused_model, require_two_modalities, summed_fusion, window
 from .base import Balancer
 
 
@@ -137,7 +137,7 @@ class MBSD(Balancer):
     def __init__(self, model, config=None, *, modalities=None, device="cpu"):
         super().__init__(model, config, modalities=modalities, device=device)
         require_two_modalities(self.name, self.modalities)
-        self.start, self.end = window_of(self.opt)
+        self.start, self.end = window(self.opt)
         self.rs_on = self.opt.rs_on
         bare = fused_model(model, self.name)
         summed_fusion(bare, self.name, "trains the per-modality logits of the fused layer")

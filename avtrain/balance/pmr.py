@@ -112,8 +112,8 @@ class PMR(Balancer):
                minimum=0, shared=True),
         Option("modulation_end", int, 100, "last modulated epoch (inclusive)", minimum=0,
                shared=True),
-        Option("momentum", float, 0.2, "prototype momentum: weight of the previous prototypes, "
-               "below 1", minimum=0, maximum=1),
+        Option("momentum", float, 0.2, "prototype momentum: weight of the previous prototypes",
+               minimum=0, maximum=1, exclusive_maximum=True),
         Option("proto_batches", int, None, "training batches per rank averaged into the "
                "prototypes before each epoch", minimum=1,
                none_means="steps per epoch // 10, at least 1, as released"),
@@ -129,8 +129,6 @@ class PMR(Balancer):
         self.alpha = self.opt.alpha
         self.start, self.end = window(self.opt)
         self.momentum = self.opt.momentum
-        if self.momentum == 1:  # the declaration's bound is inclusive; 1 would freeze them
-            raise UserError(f"--pmr-momentum must be in [0, 1), got {self.momentum}")
         self.proto_batches = self.opt.proto_batches
         if self.proto_batches is None:  # released: len(train_loader) // 10, at least one
             steps = int(number(c, "steps_per_epoch", 10) or 10)
