@@ -397,7 +397,7 @@ def test_resume_is_exact(shards, tmp_path):
     ({"agm_clip": "inf"}, "--agm-clip must be 0 (off) or a finite number"),
     # a choice as a flag is click's (usage lines); given any other way, one Error line
     ({"method_option": "after_window=keep"}, "--agm-after-window must be one of hold, reset"),
-    ({"agm_floor": 1.5}, "--agm-floor must be in [0, 1]"),  # the declared bound
+    ({"agm_floor": 1.5}, "--agm-floor must be in [0, 1)"),  # the declared bound
     ({"agm_floor": 1}, "--agm-floor must be in [0, 1)"),  # AGM's own: 1 is no score
     ({"modulation_start": 2, "modulation_end": 1}, "--modulation-end (1) is before"),
     ({"modalities": "audio"}, "needs at least two"),

@@ -242,7 +242,7 @@ def test_resume_is_exact(shards, tmp_path):
 
 
 @pytest.mark.parametrize("extra,words", [
-    ({"pmr_momentum": 1.5}, "--pmr-momentum must be in [0, 1]"),  # the declared bound
+    ({"pmr_momentum": 1.5}, "--pmr-momentum must be in [0, 1)"),  # the declared bound
     ({"pmr_momentum": 1}, "--pmr-momentum must be in [0, 1)"),  # PMR's own: 1 freezes them
     ({"alpha": -1}, "--alpha must be 0 or more"),
     ({"modalities": "audio,visual,text"}, None),
