@@ -164,6 +164,44 @@ def test_settings_added_later_keep_finished_runs(main_bench, train_shards, tmp_p
               "epochs")
 
 
+OLD_FLAT = {"modulate": "conv", "olm_initial": "mean", "olm_lr": None, "olm_reduction": "sum",
+            "olm_heldout": "train", "pmr_momentum": None, "opm_theta_grad": "released",
+            "agm_after_window": "hold", "greedy_loss": "unimodal", "mla_gate": "entropy",
+            "mmpareto_gamma": None, "valuation_level": "sample", "cml_form": "balancemm",
+            "lfm_schedule": "learnable", "gblending_offline": None, "mmcosine_eval_fused":
+            "concat", "unimodal_teacher_runs": [], "unimodal_teacher_mode": "train"}
+
+
+def test_a_bench_written_before_method_options_is_kept_and_reported(main_bench, train_shards,
+                                                                   tmp_path, monkeypatch):
+    """bench.json and config.yaml files as avbalance wrote them before method_options (every
+    method's options at the top level, at their defaults): rerunning the bench keeps every
+    run, and `avtrain report` still draws it."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(main_bench, old)
+    data = json.loads((old / "bench.json").read_text())
+    data["protocol"].pop("method_options")
+    data["protocol"].pop("method_module")
+    data["protocol"].update(OLD_FLAT)
+    (old / "bench.json").write_text(json.dumps(data))
+    for path in old.glob("runs/*/*/config.yaml"):
+        config = yaml.safe_load(path.read_text())
+        config.pop("method_options")
+        config.pop("method_module")
+        config.update(OLD_FLAT, run_dir=str(path.parent))
+        path.write_text(yaml.safe_dump(config))
+    monkeypatch.setattr("avtrain.loop.fit", lambda *a, **k: pytest.fail("trained again"))
+    result = bench(train_shards, old, "--methods", "none,ogm_ge", "--seeds", "2",
+                   "--probe-every", "1", "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("finished earlier, kept") == 8
+    report = CliRunner().invoke(avtrain, ["report", str(old)])
+    assert report.exit_code == 0, report.output
+    assert "ogm_ge" in (old / "results.md").read_text()
+
+
 def test_changed_settings_and_bad_input_are_one_line(main_bench, train_shards, tmp_path):
     before = mtimes(main_bench)
     common = ["--methods", "none,ogm_ge", "--seeds", "2", "--probe-every", "1"]

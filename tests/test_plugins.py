@@ -145,3 +145,47 @@ def test_methods_command_lists_every_method_and_shows_one(tmp_path):
     assert unknown.returncode == 2 and unknown.stderr.startswith(
         "Error: unknown balancing method 'nope'")
     assert os.path.isfile(EXAMPLE)
+
+
+def _installed(site: Path, body: str) -> dict:
+    """A package announcing a method in the avbalance.methods entry-point group, installed as
+    pip would (a dist-info with entry_points.txt) in `site`; the environment that sees it."""
+    (site / "halfpkg").mkdir(parents=True)
+    (site / "halfpkg" / "__init__.py").write_text(body)
+    info = site / "halfpkg-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: halfpkg\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[avbalance.methods]\nhalf = halfpkg:HalfCE\n")
+    return {**os.environ, "PYTHONPATH": str(site)}
+
+
+def test_an_installed_package_announces_its_method_by_entry_point(tmp_path):
+    env = _installed(tmp_path / "site", '''
+import torch.nn.functional as F
+from avtrain.balance import Balancer, Option
+
+class HalfCE(Balancer):
+    name = "half"
+    options = (Option("factor", float, 0.5, "factor on the fused CE", minimum=0),)
+
+    def loss(self, logits, labels, *, epoch, step):
+        return self.opt.factor * F.cross_entropy(logits["fused"].float(), labels)
+''')
+    run = lambda *args: subprocess.run([AVTRAIN, *args], capture_output=True, text=True,  # noqa
+                                       env=env, timeout=HUNG_AFTER_S)
+    assert "half " in run("methods").stdout
+    page = run("methods", "half").stdout
+    assert "entry point half = halfpkg:HalfCE" in page and "`--half-factor`" in page
+    shown = run("fit", "--method", "half", "--half-factor", "0.25", "--shards", "S",
+                "--run-dir", str(tmp_path / "r"), "--print-config")
+    assert shown.returncode == 0, shown.stderr
+    assert yaml.safe_load(shown.stdout)["method_options"] == {"factor": 0.25}
+
+
+def test_a_broken_entry_point_is_one_error_line(tmp_path):
+    env = _installed(tmp_path / "site", "raise RuntimeError('half is broken')\n")
+    result = subprocess.run([AVTRAIN, "methods"], capture_output=True, text=True, env=env,
+                            timeout=HUNG_AFTER_S)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("Error: plug-in entry point half = halfpkg:HalfCE: "
+                                     "loading failed: RuntimeError: half is broken")
