@@ -124,7 +124,7 @@ class Option:
             elif self.type is float:
                 value = float(value)
                 if value != value:  # NaN passes every range check
-                    raise ValueError(value)
+                    raise UserError(f"{where} must be a finite number, got nan")
             else:  # a YAML list given to a text option (G-Blending's weights): comma-joined
                 value = ",".join(map(str, value)) if isinstance(value, (list, tuple)) \
                     else str(value)

@@ -108,7 +108,7 @@ def test_config_file_flags_and_print_config(train_shards, tmp_path):
     # the saved config repeats the run
     again = runner.invoke(avtrain, ["fit", "--config", str(run / "config.yaml"),
                                     "--print-config"])
-    assert yaml.safe_load(again.output) == saved
+    assert yaml.safe_load(again.stdout) == saved
     bad = tmp_path / "bad.yaml"
     bad.write_text("lr: 0.1\nlearning_rate: 2\n")
     out = runner.invoke(avtrain, ["fit", "--config", str(bad), "--print-config"])
