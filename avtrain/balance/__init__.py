@@ -20,7 +20,7 @@ and `prototype_logits(features, prototypes)`, `opm_drop_probabilities(scores, q_
 `amco_masked_count(level, eps, classes)` and `amco_share_sums(unimodal_logits)`,
 `greedy_speed_difference(m_sums)` and `greedy_rule(state, d, ...)`,
 `owm_update(P, r, alpha)` and `project_gradient(grad, P, mode)` (MLA's head-gradient edit),
-`minmax_scale(x)`, `kmeans(x, k)`, `purity(labels, clusters)` and
+`minmax_scale(x)`, `kmeans(x, k, n_init=...)`, `purity(labels, clusters)` and
 `relearning_weight(p_train, p_val, lam)`, `min_norm_weight`, `mmpareto_weights` and
 `mmpareto_gradient` (MMPareto's combination), `valuation_contributions`, `sample_copies` and
 `modality_gap`, `cml_confidence`, `cml_order` and `cml_penalty_terms`, `mbsd_loss` and
