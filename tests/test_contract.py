@@ -13,13 +13,14 @@ differential test against its released code, its rule by hand):
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from released import as_batch, make_batches, method_fit_args, step_trainer
+from released import as_batch, make_batches, method_fit_args, run_gloo, step_trainer
 
 from avtrain.balance import METHODS, all_methods, load_method_module
 from avtrain.balance import plugins as plugin_loader
@@ -317,6 +318,28 @@ BOUNDED = [(m, o.name, v) for m in BUILT_IN for o in all_methods()[m].options
            for v in bad_values(o)]
 
 
+def edge_values(opt) -> list:
+    """The declared bounds themselves, where they are inside (not an exclusive minimum)."""
+    edges = [] if opt.minimum is None or opt.exclusive_minimum else [opt.minimum]
+    return [opt.type(v) for v in edges + ([] if opt.maximum is None else [opt.maximum])]
+
+
+EDGES = [(m, o.name, v) for m in BUILT_IN if not all_methods()[m].teacher_setting
+         for o in all_methods()[m].options for v in edge_values(o)]
+
+
+@pytest.mark.parametrize("method,option,value", EDGES)
+def test_values_at_the_declared_bounds_are_accepted(method, option, value):
+    """What the declaration allows the method accepts: no stricter check of its own."""
+    cls = all_methods()[method]
+    opt = next(o for o in cls.options if o.name == option)
+    layer = {option: value} if opt.shared else {"method_options": {option: value}}
+    if option == "modulation_end":
+        layer["modulation_start"] = 0  # the window stays a window
+    t = step_trainer(method, "concat", CLASSES, **layer)
+    assert getattr(t.balancer.opt, option) == value
+
+
 @pytest.fixture(scope="session")
 def contract_shards(synth_dir, tmp_path_factory):
     """One shard set of the conftest synth clips for every CLI run of this module."""
@@ -419,11 +442,13 @@ DRIVE = {
     "greedy": {"modulation_start": 0, "greedy_epsilon": 0.0, "greedy_window": 1},
     "relearning": {"relearning_every": 1, "relearning_kmeans": "torch"},
     "gblending": {"gblending_super_epoch": 2}, "reconboost": {"reconboost_stage_epochs": 1},
-    "valuation": {"valuation_warmup": 0}, "lfm": {"lfm_heldout_size": GLOBAL},
+    "valuation": {"valuation_warmup": 1}, "lfm": {"lfm_heldout_size": GLOBAL},
     "agm": {"agm_clip": 0.0},
 }
 # step metrics that are one rank's own (not reduced over the ranks) by design
-LOCAL_METRICS = {"cml": ("conf_fused", "conf_subset")}
+LOCAL_METRICS = {"cml": ("conf_fused", "conf_subset"), PLUGIN: ("aux_audio", "aux_visual")}
+# G-Blending's weights are ratios of loss differences: they magnify the ranks' summation order
+METRIC_RTOL = {"gblending": 1e-4}
 
 
 def keyed(seed: int, n: int, split: str, part) -> list[dict]:
@@ -476,3 +501,143 @@ def drive(method: str, rank: int = 0, world: int = 1, *, epochs: int = 2, steps:
         t.balancer.end_epoch(epoch)
     return {"params": {k: v.detach().clone() for k, v in t.model.state_dict().items()},
             "metrics": metrics, "opt": dict(vars(t.balancer.opt))}
+
+
+# --- (a) 2 gloo processes = 1 process with the global batch (slow) ----------------------------
+
+TEACHERS = {m for m, cls in all_methods().items() if cls.teacher_setting}
+GLOO = [m for m in EVERY if m not in TEACHERS]  # teachers need finished runs: their own file
+
+
+def _every_method_on_ranks(rank: int, world: int) -> dict:
+    """One gloo group for all methods (one spawn, not 21): each method's result or its error."""
+    load_method_module(EXAMPLE)
+    out = {}
+    for method in GLOO:
+        try:
+            out[method] = drive(method, rank, world)
+        except Exception as exc:  # reported by the method's own test
+            out[method] = {"error": f"{type(exc).__name__}: {exc}"}
+    return out
+
+
+@pytest.fixture(scope="module")
+def gloo_results(tmp_path_factory):
+    return run_gloo(_every_method_on_ranks, tmp_path_factory.mktemp("contract-gloo"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", GLOO)
+def test_two_gloo_processes_equal_one_with_the_global_batch(registry, gloo_results, method):
+    ranks = [r[method] for r in gloo_results]
+    for r in ranks:
+        assert "error" not in r, r.get("error")
+    one = drive(method)
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    assert len(one["metrics"]) == len(ranks[0]["metrics"])
+    for got, want in zip(ranks[0]["metrics"], one["metrics"]):
+        assert got.keys() == want.keys()
+        for key in got:
+            assert got[key] == pytest.approx(want[key], rel=METRIC_RTOL.get(method, 1e-5),
+                                             abs=1e-6), key
+    for name, value in one["params"].items():
+        assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name
+        torch.testing.assert_close(ranks[0]["params"][name], value, rtol=1e-5, atol=1e-6,
+                                   msg=name)
+    start = drive(method, epochs=0)["params"]
+    moved = any(not torch.equal(start[n], v) for n, v in one["params"].items())
+    assert moved  # it trained
+
+
+# --- (b) exact --resume, (c) a one-epoch CLI run logs its signal and is reported (slow) --------
+
+
+CLI_BATCH = {"lfm": {"lfm_heldout_size": 4}}  # the CLI runs' batch is 4
+
+
+def cli_flags(method: str) -> list[str]:
+    out = module_args(method)
+    for key, value in {**DRIVE.get(method, {}), **CLI_BATCH.get(method, {})}.items():
+        out += [f"--{key.replace('_', '-')}", str(value)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def cli_runs(contract_shards, tmp_path_factory):
+    """Per method, once: a one-epoch CLI run (what (c) reads; (b) resumes a copy of it)."""
+    root, done = tmp_path_factory.mktemp("contract-runs"), {}
+
+    def one_epoch(method: str) -> Path:
+        if method not in done:
+            run = root / method
+            out = invoke(*method_fit_args(method, contract_shards, run, 1), *cli_flags(method))
+            assert out.exit_code == 0, out.output
+            done[method] = run
+        return done[method]
+
+    return one_epoch
+
+
+def signal_keys(cls, modalities) -> list[str]:
+    return [key.replace("<m>", m) if "<m>" in key else key
+            for key in cls.signals for m in (modalities if "<m>" in key else [None])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", GLOO)
+def test_one_epoch_cli_run_logs_its_signal_and_report_draws_it(registry, cli_runs, tmp_path,
+                                                               method):
+    from test_balance_ogm import step_records
+
+    from avtrain.report import balancing_keys, load_run
+
+    cls = registry[method]
+    run = cli_runs(method)
+    summary = yaml.safe_load((run / "summary.json").read_text())
+    assert summary["method"] == method
+    keys = signal_keys(cls, summary["modalities"])
+    assert keys or method == "none", f"{method} declares no signal"
+    steps = step_records(run)
+    assert len(steps) == 3
+    for key in keys:
+        assert any(key in r for r in steps), f"{key} never logged"
+    assert set(keys) <= set(balancing_keys(load_run(str(run))))
+    out = invoke("report", run, "-o", tmp_path / "report")
+    assert out.exit_code == 0, out.output
+    figures = sorted(p.name for p in (tmp_path / "report").glob("balance_*.png"))
+    assert figures == ([] if not keys else [f"balance_{run.name}.png"]), figures
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", GLOO)
+def test_resume_after_an_epoch_is_exact(registry, contract_shards, cli_runs, tmp_path, method):
+    from avtrain.checkpoint import load_checkpoint
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    out = invoke(*method_fit_args(method, contract_shards, full, 2), *cli_flags(method))
+    assert out.exit_code == 0, out.output
+    shutil.copytree(cli_runs(method), part)
+    out = invoke("fit", "--resume", part, "--epochs", "2", *module_args(method))
+    assert out.exit_code == 0, out.output
+    a, b = load_checkpoint(str(full / "last.pt")), load_checkpoint(str(part / "last.pt"))
+    assert a["step"] == b["step"] == 6 and a["epoch"] == b["epoch"] == 1
+    for key in a["model"]:
+        torch.testing.assert_close(b["model"][key], a["model"][key], rtol=1e-6, atol=1e-7,
+                                   msg=key)
+    assert_same_state(b["balancer"], a["balancer"])
+
+
+def assert_same_state(got, want, where="balancer"):
+    """Two balancer state_dicts hold the same values (tensors to float tolerance)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), where
+        for key in want:
+            assert_same_state(got[key], want[key], f"{where}[{key!r}]")
+    elif isinstance(want, (list, tuple)):
+        assert isinstance(got, (list, tuple)) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same_state(g, w, f"{where}[{i}]")
+    elif isinstance(want, torch.Tensor):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=where)
+    else:
+        assert got == want, where
