@@ -310,7 +310,7 @@ def bad_values(opt) -> list:
     if opt.minimum is not None:
         bad.append(opt.minimum if opt.exclusive_minimum else opt.minimum - 1)
     if opt.maximum is not None:
-        bad.append(opt.maximum + 1)
+        bad.append(opt.maximum if opt.exclusive_maximum else opt.maximum + 1)
     return bad
 
 
@@ -319,9 +319,10 @@ BOUNDED = [(m, o.name, v) for m in BUILT_IN for o in all_methods()[m].options
 
 
 def edge_values(opt) -> list:
-    """The declared bounds themselves, where they are inside (not an exclusive minimum)."""
+    """The declared bounds themselves, where they are inside (not an exclusive bound)."""
     edges = [] if opt.minimum is None or opt.exclusive_minimum else [opt.minimum]
-    return [opt.type(v) for v in edges + ([] if opt.maximum is None else [opt.maximum])]
+    edges += [] if opt.maximum is None or opt.exclusive_maximum else [opt.maximum]
+    return [opt.type(v) for v in edges]
 
 
 EDGES = [(m, o.name, v) for m in BUILT_IN if not all_methods()[m].teacher_setting
@@ -369,6 +370,25 @@ def test_bad_option_values_are_refused_before_training(contract_shards, tmp_path
     out = invoke(*method_fit_args(method, contract_shards, run, 1),
                  opt.flag_name(cls.prefix()), value)
     refused(out, run, opt.flag_name(cls.prefix()))
+
+
+CHOICES = [(m, o.name) for m in BUILT_IN for o in all_methods()[m].options if o.choices]
+
+
+@pytest.mark.parametrize("method,option", CHOICES)
+def test_a_word_outside_the_choices_is_one_line_outside_the_cli_flag(contract_shards, tmp_path,
+                                                                      method, option):
+    """Given as --method-option (as config.yaml gives it), not as the click choice flag."""
+    cls = all_methods()[method]
+    opt = next(o for o in cls.options if o.name == option)
+    run = tmp_path / "run"
+    out = invoke(*method_fit_args(method, contract_shards, run, 1), "--method-option",
+                 f"{option}=not-a-choice")
+    assert out.exit_code != 0, out.output
+    lines = [x for x in out.output.splitlines() if x.strip()]
+    assert lines == [f"Error: {opt.flag_name(cls.prefix())} must be one of "
+                     f"{', '.join(map(str, opt.choices))}, got 'not-a-choice'"], out.output
+    assert not run.exists() or not any(run.iterdir())
 
 
 def test_the_example_plugins_bad_option_is_refused(registry, contract_shards, tmp_path):
@@ -443,10 +463,37 @@ DRIVE = {
     "relearning": {"relearning_every": 1, "relearning_kmeans": "torch"},
     "gblending": {"gblending_super_epoch": 2}, "reconboost": {"reconboost_stage_epochs": 1},
     "valuation": {"valuation_warmup": 1}, "lfm": {"lfm_heldout_size": GLOBAL},
-    "agm": {"agm_clip": 0.0},
+    "agm": {"agm_clip": 0.02, "alpha": 2.5}, "mla": {"mla_projection": "owm"},
 }
 # step metrics that are one rank's own (not reduced over the ranks) by design
 LOCAL_METRICS = {"cml": ("conf_fused", "conf_subset"), PLUGIN: ("aux_audio", "aux_visual")}
+# what each method's rule doing something looks like in its logged metrics (the driver's settings
+# above make it act; a method not listed is held to `not the plain run` alone)
+ACTED = {
+    "agm": lambda m: m["agm_clipped"] > 0 and abs(m["agm_coeff_audio"] - 1) > 0.02,
+    "amco": lambda m: m["mask_ratio"] > 0 and m["dependent_audio"] + m["dependent_visual"] > 0,
+    "cml": lambda m: m["penalty"] > 0,
+    "mbsd": lambda m: m["mbsd_weighted"] > 0,
+    "opm": lambda m: m["drop_exe"] > 0 and m["dropped_audio"] + m["dropped_visual"] > 0,
+    "greedy": lambda m: m["rebalance_audio"] + m["rebalance_visual"] > 0,
+    "relearning": lambda m: "purity_val_audio" in m,
+    "mmcosine": lambda m: "mmcosine_logit_audio" in m,
+}
+# the fusion a method is released with where the driver's concat would leave a signal out
+# (ReconBoost's boost_rate is BoostFusion's)
+FUSION = {"reconboost": "boost"}
+# epochs the driver and the CLI runs take where 2 are too few for the rule to act (relearning's
+# first re-initialisation is before epoch 2: after the first multiple of --relearning-every > 0)
+EPOCHS = {"relearning": 3}
+# initial weights under which a rule acts in the driver's few steps (CML's global hinge)
+SEED = {"cml": 2}
+# methods whose effect the driver cannot show in the weights: valuation re-samples the data (the
+# driver's batches are fixed); relearning's re-initialisation weight is tanh(lam * |purity gap|),
+# 0 for the tiny model's equal purities
+NOT_IN_WEIGHTS = {"none", "valuation", "relearning"}
+# balancer state that is one rank's own by design: OLM-Com's latest held-out losses (recomputed
+# every step before they are used, reduced over the ranks when they are)
+LOCAL_STATE = {"olm_com": ("val_now",)}
 # G-Blending's weights are ratios of loss differences: they magnify the ranks' summation order
 METRIC_RTOL = {"gblending": 1e-4}
 
@@ -460,14 +507,16 @@ def keyed(seed: int, n: int, split: str, part) -> list[dict]:
     return out
 
 
-def drive(method: str, rank: int = 0, world: int = 1, *, epochs: int = 2, steps: int = 2,
-          bn: bool = False, settings: dict | None = None, tuned: bool = True) -> dict:
+def drive(method: str, rank: int = 0, world: int = 1, *, epochs: int | None = None, steps: int = 2,
+          bn: bool = False, settings: dict | None = None, tuned: bool = True,
+          seed: int | None = None) -> dict:
     """start_epoch, the epoch's steps (with a held-out batch where the method reads one),
     end_epoch, as Trainer.train_epoch; rank `rank` of `world` takes its share of every global
     batch, and the epoch-level streams are shared out the same way (eval batches whole)."""
-    torch.manual_seed(0)
+    epochs = EPOCHS.get(method, 2) if epochs is None else epochs
+    torch.manual_seed(SEED.get(method, 0) if seed is None else seed)
     layer = {**(DRIVE.get(method, {}) if tuned else {}), **(settings or {})}
-    t = step_trainer(method, "concat", CLASSES, bn=bn, optimizer="sgd", lr=0.05, seed=1,
+    t = step_trainer(method, FUSION.get(method, "concat"), CLASSES, bn=bn, optimizer="sgd", lr=0.05, seed=1,
                      batch_size=GLOBAL // world, **layer)
     per = GLOBAL // world
     part = slice(rank * per, (rank + 1) * per)
@@ -500,7 +549,9 @@ def drive(method: str, rank: int = 0, world: int = 1, *, epochs: int = 2, steps:
             step += 1
         t.balancer.end_epoch(epoch)
     return {"params": {k: v.detach().clone() for k, v in t.model.state_dict().items()},
-            "metrics": metrics, "opt": dict(vars(t.balancer.opt))}
+            "metrics": metrics, "opt": dict(vars(t.balancer.opt)),
+            "state": {k: v for k, v in t.balancer.state_dict().items()
+                      if k not in LOCAL_STATE.get(method, ())}}
 
 
 # --- (a) 2 gloo processes = 1 process with the global batch (slow) ----------------------------
@@ -544,100 +595,163 @@ def test_two_gloo_processes_equal_one_with_the_global_batch(registry, gloo_resul
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name
         torch.testing.assert_close(ranks[0]["params"][name], value, rtol=1e-5, atol=1e-6,
                                    msg=name)
+    assert_same_state(ranks[0]["state"], ranks[1]["state"])
+    assert_same_state(ranks[0]["state"], one["state"], rtol=METRIC_RTOL.get(method, 1e-5),
+                      atol=1e-6)
     start = drive(method, epochs=0)["params"]
     moved = any(not torch.equal(start[n], v) for n, v in one["params"].items())
     assert moved  # it trained
+    if method not in NOT_IN_WEIGHTS:  # and the method acted: not the plain run's weights
+        plain = drive("none", seed=SEED.get(method, 0))["params"]
+        assert any(n not in plain or not torch.allclose(plain[n], v, rtol=1e-4, atol=1e-5)
+                   for n, v in one["params"].items()), f"{method} trained as `none` does"
+    acted = ACTED.get(method)
+    assert acted is None or any(acted(m) for m in one["metrics"]), f"{method} never acted"
 
 
 # --- (b) exact --resume, (c) a one-epoch CLI run logs its signal and is reported (slow) --------
 
 
 CLI_BATCH = {"lfm": {"lfm_heldout_size": 4}}  # the CLI runs' batch is 4
+# (epochs of the short run, epochs of the full run, flags) where the default (1, 2) would resume
+# where the method's state does not matter: AGM holds its last scale after its window; ReconBoost
+# resumes inside a learner phase; relearning before its re-initialisation; G-Blending resumes
+# with the state's weights (epoch 1) and re-estimates after it (epoch 2)
+CLI_RUNS = {
+    "agm": (1, 2, {"modulation_end": 0}),
+    "reconboost": (1, 4, {"fusion": "boost", "reconboost_stage_epochs": 2,
+                          "reconboost_correct_epochs": 1}),
+    "relearning": (2, 3, {}),
+    "gblending": (1, 3, {}),
+}
 
 
 def cli_flags(method: str) -> list[str]:
     out = module_args(method)
-    for key, value in {**DRIVE.get(method, {}), **CLI_BATCH.get(method, {})}.items():
+    extra = {**DRIVE.get(method, {}), **CLI_BATCH.get(method, {}),
+             **CLI_RUNS.get(method, (1, 2, {}))[2]}
+    for key, value in extra.items():
         out += [f"--{key.replace('_', '-')}", str(value)]
     return out
 
 
 @pytest.fixture(scope="module")
 def cli_runs(contract_shards, tmp_path_factory):
-    """Per method, once: a one-epoch CLI run (what (c) reads; (b) resumes a copy of it)."""
+    """Per method, once: a short CLI run (one epoch unless CLI_RUNS says) and the full run it is
+    resumed to; (c) reads them, (b) resumes a copy of the short one."""
     root, done = tmp_path_factory.mktemp("contract-runs"), {}
 
-    def one_epoch(method: str) -> Path:
+    def runs(method: str) -> dict:
         if method not in done:
-            run = root / method
-            out = invoke(*method_fit_args(method, contract_shards, run, 1), *cli_flags(method))
-            assert out.exit_code == 0, out.output
-            done[method] = run
+            short, full, _ = CLI_RUNS.get(method, (1, 2, {}))
+            done[method] = {"epochs": (short, full)}
+            for name, epochs in (("short", short), ("full", full)):
+                run = root / method / name
+                out = invoke(*method_fit_args(method, contract_shards, run, epochs),
+                             *cli_flags(method))
+                assert out.exit_code == 0, out.output
+                done[method][name] = run
         return done[method]
 
-    return one_epoch
+    return runs
 
 
 def signal_keys(cls, modalities) -> list[str]:
-    return [key.replace("<m>", m) if "<m>" in key else key
-            for key in cls.signals for m in (modalities if "<m>" in key else [None])]
+    """The declared signals with <m> as each modality, <branch> as each modality and `fused`."""
+    patterns = {"<m>": list(modalities), "<branch>": [*modalities, "fused"]}
+    out = []
+    for key in cls.signals:
+        pattern = next((p for p in patterns if p in key), None)
+        out += [key] if pattern is None else [key.replace(pattern, x) for x in patterns[pattern]]
+    return out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", GLOO)
 def test_one_epoch_cli_run_logs_its_signal_and_report_draws_it(registry, cli_runs, tmp_path,
                                                                method):
+    """Every declared signal key is logged by the end of the full run, and one of them at every
+    step of its last epoch; `avtrain report` draws them; the best checkpoint evaluates (the
+    model the method built rebuilds from its spec)."""
+    import json
+
     from test_balance_ogm import step_records
 
     from avtrain.report import balancing_keys, load_run
 
     cls = registry[method]
-    run = cli_runs(method)
-    summary = yaml.safe_load((run / "summary.json").read_text())
+    runs = cli_runs(method)
+    short, full = runs["short"], runs["full"]
+    summary = json.loads((short / "summary.json").read_text())
     assert summary["method"] == method
     keys = signal_keys(cls, summary["modalities"])
     assert keys or method == "none", f"{method} declares no signal"
-    steps = step_records(run)
-    assert len(steps) == 3
+    assert len(step_records(short)) == 3 * runs["epochs"][0]
+    steps = step_records(full)
+    assert len(steps) == 3 * runs["epochs"][1]
+    last = steps[-3:]  # valuation logs from its first re-sampling (after the warm-up) on
+    assert not keys or any(all(key in r for r in last) for key in keys), \
+        f"{method}: no declared signal at every step of the last epoch"
     for key in keys:
         assert any(key in r for r in steps), f"{key} never logged"
-    assert set(keys) <= set(balancing_keys(load_run(str(run))))
-    out = invoke("report", run, "-o", tmp_path / "report")
+    assert set(keys) <= set(balancing_keys(load_run(str(full))))
+    out = invoke("report", full, "-o", tmp_path / "report")
     assert out.exit_code == 0, out.output
     figures = sorted(p.name for p in (tmp_path / "report").glob("balance_*.png"))
-    assert figures == ([] if not keys else [f"balance_{run.name}.png"]), figures
+    assert figures == ([] if not keys else [f"balance_{full.name}.png"]), figures
+    out = invoke("eval", "--ckpt", short / "best.pt", "--split", "val", "--workers", "0",
+                 "--device", "cpu", "--json", "--no-shapley")
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["acc"] == pytest.approx(summary["val"]["acc"])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", GLOO)
-def test_resume_after_an_epoch_is_exact(registry, contract_shards, cli_runs, tmp_path, method):
+def test_resume_after_an_epoch_is_exact(registry, cli_runs, tmp_path, method):
+    """--resume of the short run gives the full run's weights, balancer state and every logged
+    value of the resumed epochs (the balancer's state included in what matters)."""
+    from test_balance_ogm import step_records
+
     from avtrain.checkpoint import load_checkpoint
 
-    full, part = tmp_path / "full", tmp_path / "part"
-    out = invoke(*method_fit_args(method, contract_shards, full, 2), *cli_flags(method))
-    assert out.exit_code == 0, out.output
-    shutil.copytree(cli_runs(method), part)
-    out = invoke("fit", "--resume", part, "--epochs", "2", *module_args(method))
+    runs = cli_runs(method)
+    (short, epochs), full, part = runs["epochs"], runs["full"], tmp_path / "part"
+    shutil.copytree(runs["short"], part)
+    out = invoke("fit", "--resume", part, "--epochs", epochs, *module_args(method))
     assert out.exit_code == 0, out.output
     a, b = load_checkpoint(str(full / "last.pt")), load_checkpoint(str(part / "last.pt"))
-    assert a["step"] == b["step"] == 6 and a["epoch"] == b["epoch"] == 1
+    assert a["step"] == b["step"] == 3 * epochs and a["epoch"] == b["epoch"] == epochs - 1
     for key in a["model"]:
         torch.testing.assert_close(b["model"][key], a["model"][key], rtol=1e-6, atol=1e-7,
                                    msg=key)
     assert_same_state(b["balancer"], a["balancer"])
+    untimed = [[{k: v for k, v in r.items() if k != "time"} for r in step_records(run)
+                if r["epoch"] >= short] for run in (full, part)]
+    assert len(untimed[1]) == 3 * (epochs - short)
+    assert len(untimed[0]) == len(untimed[1])
+    for want, got in zip(*untimed):
+        assert got.keys() == want.keys()
+        for key in want:
+            if isinstance(want[key], (int, float)):
+                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+            else:
+                assert got[key] == want[key], key
 
 
-def assert_same_state(got, want, where="balancer"):
-    """Two balancer state_dicts hold the same values (tensors to float tolerance)."""
+def assert_same_state(got, want, where="balancer", rtol=1e-6, atol=1e-7):
+    """Two balancer state_dicts hold the same values (tensors and floats to tolerance)."""
+    tol = {"rtol": rtol, "atol": atol}
     if isinstance(want, dict):
         assert isinstance(got, dict) and got.keys() == want.keys(), where
         for key in want:
-            assert_same_state(got[key], want[key], f"{where}[{key!r}]")
+            assert_same_state(got[key], want[key], f"{where}[{key!r}]", **tol)
     elif isinstance(want, (list, tuple)):
         assert isinstance(got, (list, tuple)) and len(got) == len(want), where
         for i, (g, w) in enumerate(zip(got, want)):
-            assert_same_state(g, w, f"{where}[{i}]")
+            assert_same_state(g, w, f"{where}[{i}]", **tol)
     elif isinstance(want, torch.Tensor):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=where)
+        torch.testing.assert_close(got, want, msg=where, **tol)
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=rtol, abs=atol), where
     else:
         assert got == want, where
