@@ -367,9 +367,12 @@ def test_bad_option_values_are_refused_before_training(contract_shards, tmp_path
     cls = all_methods()[method]
     opt = next(o for o in cls.options if o.name == option)
     run = tmp_path / "run"
-    out = invoke(*method_fit_args(method, contract_shards, run, 1),
-                 opt.flag_name(cls.prefix()), value)
-    refused(out, run, opt.flag_name(cls.prefix()))
+    flag = opt.flag_name(cls.prefix())
+    out = invoke(*method_fit_args(method, contract_shards, run, 1), flag, value)
+    refused(out, run, flag)
+    error = next(x for x in out.output.splitlines() if x.startswith("Error:"))
+    assert (f"Invalid value for '{flag}'" if opt.choices
+            else f"{flag} must be {opt.range_text()}, got ") in error, error
 
 
 CHOICES = [(m, o.name) for m in BUILT_IN for o in all_methods()[m].options if o.choices]
@@ -616,9 +619,10 @@ CLI_BATCH = {"lfm": {"lfm_heldout_size": 4}}  # the CLI runs' batch is 4
 # (epochs of the short run, epochs of the full run, flags) where the default (1, 2) would resume
 # where the method's state does not matter: AGM holds its last scale after its window; ReconBoost
 # resumes inside a learner phase; relearning before its re-initialisation; G-Blending resumes
-# with the state's weights (epoch 1) and re-estimates after it (epoch 2)
+# with the state's weights (epoch 1) and re-estimates after it (epoch 2); None: a bare flag
 CLI_RUNS = {
     "agm": (1, 2, {"modulation_end": 0}),
+    "amco": (1, 2, {"linear_probe": None}),  # the probe rebuilds AMCo's output-layer model
     "reconboost": (1, 4, {"fusion": "boost", "reconboost_stage_epochs": 2,
                           "reconboost_correct_epochs": 1}),
     "relearning": (2, 3, {}),
@@ -631,7 +635,7 @@ def cli_flags(method: str) -> list[str]:
     extra = {**DRIVE.get(method, {}), **CLI_BATCH.get(method, {}),
              **CLI_RUNS.get(method, (1, 2, {}))[2]}
     for key, value in extra.items():
-        out += [f"--{key.replace('_', '-')}", str(value)]
+        out += [f"--{key.replace('_', '-')}"] + ([] if value is None else [str(value)])
     return out
 
 
