@@ -481,6 +481,7 @@ ACTED = {
     "greedy": lambda m: m["rebalance_audio"] + m["rebalance_visual"] > 0,
     "relearning": lambda m: "purity_val_audio" in m,
     "mmcosine": lambda m: "mmcosine_logit_audio" in m,
+    "gblending": lambda m: abs(m["gblend_w_audio"] - 1 / 3) > 1e-3,  # estimated, not the start
 }
 # the fusion a method is released with where the driver's concat would leave a signal out
 # (ReconBoost's boost_rate is BoostFusion's)
