@@ -25,12 +25,9 @@ from click.testing import CliRunner
 from released import (
     as_batch,
     assert_one_error_line,
-    assert_ranks_equal_one,
-    fit_and_resume,
     make_batches,
     method_fit_args,
     no_dropout,
-    run_gloo,
     step_trainer,
     text_batches,
     train_steps,
@@ -315,34 +312,6 @@ def test_state_round_trip():
 # float32 rounding of a half-batch mean vs the global batch's (1e-7) grows ~100x in w. A larger
 # step moves the losses further (O ~ 0.1 of sums ~ 4 instead of 0.01), and the run is cut after
 # the first estimate and its epoch (the second estimate compounds the 2 epochs' rounding).
-DDP_LR, DDP_EPOCHS = 0.5, 2
-
-
-def _ddp_run(rank: int, world: int) -> dict:
-    torch.manual_seed(0)
-    t = trainer(bn=False, lr=DDP_LR)
-    per = BATCH // world
-    part = slice(rank * per, (rank + 1) * per)
-    data, streams, val = dataset()
-    cut = [{k: v[part] for k, v in b.items()} for b in data]
-    streams = {e: [{k: v[part] for k, v in b.items()} for b in s] for e, s in streams.items()}
-    est, params, metrics, _ = our_fit(t, cut, streams, val[rank::world],  # whole val batches
-                                      epochs=DDP_EPOCHS)
-    return {"params": params[-1], "metrics": metrics, "estimates": est}
-
-
-def test_two_gloo_processes_equal_one_with_the_global_batch(tmp_path):
-    ranks = run_gloo(_ddp_run, tmp_path)
-    one = _ddp_run(0, 1)
-    assert_ranks_equal_one(ranks, one)
-    (a, a_stats), = ranks[0]["estimates"]
-    (b, b_stats), = ranks[1]["estimates"]
-    (w, w_stats), = one["estimates"]
-    assert torch.equal(a, b) and torch.equal(a_stats, b_stats)
-    torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-6)
-    # L^T averaged over the ranks (the global batch's mean), L^V summed (whole val batches)
-    torch.testing.assert_close(a_stats[:4], w_stats[:4], rtol=1e-6, atol=1e-6)
-    assert not torch.allclose(w, torch.full_like(w, 1 / 3), atol=1e-3)
 
 
 def test_no_finite_weights_stop_the_run(monkeypatch):
@@ -394,32 +363,9 @@ def test_cli_one_epoch_on_synth_estimates_and_logs_the_weights(shards, tmp_path)
     assert "gblend_w_audio" in balancing_keys(load_run(str(run)))  # drawn by `avtrain report`
 
 
-@pytest.mark.parametrize("super_epoch", [2, 3])
-def test_resume_is_exact(shards, tmp_path, super_epoch):
-    # super_epoch 2: the resumed epoch 2 re-estimates; 3: it uses the weights from the state
-    full, part = tmp_path / "full", tmp_path / "part"
-    a, b = fit_and_resume(lambda run, epochs: fit_args(shards, run, epochs,
-                                                       gblending_super_epoch=super_epoch),
-                          full, part)
-    assert a["step"] == b["step"] == 9
-    for key in a["model"]:
-        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-6, atol=1e-7)
-    assert a["balancer"]["estimated_at"] == b["balancer"]["estimated_at"] == (
-        2 if super_epoch == 2 else 0)
-    torch.testing.assert_close(a["balancer"]["weights"], b["balancer"]["weights"])
-    torch.testing.assert_close(a["balancer"]["stats"], b["balancer"]["stats"])
-    want = [r for r in step_records(full) if r["epoch"] == 2]
-    got = [r for r in step_records(part) if r["epoch"] == 2]
-    assert len(got) == len(want) == 3
-    for g, w in zip(got, want):
-        for key in ("gblend_w_audio", "gblend_w_visual", "gblend_w_fused", "loss"):
-            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), key
-
-
 @pytest.mark.parametrize("extra,words", [
     ({"val_split": "nosuch"}, "no 'nosuch' split"),
     ({"val_split": "train"}, "--val-split must not be the train split"),
-    ({"gblending_super_epoch": 1}, "--gblending-super-epoch must be at least 2, got 1"),
     ({"gblending_weights": "1,2"}, "--gblending-weights must be 3 numbers"),
     ({"modalities": "audio"}, "needs at least two"),
 ])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import math
 
 import pytest
@@ -25,17 +24,14 @@ from click.testing import CliRunner
 from released import (
     as_batch,
     assert_one_error_line,
-    assert_ranks_equal_one,
-    fit_and_resume,
     make_batches,
     method_fit_args,
     no_dropout,
-    run_gloo,
     step_trainer,
     text_batches,
     train_steps,
 )
-from test_balance_ogm import build_test_shards, step_records
+from test_balance_ogm import build_test_shards
 
 from avtrain.balance import mbsd_loss, mbsd_pair_terms
 
@@ -215,22 +211,6 @@ def test_three_modalities_equal_the_reference():
     assert metrics[0]["mbsd_weighted"] > 0
 
 
-def _ddp_run(rank: int, world: int) -> dict:
-    torch.manual_seed(0)
-    t = trainer(bn=False)
-    per = BATCH // world
-    data = make_batches(7, BATCH, sum(n for _, n in STEPS), CLASSES)
-    params, metrics, _ = our_train(t, data, slice(rank * per, (rank + 1) * per))
-    return {"params": params[-1], "metrics": metrics}
-
-
-def test_two_gloo_processes_equal_one_with_the_global_batch(tmp_path):
-    ranks = run_gloo(_ddp_run, tmp_path)
-    one = _ddp_run(0, 1)
-    assert any(m["mbsd_weighted"] > 0 for m in one["metrics"])
-    assert_ranks_equal_one(ranks, one)
-
-
 # --- the real trainer ---------------------------------------------------------------------------
 
 
@@ -241,37 +221,6 @@ def shards(synth_dir, tmp_path_factory):
 
 def fit_args(shards, run, epochs, *fixed, **extra):
     return method_fit_args("mbsd", shards, run, epochs, *fixed, **extra)
-
-
-def test_cli_one_epoch_on_synth_logs_the_signal(shards, tmp_path):
-    from cli import avtrain
-
-    run = tmp_path / "run"
-    out = CliRunner().invoke(avtrain, fit_args(shards, run, 1))
-    assert out.exit_code == 0, out.output
-    steps = step_records(run)
-    assert len(steps) == 3
-    for key in ("mbsd_kl", "mbsd_rs", "mbsd_weight", "mbsd_weighted"):
-        assert all(key in r for r in steps), key
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["method"] == "mbsd"
-    from avtrain.report import balancing_keys, load_run
-
-    assert "mbsd_kl" in balancing_keys(load_run(str(run)))  # drawn by `avtrain report`
-
-
-def test_resume_is_exact(shards, tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
-    a, b = fit_and_resume(lambda run, epochs: fit_args(shards, run, epochs), full, part)
-    assert a["step"] == b["step"] == 9
-    for key in a["model"]:
-        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-6, atol=1e-7)
-    want = [r for r in step_records(full) if r["epoch"] == 2]
-    got = [r for r in step_records(part) if r["epoch"] == 2]
-    assert len(got) == len(want) == 3
-    for g, w in zip(got, want):
-        for key in ("mbsd_kl", "mbsd_rs", "mbsd_weight", "loss"):
-            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), key
 
 
 @pytest.mark.parametrize("extra,words", [

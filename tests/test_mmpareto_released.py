@@ -17,7 +17,6 @@ test.
 from __future__ import annotations
 
 import copy
-import json
 import math
 
 import pytest
@@ -28,8 +27,6 @@ from click.testing import CliRunner
 from released import (
     as_batch,
     assert_one_error_line,
-    assert_ranks_equal_one,
-    fit_and_resume,
     make_batches,
     method_fit_args,
     no_dropout,
@@ -37,7 +34,7 @@ from released import (
     step_trainer,
     text_batches,
 )
-from test_balance_ogm import build_test_shards, step_records
+from test_balance_ogm import build_test_shards
 
 from avtrain.balance import min_norm_weight, mmpareto_gradient, mmpareto_weights
 
@@ -258,22 +255,6 @@ def test_three_modalities_equal_the_reference():
     assert {f"{k}_text" for k in ("cos", "minnorm", "wmm", "wuni", "uniloss")} <= set(metrics[0])
 
 
-def _ddp_run(rank: int, world: int) -> dict:
-    torch.manual_seed(0)
-    t = conflicting(trainer(bn=False))
-    per = BATCH // world
-    data = make_batches(7, BATCH, STEPS, CLASSES)
-    params, metrics, _ = our_train(t, data, slice(rank * per, (rank + 1) * per))
-    return {"params": params[-1], "metrics": metrics}
-
-
-def test_two_gloo_processes_equal_one_with_the_global_batch(tmp_path):
-    ranks = run_gloo(_ddp_run, tmp_path)
-    one = _ddp_run(0, 1)
-    assert any(m["minnorm_visual"] for m in one["metrics"])
-    assert_ranks_equal_one(ranks, one)
-
-
 def _ddp_bn_run(rank: int, world: int) -> dict:
     torch.manual_seed(0)
     t = conflicting(trainer(bn=True))
@@ -308,49 +289,7 @@ def fit_args(shards, run, epochs, *fixed, **extra):
     return method_fit_args("mmpareto", shards, run, epochs, *fixed, **extra)
 
 
-SIGNAL = ("cos_audio", "cos_visual", "minnorm_audio", "minnorm_visual", "wmm_audio",
-          "wmm_visual", "wuni_audio", "wuni_visual", "uniloss_audio", "uniloss_visual", "loss_mm")
-
-
-def test_cli_one_epoch_on_synth_logs_the_signal(shards, tmp_path):
-    from cli import avtrain
-
-    run = tmp_path / "run"
-    out = CliRunner().invoke(avtrain, fit_args(shards, run, 1))
-    assert out.exit_code == 0, out.output
-    steps = step_records(run)
-    assert len(steps) == 3
-    for key in SIGNAL:
-        assert all(key in r for r in steps), key
-    for r in steps:
-        assert r["wmm_audio"] + r["wuni_audio"] == pytest.approx(1.0, abs=1e-6)
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["method"] == "mmpareto"
-    from avtrain.report import balancing_keys, load_run
-
-    assert "cos_visual" in balancing_keys(load_run(str(run)))  # drawn by `avtrain report`
-    ev = CliRunner().invoke(avtrain, ["eval", "--ckpt", str(run / "best.pt"), "--split", "val",
-                                      "--workers", "0", "--device", "cpu", "--json"])
-    assert ev.exit_code == 0, ev.output
-    assert json.loads(ev.output)["acc"] == pytest.approx(summary["val"]["acc"])
-
-
-def test_resume_is_exact(shards, tmp_path):
-    full, part = tmp_path / "full", tmp_path / "part"
-    a, b = fit_and_resume(lambda run, epochs: fit_args(shards, run, epochs), full, part)
-    assert a["step"] == b["step"] == 9
-    for key in a["model"]:
-        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-6, atol=1e-7)
-    want = [r for r in step_records(full) if r["epoch"] == 2]
-    got = [r for r in step_records(part) if r["epoch"] == 2]
-    assert len(got) == len(want) == 3
-    for g, w in zip(got, want):
-        for key in (*SIGNAL, "loss"):
-            assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), key
-
-
 @pytest.mark.parametrize("extra,words", [
-    ({"mmpareto_gamma": 0}, "--mmpareto-gamma must be above 0, got 0.0"),
     ({"mmpareto_gamma": "nan"}, "--mmpareto-gamma must be a finite number, got nan"),
     ({"modalities": "audio"}, "needs at least two"),
 ])
