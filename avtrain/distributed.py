@@ -7,6 +7,7 @@ input. torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; nothing else is needed.
 from __future__ import annotations
 
 import os
+import gc
 import sys
 from dataclasses import dataclass
 
@@ -82,6 +83,10 @@ def teardown(ctx: Context) -> None:
         return
     if sys.exc_info()[0] is None:
         dist.barrier()
+    # a DDP wrapper or balancer left in a reference cycle still holds the group, and with it
+    # gloo's threads, until the cycle collector happens to run: collect it now, so destroying
+    # the group really ends them (found by a gloo test whose thread outlived the group)
+    gc.collect()
     dist.destroy_process_group()
 
 

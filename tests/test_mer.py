@@ -136,7 +136,9 @@ def test_train_three_modalities_on_raw_mer(mer_shards, tmp_path, model, method):
               "fusion": "concat", "method": method, "modalities": ["audio", "visual", "text"],
               "epochs": 1, "batch_size": 2, "image_size": 32, "frames": 2, "workers": 0,
               "optimizer": "adam", "device": "cpu", "progress": False, "tensorboard": False,
-              "modulate": "encoder", "log_every": 1}
+              "log_every": 1}
+    if method == "ogm_ge":
+        config["modulate"] = "encoder"
     if model == "ca":
         config["model_options"] = {"d_model": 16, "heads": 2, "layers": 1, "ff": 32,
                                    "text_dim": 8, "text_layers": 1, "patch": 40}
