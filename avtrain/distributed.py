@@ -6,8 +6,8 @@ input. torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; nothing else is needed.
 
 from __future__ import annotations
 
-import os
 import gc
+import os
 import sys
 from dataclasses import dataclass
 
