@@ -8,7 +8,7 @@ synth-sized inputs.
     .venv/bin/python benchmarks/balance.py --device cuda
 
 Whether the methods *work* (accuracy, macro-F1, probes, the imbalance gap, over seeds, with
-unimodal references) is the product's job now: `avtrain bench` (README, "Comparing methods").
+unimodal references) is the product's job now: `avtrain bench` (docs/bench.md).
 This script's former `--part quality` is, for the synth setup of RESULTS-balance.md:
 
     avprep synth /tmp/avb/raw --classes 6 --per-class 100

@@ -1,4 +1,6 @@
-"""The README's shell blocks marked `<!-- tested -->` run, in order, as a new user would."""
+"""The shell blocks marked `<!-- tested -->` in the README and the guides (docs/*.md) run, in
+order, in one folder, as a new user would: the README first, then the guides in the order of
+mkdocs.yml's nav, since later blocks use what earlier ones made (synth-shards, runs/none)."""
 
 from __future__ import annotations
 
@@ -8,19 +10,62 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
 from held import HUNG_AFTER_S
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 BIN = str(Path(sys.executable).parent)
+
+
+def guides() -> list[Path]:
+    """The pages of docs/ written by hand (not generated), in mkdocs.yml's nav order."""
+
+    def pages(entry) -> list[str]:
+        if isinstance(entry, str):
+            return [entry]
+        if isinstance(entry, list):
+            return [page for item in entry for page in pages(item)]
+        return [page for value in entry.values() for page in pages(value)]
+
+    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text("utf-8"))["nav"]
+    return [ROOT / "docs" / page for page in pages(nav)
+            if page != "index.md" and (ROOT / "docs" / page).is_file()]
+
+
+def sources() -> list[Path]:
+    """README.md, then the guides: the order their tested blocks run in."""
+    return [README, *guides()]
 
 
 def readme_blocks(text: str) -> list[str]:
     return re.findall(r"<!-- tested -->\s*```(?:sh|bash)\n(.*?)```", text, flags=re.S)
 
 
+def marked_blocks() -> list[tuple[Path, str]]:
+    return [(path, block) for path in sources() for block in readme_blocks(path.read_text())]
+
+
+def page_with(marker: str) -> str:
+    """The text of the one README or guide page that holds `marker`."""
+    holding = [path for path in sources() if marker in path.read_text()]
+    assert len(holding) == 1, (marker, holding)
+    return holding[0].read_text()
+
+
+def test_guides_are_the_nav():
+    """Every hand-written page of docs/ is in the nav (so its blocks run), and the nav holds
+    the guides the README points to."""
+    listed = {path.name for path in guides()}
+    written = {path.name for path in (ROOT / "docs").glob("*.md")} - {"index.md"}
+    assert listed == written
+    readme = README.read_text()
+    for name in listed - {"cli.md", "api.md"}:
+        assert f"](docs/{name})" in readme, name
+
+
 def test_readme_has_tested_walkthrough():
-    blocks = readme_blocks(README.read_text())
-    commands = "\n".join(blocks)
+    commands = "\n".join(block for _, block in marked_blocks())
     for needed in ("avprep synth", "avprep build-shards", "avprep inspect", "avprep verify",
                    "avtrain fit", "avtrain eval", "avtrain report", "avprep extract-frames",
                    "avprep extract-audio", "--print-config", "--config", "--resume"):
@@ -29,11 +74,12 @@ def test_readme_has_tested_walkthrough():
 
 def test_readme_commands_run(tmp_path):
     env = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"]}
-    for block in readme_blocks(README.read_text()):
+    for path, block in marked_blocks():
         script = "set -euo pipefail\n" + block
         result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env,
                                 capture_output=True, text=True, timeout=HUNG_AFTER_S)
-        assert result.returncode == 0, f"README block failed:\n{block}\n{result.stderr[-3000:]}"
+        assert result.returncode == 0, (f"{path.relative_to(ROOT)} block failed:\n{block}\n"
+                                        f"{result.stderr[-3000:]}")
     # what the walk-through promises its report holds
     report = (tmp_path / "reports" / "first" / "report.md").read_text()
     for figure in ("accuracy_fused.png", "accuracy_audio.png", "accuracy_visual.png",
@@ -44,7 +90,7 @@ def test_readme_commands_run(tmp_path):
 
 
 def untested_commands(text: str) -> list[str]:
-    """avprep/avtrain lines of the README's unmarked blocks (they need real datasets or GPUs)."""
+    """avprep/avtrain lines of a page's unmarked blocks (they need real datasets or GPUs)."""
     tested = set(readme_blocks(text))
     lines = []
     for block in re.findall(r"```(?:sh|bash)\n(.*?)```", text, flags=re.S):
@@ -60,7 +106,7 @@ def untested_commands(text: str) -> list[str]:
 def test_readme_untested_commands_still_parse(tmp_path):
     """The dataset walk-throughs cannot run here, but their flags must still exist: `fit` lines
     must print their config, `avprep` lines must fail only on the missing dataset root."""
-    commands = untested_commands(README.read_text())
+    commands = [line for path in sources() for line in untested_commands(path.read_text())]
     assert sum(c.startswith("avtrain fit") for c in commands) >= 6
     env = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"]}
     for command in commands:
@@ -77,20 +123,21 @@ def test_readme_untested_commands_still_parse(tmp_path):
 
 
 def test_readme_methods_table_is_the_registry():
-    """The README's one line per method is generated from the modules (`avtrain methods`)."""
+    """The methods table (Balancing methods) is one line per method generated from the modules
+    (`avtrain methods`)."""
     from avtrain.balance import METHODS
     from avtrain.balance.describe import readme_table
 
-    text = README.read_text()
-    table = text.split("<!-- methods table: generated by avtrain.balance.describe.readme_table;"
-                       " tests keep it equal -->\n")[1].split("\n<!-- end of methods table -->")[0]
+    marker = ("<!-- methods table: generated by avtrain.balance.describe.readme_table;"
+              " tests keep it equal -->\n")
+    table = page_with(marker).split(marker)[1].split("\n<!-- end of methods table -->")[0]
     built_in = {name: cls for name, cls in METHODS.items() if cls.origin is None}
     assert table.strip() == readme_table(built_in).strip()
     assert len(table.strip().splitlines()) == len(built_in) + 2
 
 
 def test_readme_plugin_example_is_the_shipped_file():
-    """The plug-in the README writes and benches is examples/unimodal_aux.py, byte for byte."""
-    text = README.read_text()
+    """The plug-in the docs write and bench is examples/unimodal_aux.py, byte for byte."""
+    text = page_with("cat > unimodal_aux.py <<'EOF'\n")
     example = text.split("cat > unimodal_aux.py <<'EOF'\n")[1].split("\nEOF\n")[0] + "\n"
     assert example == (README.parent / "examples" / "unimodal_aux.py").read_text()
