@@ -101,8 +101,8 @@ def describe(name_or_cls) -> str:
 
 
 def readme_table(methods: dict) -> str:
-    """The README's methods table: one short line per method (tests/test_readme.py keeps the
-    README equal to it; `avtrain methods NAME` has the rest)."""
+    """The methods table of docs/balancing.md: one short line per method (tests/test_readme.py
+    keeps the page equal to it; `avtrain methods NAME` has the rest)."""
     lines = ["| method | paper | what it changes | checked against |", "|---|---|---|---|"]
     for cls in methods.values():
         name, year, title, summary, code = method_line(cls)

@@ -36,7 +36,7 @@ Options (config keys; flags `--olm-...`):
   update; under the OLM recipe (Adam 1e-4, weight decay 2e-4) only it equals the released step
   (Adam is nearly scale-free, but its L2 term is not). With SGD the sum multiplies the
   effective learning rate by the global batch size; at the toolkit's SGD lr 1e-3 and batch 64
-  that trained better than the mean in our measurement (README), so `sum` stays the default
+  that trained better than the mean in our measurement (docs/balancing.md), so `sum` stays the default
   with SGD too; `mean` is for SGD runs whose lr was tuned for a mean loss or whose global
   batch is large. Either way w's gradient is the released one: its CE part is always the
   batch sum. In DDP the sums are global: the
