@@ -17,6 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from avtrain.balance import build_balancer
 
+pytestmark = pytest.mark.slow  # whole pipelines or servers: `make test`, not the quick loop
+
 METHODS = ("none", "ogm", "ogm_ge", "olm", "olm_com")
 GLOBAL_BATCH = 8
 STEPS = ((0, 3), (1, 3))  # (epoch, steps): epoch 0 sets OLM's initial losses

@@ -435,6 +435,7 @@ def test_trainer_logs_and_applies_ogm_ge_only_inside_the_window(shards, tmp_path
      "--modulation-end"),
     (["--method", "ogm", "--modalities", "audio"], "at least two"),
 ])
+@pytest.mark.slow
 def test_cli_bad_balancing_options_are_one_line(shards, tmp_path, args, match):
     import subprocess
     import sys

@@ -308,6 +308,7 @@ def test_trainer_runs_olm_com_and_resumes_with_its_state(shards, tmp_path):
     assert [step[f"w_{b}"] for b in BRANCHES] == pytest.approx(saved["weights"].tolist())
 
 
+@pytest.mark.slow
 def test_olm_com_without_a_val_split_is_a_user_error(synth_dir, shards, tmp_path):
     from avprep.manifest import read_manifest
     from avprep.presets import get_preset

@@ -18,7 +18,7 @@ from test_balance_ogm import step_records
 
 from cli import avtrain
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]  # pipelines, servers
 
 EXAMPLE_PLUGIN = Path(__file__).resolve().parent.parent / "examples" / "unimodal_aux.py"
 TINY = ["--model", "tiny", "--image-size", "32", "--batch-size", "8", "--steps-per-epoch", "2",

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BIN = Path(sys.executable).parent
 
 
@@ -22,6 +24,7 @@ def test_version_and_help():
         assert run(tool, "--help").returncode == 0
 
 
+@pytest.mark.slow
 def test_doctor_reports_ffmpeg_and_torch():
     result = run("avprep", "doctor")
     assert result.returncode == 0

@@ -19,7 +19,8 @@ from avtrain.loop import fit
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 AVTRAIN = os.path.join(os.path.dirname(sys.executable), "avtrain")
 
-pytestmark = pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
+pytestmark = [pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed"),
+              pytest.mark.slow]
 
 
 def torchrun(args, timeout=HUNG_AFTER_S):

@@ -14,6 +14,8 @@ import pytest  # noqa: E402
 
 from avprep.errors import UserError  # noqa: E402
 
+pytestmark = pytest.mark.slow  # whole pipelines or servers: `make test`, not the quick loop
+
 
 def test_quick_demo_end_to_end_and_rerun(tmp_path, capsys):
     out = tmp_path / "demo"

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # whole pipelines or servers: `make test`, not the quick loop
+
 ROOT = Path(__file__).resolve().parent.parent
 
 pytest.importorskip("mkdocs", reason="the docs extra: pip install -e '.[docs]'")

@@ -217,6 +217,7 @@ def test_train_crop_per_frame_gives_each_frame_its_own_crop():
     assert torch.equal(shared[0], shared[1]) and torch.equal(shared[0], per_frame[0])
 
 
+@pytest.mark.slow
 def test_new_fit_settings_and_their_errors():
     c = make_config({"eval_crop": "random", "eval_resize": "square", "train_crop": "frame"})
     assert (c.eval_crop, c.eval_resize, c.train_crop) == ("random", "square", "frame")

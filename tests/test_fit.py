@@ -115,6 +115,7 @@ def test_config_file_flags_and_print_config(train_shards, tmp_path):
     assert out.exit_code == 2 and "unknown setting 'learning_rate'" in out.output
 
 
+@pytest.mark.slow
 def test_linear_probe_beats_chance(train_shards, tmp_path):
     summary = fit(tiny(train_shards, tmp_path / "run", epochs=2, steps_per_epoch=6,
                        linear_probe=True))

@@ -27,6 +27,7 @@ def shard_set(synth_dir, tmp_path):
     return tmp_path / "out", manifest
 
 
+@pytest.mark.slow
 def test_inspect_summary_and_png(shard_set, tmp_path):
     out, manifest = shard_set
     key = manifest.records[0].key

@@ -301,6 +301,7 @@ def _gather_tokens(rank: int, world: int) -> dict:
     return {"text": _gather_padded(tokens), "label": _gather_padded(torch.tensor([rank, rank]))}
 
 
+@pytest.mark.slow
 def test_held_out_pieces_of_different_token_lengths_are_padded_and_gathered(tmp_path):
     ranks = run_gloo(_gather_tokens, tmp_path)
     want = torch.tensor([[1, 2, 0, 0], [3, 4, 0, 0], [11, 12, 13, 14], [15, 16, 17, 18]])

@@ -110,6 +110,7 @@ def test_manifest_carries_transcripts_valence_and_folds(mer_scan):
                for n in mer_scan.notes)
 
 
+@pytest.mark.slow
 def test_raw_mer_shards_hold_three_modalities(mer_shards):
     index = json.loads((mer_shards / "index.json").read_text())
     assert index["modalities"] == ["audio", "visual", "text"]
@@ -186,6 +187,7 @@ def test_folds_partition_train_and_val(feature_shards, tmp_path):
     assert fold_of("x", {"extra": {"fold": 3}}, 3) == fold_of("x", {}, 3)
 
 
+@pytest.mark.slow
 def test_cross_validation_cli_reports_mean_and_std(feature_shards, tmp_path):
     run = tmp_path / "cv"
     args = ["fit", "--shards", str(feature_shards), "--run-dir", str(run), "--model", "emt",

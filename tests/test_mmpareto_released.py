@@ -265,6 +265,7 @@ def _ddp_bn_run(rank: int, world: int) -> dict:
     return {"params": params[-1], "metrics": metrics, "buffers": buffers}
 
 
+@pytest.mark.slow
 def test_ranks_stay_identical_with_batchnorm(tmp_path):
     # per-rank BatchNorm statistics differ, so no equality with one process; but rank 0's
     # buffers are broadcast before each forward (as DDP's) and the gradients are averaged, so

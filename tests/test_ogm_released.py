@@ -390,6 +390,7 @@ def ddp_results(tmp_path_factory):
     return run_gloo(_ddp_run, tmp_path_factory.mktemp("ogm-ddp"))
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_with_the_global_batch(ddp_results):
     r0, r1 = ddp_results
     for name, value in r0["model"].items():

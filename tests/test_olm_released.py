@@ -305,6 +305,7 @@ def ddp_results(tmp_path_factory):
     return run_gloo(_ddp_run, tmp_path_factory.mktemp("olm-ddp"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["olm", "olm_com"])
 def test_two_gloo_processes_equal_one_with_the_global_batch(ddp_results, method):
     r0, r1 = ddp_results[0][method], ddp_results[1][method]

@@ -30,6 +30,7 @@ def refused(group, *args) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_every_command_in_an_empty_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ok(avprep, "synth", "data/synth", "--classes", 2, "--per-class", 3, "--seconds", 1,
@@ -65,6 +66,7 @@ def test_every_command_in_an_empty_folder(tmp_path, monkeypatch):
     assert (tmp_path / "reports/synth/first/report.md").is_file()
 
 
+@pytest.mark.slow
 def test_bench_folder_with_missing_parents(train_shards, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ok(avtrain, "bench", "-o", "benches/synth/first", "--shards", train_shards,

@@ -30,6 +30,7 @@ def records(run: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r.get("kind") == kind]
 
 
+@pytest.mark.slow
 def test_plugin_runs_through_fit_and_resumes_from_another_folder(train_shards, tmp_path):
     plugin = tmp_path / "mine.py"
     plugin.write_text(EXAMPLE.read_text())
@@ -70,6 +71,7 @@ def _old_style(config: dict, **flat) -> dict:
     return old
 
 
+@pytest.mark.slow
 def test_a_run_written_before_method_options_resumes_with_one_warning(train_shards, tmp_path):
     run = tmp_path / "run"
     first = avtrain("fit", "--method", "olm", "--olm-reduction", "mean", "--shards",
@@ -105,6 +107,7 @@ def test_a_run_written_before_method_options_resumes_with_one_warning(train_shar
     (["--method-module", "no/such/file.py", "--method", "x"],
      "Error: --method-module no/such/file.py: no such file"),
 ])
+@pytest.mark.slow
 def test_method_options_given_wrongly_are_one_error_line(train_shards, tmp_path, args, message):
     result = avtrain("fit", "--shards", train_shards, "--run-dir", tmp_path / "run", *TINY,
                      *args)
@@ -114,6 +117,7 @@ def test_method_options_given_wrongly_are_one_error_line(train_shards, tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_config_files_with_another_methods_option(tmp_path):
     """A config file written by hand with another method's option is refused; an old saved
     config.yaml listing every method's options at their defaults is not."""
@@ -134,6 +138,7 @@ def test_config_files_with_another_methods_option(tmp_path):
     assert shown.stderr.strip() == "Warning: --method mmpareto does not read --alpha (ignored)"
 
 
+@pytest.mark.slow
 def test_methods_command_lists_every_method_and_shows_one(tmp_path):
     listing = avtrain("methods").stdout.splitlines()
     from avtrain.balance import METHODS
@@ -160,6 +165,7 @@ def _installed(site: Path, body: str) -> dict:
     return {**os.environ, "PYTHONPATH": str(site)}
 
 
+@pytest.mark.slow
 def test_an_installed_package_announces_its_method_by_entry_point(tmp_path):
     env = _installed(tmp_path / "site", '''
 import torch.nn.functional as F
@@ -183,6 +189,7 @@ class HalfCE(Balancer):
     assert yaml.safe_load(shown.stdout)["method_options"] == {"factor": 0.25}
 
 
+@pytest.mark.slow
 def test_a_broken_entry_point_is_one_error_line(tmp_path):
     env = _installed(tmp_path / "site", "raise RuntimeError('half is broken')\n")
     result = subprocess.run([AVTRAIN, "methods"], capture_output=True, text=True, env=env,

@@ -8,6 +8,8 @@ from avprep.manifest import read_manifest
 from avprep.presets import get_preset
 from avprep.shards import build_shards
 
+pytestmark = pytest.mark.slow  # whole pipelines or servers: `make test`, not the quick loop
+
 ray = pytest.importorskip("ray", reason="Ray is the optional extra avbalance[ray]")
 
 

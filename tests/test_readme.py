@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from held import HUNG_AFTER_S
 
@@ -72,6 +73,7 @@ def test_readme_has_tested_walkthrough():
         assert needed in commands
 
 
+@pytest.mark.slow
 def test_readme_commands_run(tmp_path):
     env = {**os.environ, "PATH": BIN + os.pathsep + os.environ["PATH"]}
     for path, block in marked_blocks():
@@ -103,6 +105,7 @@ def untested_commands(text: str) -> list[str]:
     return lines
 
 
+@pytest.mark.slow
 def test_readme_untested_commands_still_parse(tmp_path):
     """The dataset walk-throughs cannot run here, but their flags must still exist: `fit` lines
     must print their config, `avprep` lines must fail only on the missing dataset root."""

@@ -218,6 +218,7 @@ def set_preset_params(out, params: dict | None) -> dict:
     return index
 
 
+@pytest.mark.slow
 def test_recipe_refuses_shards_built_otherwise_and_labels_the_legacy_run(cremad_lists,
                                                                           tmp_path):
     base, root = cremad_lists

@@ -46,6 +46,7 @@ loop.Trainer._log_step = log_then_hold
 """
 
 
+@pytest.mark.slow
 def test_interrupt_then_resume_equals_uninterrupted(train_shards, tmp_path):
     full = fit({**SETTINGS, "shards": str(train_shards), "run_dir": str(tmp_path / "full"),
                 "progress": False})

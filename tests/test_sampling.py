@@ -220,6 +220,7 @@ def epoch_record(run):
     return epoch
 
 
+@pytest.mark.slow
 def test_fit_skips_a_damaged_sample_and_counts_it(train_shards, tmp_path):
     copy = tmp_path / "shards"
     shutil.copytree(train_shards, copy)

@@ -195,6 +195,7 @@ executors.report_sample = report_then_hold
 """
 
 
+@pytest.mark.slow
 def test_kill_then_rerun_gives_the_same_shards(mixed_manifest, tmp_path):
     reference = tmp_path / "reference"
     build(mixed_manifest, reference, shard_size=3)
@@ -284,6 +285,7 @@ def test_deleted_tar_is_rebuilt_on_rerun(synth_dir, tmp_path):
     assert tar_bytes(tmp_path / "out") == before
 
 
+@pytest.mark.slow
 def test_max_shard_bytes_cuts_parts_that_index_and_verify_see(synth_dir, tmp_path):
     out = tmp_path / "out"
     result = run_cli("build-shards", "--manifest", str(synth_dir / "manifest.jsonl"), "-o",

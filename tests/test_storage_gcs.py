@@ -33,7 +33,7 @@ from avprep.storage import Store  # noqa: E402
 BIN = Path(sys.executable).parent
 BUCKET = "avb-gcs-test"
 READY_TRIES = 600  # x 0.05 s between tries: a bound on start-up, not an expected duration
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]  # pipelines, servers
 
 
 def free_port() -> int:

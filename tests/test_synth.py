@@ -65,6 +65,7 @@ def test_visual_cue_colour_is_visible(tmp_path):
         assert int(np.argmax(cosines)) == record.extra["visual_cue"]
 
 
+@pytest.mark.slow
 def test_reliability_controls_how_often_cues_agree(tmp_path):
     config = SynthConfig(classes=4, per_class=30, seconds=0.5, size=16, audio_reliability=1.0,
                          visual_reliability=0.5, seed=3)

@@ -250,6 +250,7 @@ def _ddp_run(rank: int, world: int) -> dict:
     return {mode: _ddp_steps(rank, world, mode) for mode in ("eval", "train")}
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_with_the_global_batch(tmp_path):
     # eval-mode teachers keep their BatchNorm (running statistics: per sample); train-mode
     # ones lose it here, as the student does (batch statistics differ per rank)
@@ -292,6 +293,7 @@ def fit_args(shards, teachers, run, epochs, *fixed, **extra):
                            *fixed, **extra)
 
 
+@pytest.mark.slow
 def test_cli_one_epoch_on_synth_logs_the_signal(shards, teachers, tmp_path):
     from cli import avtrain
 

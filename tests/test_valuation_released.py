@@ -283,6 +283,7 @@ def _ddp_run(rank: int, world: int) -> dict:
             "metrics": metrics, "keys": keys, "phi": phi}
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_with_the_global_batch(tmp_path):
     ranks = run_gloo(_ddp_run, tmp_path)
     one = _ddp_run(0, 1)
