@@ -778,27 +778,31 @@ def _bench_fit_options(f):
 
 
 @avtrain.command(cls=MethodOptionsCommand)
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Bench folder: runs/ROW/seedS, results.md, results.csv, figures.")
-@click.option("--methods", default="none,ogm_ge,olm", show_default=True,
-              help="Comma list of balancing methods, one row each.")
-@click.option("--seeds", default="3", show_default=True,
-              help="A count (3 = seeds 0,1,2) or a comma list of seeds (0,4,7).")
-@click.option("--set", "sets", multiple=True, metavar="METHOD.SETTING=V[,V...]",
-              help="A setting for one method's runs, e.g. ogm_ge.alpha=0.1,0.8 (each value its "
-              "own row); repeatable.")
-@click.option("--references/--no-references", default=True, show_default=True,
-              help="Unimodal reference rows (--modalities audio, --modalities visual).")
-@click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
-              show_default=True, help="local: one run after another; ray: one Ray task per run.")
-@click.option("--ray-address", help="Ray cluster address, e.g. auto (default: a local Ray).")
-@click.option("--overwrite", is_flag=True,
-              help="Start the bench again, e.g. with other settings (its runs are removed).")
+@cloup.option_group(
+    "Bench",
+    click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
+                  help="Bench folder: runs/ROW/seedS, results.md, results.csv, figures."),
+    click.option("--methods", default="none,ogm_ge,olm", show_default=True,
+                  help="Comma list of balancing methods, one row each."),
+    click.option("--seeds", default="3", show_default=True,
+                  help="A count (3 = seeds 0,1,2) or a comma list of seeds (0,4,7)."),
+    click.option("--set", "sets", multiple=True, metavar="METHOD.SETTING=V[,V...]",
+                  help="A setting for one method's runs, e.g. ogm_ge.alpha=0.1,0.8 (each value its "
+                  "own row); repeatable."),
+    click.option("--references/--no-references", default=True, show_default=True,
+                  help="Unimodal reference rows (--modalities audio, --modalities visual)."),
+    click.option("--executor", type=click.Choice(["local", "ray"]), default="local",
+                  show_default=True, help="local: one run after another; ray: one Ray task per run."),
+    click.option("--ray-address", help="Ray cluster address, e.g. auto (default: a local Ray)."),
+    click.option("--overwrite", is_flag=True,
+                  help="Start the bench again, e.g. with other settings (its runs are removed)."),
+)
 @_bench_fit_options
 def bench(out_dir, methods, seeds, sets, references, executor, ray_address, overwrite,
           config_file, **flags):
     """Train methods x seeds (and unimodal references) under one protocol; rerun to resume.
-    Any fit flag applies to every run; results in OUT/results.md and results.csv."""
+    Any fit flag applies to every run, a method's own flag to that method's rows (as --set);
+    results in OUT/results.md and results.csv."""
     from avtrain.bench import run_bench
     from avtrain.config import load_yaml
 

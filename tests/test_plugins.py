@@ -197,3 +197,19 @@ def test_a_broken_entry_point_is_one_error_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == ("Error: plug-in entry point half = halfpkg:HalfCE: "
                                      "loading failed: RuntimeError: half is broken")
+
+
+def test_a_methods_own_flag_given_to_the_bench_applies_to_its_rows():
+    """`avtrain bench --mmpareto-gamma 2` sets gamma on the mmpareto rows only (as --set
+    mmpareto.gamma=2); a flag of a method not benched is one line."""
+    from avprep.errors import UserError
+    from avtrain.bench import method_flags_to_sets, parse_sets
+
+    base, sets = {"mmpareto_gamma": 2.0, "lr": 0.1}, {}
+    method_flags_to_sets(base, ["none", "mmpareto"], sets)
+    assert base == {"lr": 0.1} and sets == {"mmpareto": [("mmpareto_gamma", [2.0])]}
+    assert parse_sets(["mmpareto.gamma=3"], ["mmpareto"]) == {"mmpareto": [("mmpareto_gamma",
+                                                                             [3])]}
+    with pytest.raises(UserError, match=r"^--olm-reduction is an option of --method olm, "
+                                        r"olm_com, which is not in --methods$"):
+        method_flags_to_sets({"olm_reduction": "mean"}, ["none"], {})
