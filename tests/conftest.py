@@ -57,6 +57,15 @@ def synth_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def method_shards(synth_dir, tmp_path_factory) -> Path:
+    """The synth clips as one shard set, shared by every per-method CLI test (built once, not
+    once per method file)."""
+    from test_balance_ogm import build_test_shards
+
+    return build_test_shards(synth_dir, tmp_path_factory.mktemp("method-shards"))
+
+
+@pytest.fixture(scope="session")
 def train_shards(tmp_path_factory) -> Path:
     """Shards built by avprep.shards from synth media (3 classes x 30 clips, several shards per
     split), for the trainer tests: big enough that a linear probe can beat chance."""

@@ -6,6 +6,7 @@ test_ogm_released.py) and of the gloo DDP tests (test_balance_ddp.py).
 - `step_trainer`: a real `avtrain.loop.Trainer` for a tiny model, built the way
   `Trainer.__init__` builds it (`build_training_model`, optimizer, scheduler, balancer), without
   shards: only `Trainer.train_step` is meant to run;
+- `assert_fit_refused`: bad input to `avtrain fit` is one `Error:` line (every method's rows);
 - `run_gloo`: run a function in N gloo processes and collect what each returns; each process
   leaves its group through `avtrain.distributed.teardown` and fails if a gloo thread survives.
 """
@@ -178,6 +179,24 @@ def assert_one_error_line(out, words: str | None, run) -> None:
     if words:
         assert words in lines[0]
     assert not (run / "metrics.jsonl").exists()
+
+
+def assert_fit_refused(shards, run, method: str, settings: dict, words: str | None) -> None:
+    """A one-epoch `avtrain fit` of `method` (method_fit_args) with `settings` as --key value
+    (replacing a flag method_fit_args gives, such as --fusion) is one `Error:` line naming
+    `words`, and nothing trained: the bad-input rows of the contract and of each method file."""
+    from click.testing import CliRunner
+
+    from cli import avtrain
+
+    args = method_fit_args(method, shards, run, 1)
+    for key, value in settings.items():
+        flag = f"--{key.replace('_', '-')}"
+        if flag in args:
+            i = args.index(flag)
+            del args[i:i + 2]
+        args += [flag, str(value)]
+    assert_one_error_line(CliRunner().invoke(avtrain, args), words, run)
 
 
 def train_steps(t, data, steps, part=slice(None)):

@@ -20,15 +20,12 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from click.testing import CliRunner
 from released import (
     as_batch,
-    assert_one_error_line,
+    assert_fit_refused,
     make_batches,
-    method_fit_args,
     step_trainer,
 )
-from test_balance_ogm import build_test_shards
 
 from avtrain.balance import agm_coefficients, agm_contributions
 from avtrain.balance.agm import agm_scores
@@ -319,22 +316,9 @@ def test_three_modalities_equal_the_released_urfunny_step():
 # --- the real trainer ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shards(synth_dir, tmp_path_factory):
-    return build_test_shards(synth_dir, tmp_path_factory.mktemp("agm-shards"))
-
-
-def fit_args(shards, run, epochs, **extra):
-    return method_fit_args("agm", shards, run, epochs, "--alpha", "2.5", **extra)
-
-
-@pytest.mark.parametrize("extra,words", [
+@pytest.mark.parametrize("settings,words", [
     ({"agm_clip": "inf"}, "--agm-clip must be 0 (off) or a finite number"),
-    ({"modulation_start": 2, "modulation_end": 1}, "--modulation-end (1) is before"),
-    ({"modalities": "audio"}, "needs at least two"),
 ])
-def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
-    from cli import avtrain
-
-    out = CliRunner().invoke(avtrain, fit_args(shards, tmp_path / "run", 1, **extra))
-    assert_one_error_line(out, words, tmp_path / "run")
+def test_bad_input_is_one_error_line(method_shards, tmp_path, settings, words):
+    """Its own rows; those of every method are test_contract.py's."""
+    assert_fit_refused(method_shards, tmp_path / "run", "agm", settings, words)

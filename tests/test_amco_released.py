@@ -22,18 +22,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from click.testing import CliRunner
 from released import (
     as_batch,
-    assert_one_error_line,
+    assert_fit_refused,
     make_batches,
-    method_fit_args,
     no_dropout,
     step_trainer,
     text_batches,
     train_steps,
 )
-from test_balance_ogm import build_test_shards
 
 from avtrain.balance import amco_masked_count, amco_share_sums
 from avtrain.balance.amco import amco_mask, amco_order
@@ -220,27 +217,12 @@ def test_three_modalities_equal_the_reference():
 # --- the real trainer ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shards(synth_dir, tmp_path_factory):
-    return build_test_shards(synth_dir, tmp_path_factory.mktemp("amco-shards"))
-
-
-def fit_args(shards, run, epochs, *fixed, **extra):
-    return method_fit_args("amco", shards, run, epochs, "--amco-eps", "0.1", *fixed, **extra)
-
-
-@pytest.mark.parametrize("extra,words", [
+@pytest.mark.parametrize("settings,words", [
     ({"amco_eps": "inf"}, "--amco-eps must be a finite number"),
-    ({"modulation_start": 2, "modulation_end": 1},
-     "--modulation-end (1) is before --modulation-start (2)"),
-    ({"fusion": "film"}, "--method amco masks per-modality logits"),
-    ({"modalities": "audio"}, "needs at least two"),
 ])
-def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
-    from cli import avtrain
-
-    out = CliRunner().invoke(avtrain, fit_args(shards, tmp_path / "run", 1, **extra))
-    assert_one_error_line(out, words, tmp_path / "run")
+def test_bad_input_is_one_error_line(method_shards, tmp_path, settings, words):
+    """Its own rows; those of every method are test_contract.py's."""
+    assert_fit_refused(method_shards, tmp_path / "run", "amco", settings, words)
 
 
 def test_models_without_summed_unimodal_logits_are_refused():

@@ -19,20 +19,17 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-from click.testing import CliRunner
 from released import (
     as_batch,
-    assert_one_error_line,
+    assert_fit_refused,
     assert_ranks_equal_one,
     make_batches,
-    method_fit_args,
     no_dropout,
     run_gloo,
     step_trainer,
     text_batches,
     train_steps,
 )
-from test_balance_ogm import build_test_shards
 
 from avtrain.balance import cml_confidence, cml_order, cml_penalty_terms
 
@@ -228,24 +225,9 @@ def test_two_gloo_processes_equal_one_with_the_authors_form(tmp_path):
 # --- the real trainer ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shards(synth_dir, tmp_path_factory):
-    return build_test_shards(synth_dir, tmp_path_factory.mktemp("cml-shards"))
-
-
-def fit_args(shards, run, epochs, *fixed, **extra):
-    return method_fit_args("cml", shards, run, epochs, *fixed, **extra)
-
-
-@pytest.mark.parametrize("extra,words", [
+@pytest.mark.parametrize("settings,words", [
     ({"cml_lam": "nan"}, "--cml-lam must be a finite number, got nan"),
-    ({"modulation_start": 2, "modulation_end": 1},
-     "--modulation-end (1) is before --modulation-start (2)"),
-    ({"fusion": "film"}, "--method cml removes a modality's summand"),
-    ({"modalities": "audio"}, "needs at least two"),
 ])
-def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
-    from cli import avtrain
-
-    out = CliRunner().invoke(avtrain, fit_args(shards, tmp_path / "run", 1, **extra))
-    assert_one_error_line(out, words, tmp_path / "run")
+def test_bad_input_is_one_error_line(method_shards, tmp_path, settings, words):
+    """Its own rows; those of every method are test_contract.py's."""
+    assert_fit_refused(method_shards, tmp_path / "run", "cml", settings, words)

@@ -20,7 +20,14 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from released import as_batch, make_batches, method_fit_args, run_gloo, step_trainer
+from released import (
+    as_batch,
+    assert_fit_refused,
+    make_batches,
+    method_fit_args,
+    run_gloo,
+    step_trainer,
+)
 
 from avtrain.balance import METHODS, all_methods, load_method_module
 from avtrain.balance import plugins as plugin_loader
@@ -342,14 +349,6 @@ def test_values_at_the_declared_bounds_are_accepted(method, option, value):
     assert getattr(t.balancer.opt, option) == value
 
 
-@pytest.fixture(scope="session")
-def contract_shards(synth_dir, tmp_path_factory):
-    """One shard set of the conftest synth clips for every CLI run of this module."""
-    from test_balance_ogm import build_test_shards
-
-    return build_test_shards(synth_dir, tmp_path_factory.mktemp("contract-shards"))
-
-
 def refused(out, run, flag):
     """Exit 2, one `Error:` line naming the flag, no traceback, nothing written."""
     assert out.exit_code == 2, out.output
@@ -363,13 +362,13 @@ def refused(out, run, flag):
 
 
 @pytest.mark.parametrize("method,option,value", BOUNDED)
-def test_bad_option_values_are_refused_before_training(contract_shards, tmp_path, method, option,
+def test_bad_option_values_are_refused_before_training(method_shards, tmp_path, method, option,
                                                        value):
     cls = all_methods()[method]
     opt = next(o for o in cls.options if o.name == option)
     run = tmp_path / "run"
     flag = opt.flag_name(cls.prefix())
-    out = invoke(*method_fit_args(method, contract_shards, run, 1), flag, value)
+    out = invoke(*method_fit_args(method, method_shards, run, 1), flag, value)
     refused(out, run, flag)
     error = next(x for x in out.output.splitlines() if x.startswith("Error:"))
     assert (f"Invalid value for '{flag}'" if opt.choices
@@ -380,13 +379,13 @@ CHOICES = [(m, o.name) for m in BUILT_IN for o in all_methods()[m].options if o.
 
 
 @pytest.mark.parametrize("method,option", CHOICES)
-def test_a_word_outside_the_choices_is_one_line_outside_the_cli_flag(contract_shards, tmp_path,
+def test_a_word_outside_the_choices_is_one_line_outside_the_cli_flag(method_shards, tmp_path,
                                                                       method, option):
     """Given as --method-option (as config.yaml gives it), not as the click choice flag."""
     cls = all_methods()[method]
     opt = next(o for o in cls.options if o.name == option)
     run = tmp_path / "run"
-    out = invoke(*method_fit_args(method, contract_shards, run, 1), "--method-option",
+    out = invoke(*method_fit_args(method, method_shards, run, 1), "--method-option",
                  f"{option}=not-a-choice")
     assert out.exit_code != 0, out.output
     lines = [x for x in out.output.splitlines() if x.strip()]
@@ -395,9 +394,53 @@ def test_a_word_outside_the_choices_is_one_line_outside_the_cli_flag(contract_sh
     assert not run.exists() or not any(run.iterdir())
 
 
-def test_the_example_plugins_bad_option_is_refused(registry, contract_shards, tmp_path):
+# The fusions a method refuses, with the words of its refusal: its model needs per-modality
+# logits (or its own fusion) that these fusions do not give.
+REFUSED_FUSIONS = {
+    "amco": [("film", "--method amco masks per-modality logits")],
+    "cml": [("film", "--method cml removes a modality's summand")],
+    "mbsd": [("film", "--method mbsd trains the per-modality logits")],
+    "lfm": [("film", "--method lfm aligns and classifies")],
+    "greedy": [("film", "--greedy-loss unimodal (released: the sum of the branches' CE) needs")],
+    "mla": [("sum", "use --fusion concat or shared, not 'sum'")],
+    "mmcosine": [("sum", "use --fusion concat or cosine, not 'sum'")],
+    "reconboost": [("film", "--fusion boost"), ("cosine", "--fusion boost")],
+}
+
+
+def one_modality_words(cls) -> str:
+    """Greedy's MMTM blocks are defined for audio and visual; the others need two of any."""
+    return "defined for those two modalities, got audio" if cls.mmtm else "needs at least two"
+
+
+def bad_input_rows() -> list:
+    """(method, settings, words) that every method refuses before training, from what it
+    declares: one modality for every method that balances modalities (all but `none`); a window
+    that ends before it starts for every method declaring both window options; a modality the
+    shards lack; the fusions of REFUSED_FUSIONS."""
+    rows = []
+    for method, cls in sorted(all_methods().items()):
+        names = {o.name for o in cls.options}
+        if method != "none":
+            rows.append((method, {"modalities": "audio"}, one_modality_words(cls)))
+        if {"modulation_start", "modulation_end"} <= names:
+            rows.append((method, {"modulation_start": 2, "modulation_end": 1},
+                         "--modulation-end (1) is before --modulation-start (2)"))
+        rows.append((method, {"modalities": "audio,visual,text"},
+                     "these shards hold no 'text' modality"))
+        rows += [(method, {"fusion": f}, words) for f, words in REFUSED_FUSIONS.get(method, [])]
+    return rows
+
+
+@pytest.mark.parametrize("method,settings,words", bad_input_rows())
+def test_bad_input_is_one_error_line(method_shards, tmp_path, method, settings, words):
+    settings = {**CLI_BATCH.get(method, {}), **settings}  # LFM's held-out piece fits the batch
+    assert_fit_refused(method_shards, tmp_path / "run", method, settings, words)
+
+
+def test_the_example_plugins_bad_option_is_refused(registry, method_shards, tmp_path):
     run = tmp_path / "run"
-    out = invoke(*method_fit_args(PLUGIN, contract_shards, run, 1), *module_args(PLUGIN),
+    out = invoke(*method_fit_args(PLUGIN, method_shards, run, 1), *module_args(PLUGIN),
                  "--unimodal-aux-weight", "-1")
     refused(out, run, "--unimodal-aux-weight")
 
@@ -431,12 +474,12 @@ def plugin_file(tmp_path, name, body) -> Path:
 
 
 @pytest.mark.parametrize("name", sorted(BROKEN))
-def test_a_broken_plugin_is_one_error_line(registry, contract_shards, tmp_path, name):
+def test_a_broken_plugin_is_one_error_line(registry, method_shards, tmp_path, name):
     body, words = BROKEN[name]
     path = plugin_file(tmp_path, name, body)
     method = body.split("name = '")[1].split("'")[0] if "name = '" in body else "none"
     run = tmp_path / "run"
-    out = invoke(*method_fit_args(method, contract_shards, run, 1), "--method-module", path)
+    out = invoke(*method_fit_args(method, method_shards, run, 1), "--method-module", path)
     assert out.exit_code == 2, out.output
     lines = [x for x in out.output.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error:"), out.output
@@ -444,12 +487,12 @@ def test_a_broken_plugin_is_one_error_line(registry, contract_shards, tmp_path, 
     assert not run.exists() or not any(run.iterdir())
 
 
-def test_a_plugin_loss_that_is_not_a_tensor_stops_at_the_first_step(registry, contract_shards,
+def test_a_plugin_loss_that_is_not_a_tensor_stops_at_the_first_step(registry, method_shards,
                                                                     tmp_path):
     path = plugin_file(tmp_path, "floaty", "class Floaty(Balancer):\n    name = 'floaty'\n"
                        "    def loss(self, logits, labels, *, epoch, step):\n        return 1.0\n")
     run = tmp_path / "run"
-    out = invoke(*method_fit_args("floaty", contract_shards, run, 1), "--method-module", path)
+    out = invoke(*method_fit_args("floaty", method_shards, run, 1), "--method-module", path)
     assert out.exit_code != 0, out.output
     lines = [x for x in out.output.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error:"), out.output
@@ -642,7 +685,7 @@ def cli_flags(method: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cli_runs(contract_shards, tmp_path_factory):
+def cli_runs(method_shards, tmp_path_factory):
     """Per method, once: a short CLI run (one epoch unless CLI_RUNS says) and the full run it is
     resumed to; (c) reads them, (b) resumes a copy of the short one."""
     root, done = tmp_path_factory.mktemp("contract-runs"), {}
@@ -653,7 +696,7 @@ def cli_runs(contract_shards, tmp_path_factory):
             done[method] = {"epochs": (short, full)}
             for name, epochs in (("short", short), ("full", full)):
                 run = root / method / name
-                out = invoke(*method_fit_args(method, contract_shards, run, epochs),
+                out = invoke(*method_fit_args(method, method_shards, run, epochs),
                              *cli_flags(method))
                 assert out.exit_code == 0, out.output
                 done[method][name] = run

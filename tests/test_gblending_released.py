@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from released import (
     as_batch,
+    assert_fit_refused,
     assert_one_error_line,
     make_batches,
     method_fit_args,
@@ -32,7 +33,7 @@ from released import (
     text_batches,
     train_steps,
 )
-from test_balance_ogm import build_test_shards, step_records
+from test_balance_ogm import step_records
 
 from avprep.errors import UserError
 from avtrain.balance import build_balancer, gblending_ogr, gblending_weights
@@ -331,22 +332,14 @@ def test_no_finite_weights_stop_the_run(monkeypatch):
 # --- the real trainer ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shards(synth_dir, tmp_path_factory):
-    return build_test_shards(synth_dir, tmp_path_factory.mktemp("gblending-shards"))
-
-
-def fit_args(shards, run, epochs, *fixed, **extra):
-    return method_fit_args("gblending", shards, run, epochs, *fixed, **extra)
-
-
-def test_cli_one_epoch_on_synth_estimates_and_logs_the_weights(shards, tmp_path):
+def test_cli_one_epoch_on_synth_estimates_and_logs_the_weights(method_shards, tmp_path):
     from avtrain.checkpoint import load_checkpoint
     from avtrain.report import balancing_keys, load_run
     from cli import avtrain
 
     run = tmp_path / "run"
-    out = CliRunner().invoke(avtrain, fit_args(shards, run, 1, gblending_super_epoch=2))
+    out = CliRunner().invoke(avtrain, method_fit_args("gblending", method_shards, run, 1,
+                                                      gblending_super_epoch=2))
     assert out.exit_code == 0, out.output
     steps = step_records(run)
     assert len(steps) == 3
@@ -363,30 +356,27 @@ def test_cli_one_epoch_on_synth_estimates_and_logs_the_weights(shards, tmp_path)
     assert "gblend_w_audio" in balancing_keys(load_run(str(run)))  # drawn by `avtrain report`
 
 
-@pytest.mark.parametrize("extra,words", [
+@pytest.mark.parametrize("settings,words", [
     ({"val_split": "nosuch"}, "no 'nosuch' split"),
     ({"val_split": "train"}, "--val-split must not be the train split"),
     ({"gblending_weights": "1,2"}, "--gblending-weights must be 3 numbers"),
-    ({"modalities": "audio"}, "needs at least two"),
 ])
-def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
+def test_bad_input_is_one_error_line(method_shards, tmp_path, settings, words):
+    """Its own rows; those of every method are test_contract.py's."""
+    assert_fit_refused(method_shards, tmp_path / "run", "gblending", settings, words)
+
+
+def test_offline_needs_two_epochs(method_shards, tmp_path):
     from cli import avtrain
 
-    out = CliRunner().invoke(avtrain, fit_args(shards, tmp_path / "run", 1, **extra))
-    assert_one_error_line(out, words, tmp_path / "run")
-
-
-def test_offline_needs_two_epochs(shards, tmp_path):
-    from cli import avtrain
-
-    out = CliRunner().invoke(avtrain, fit_args(shards, tmp_path / "run", 1,
-                                               "--gblending-offline"))
+    out = CliRunner().invoke(avtrain, method_fit_args("gblending", method_shards, tmp_path / "run",
+                                                      1, "--gblending-offline"))
     assert_one_error_line(out, "--gblending-offline estimates over --epochs epochs",
                           tmp_path / "run")
 
 
 @pytest.mark.slow  # ~17 s: two processes of the real loop; `-m "not slow"` leaves it out
-def test_torchrun_two_processes_estimate_the_same_weights(shards, tmp_path):
+def test_torchrun_two_processes_estimate_the_same_weights(method_shards, tmp_path):
     import os
     import subprocess
 
@@ -399,7 +389,8 @@ def test_torchrun_two_processes_estimate_the_same_weights(shards, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node", "2", AVTRAIN,
-                           *fit_args(shards, run, 2, gblending_super_epoch=2)],
+                           *method_fit_args("gblending", method_shards, run, 2,
+                                            gblending_super_epoch=2)],
                           capture_output=True, text=True, timeout=HUNG_AFTER_S, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     summary = json.loads((run / "summary.json").read_text())

@@ -21,16 +21,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from click.testing import CliRunner
 from released import (
     as_batch,
-    assert_one_error_line,
+    assert_fit_refused,
     make_batches,
-    method_fit_args,
     ref_trunk,
     step_trainer,
 )
-from test_balance_ogm import build_test_shards
 
 from avtrain.balance import greedy_rule, greedy_speed_difference
 from avtrain.balance.greedy import greedy_speed_terms
@@ -343,28 +340,14 @@ def test_eval_forward_neither_rebalances_nor_moves_the_running_means():
 # --- the real trainer ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shards(synth_dir, tmp_path_factory):
-    return build_test_shards(synth_dir, tmp_path_factory.mktemp("greedy-shards"))
-
-
-def fit_args(shards, run, epochs, **extra):
-    return method_fit_args("greedy", shards, run, epochs, "--greedy-epsilon", "0.001",
-                           "--greedy-window", "2", **extra)
-
-
-@pytest.mark.parametrize("extra,words", [
+@pytest.mark.parametrize("settings,words", [
     ({"greedy_epsilon": "nan"}, "--greedy-epsilon must be a finite number, got nan"),
-    ({"fusion": "film"}, "--greedy-loss unimodal (released: the sum of the branches' CE) needs"),
+    # its default window start is 1 (the released starting_epoch 2)
     ({"modulation_end": 0}, "--modulation-end (0) is before --modulation-start (1)"),
-    ({"modalities": "audio"}, "defined for those two modalities, got audio"),
-    ({"modalities": "audio,visual,text"}, None),  # these shards hold no text
 ])
-def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
-    from cli import avtrain
-
-    out = CliRunner().invoke(avtrain, fit_args(shards, tmp_path / "run", 1, **extra))
-    assert_one_error_line(out, words, tmp_path / "run")
+def test_bad_input_is_one_error_line(method_shards, tmp_path, settings, words):
+    """Its own rows; those of every method are test_contract.py's."""
+    assert_fit_refused(method_shards, tmp_path / "run", "greedy", settings, words)
 
 
 def test_more_than_two_modalities_is_refused():

@@ -19,17 +19,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from click.testing import CliRunner
 from released import (
     as_batch,
+    assert_fit_refused,
     make_batches,
-    method_fit_args,
     no_dropout,
     run_gloo,
     step_trainer,
     text_batches,
 )
-from test_balance_ogm import build_test_shards
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from avtrain.balance import lfm_alignment, lfm_alpha_update, lfm_fitted_alpha
@@ -313,28 +311,9 @@ def test_held_out_pieces_of_different_token_lengths_are_padded_and_gathered(tmp_
 # --- the real trainer ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shards(synth_dir, tmp_path_factory):
-    return build_test_shards(synth_dir, tmp_path_factory.mktemp("lfm-shards"))
-
-
-def fit_args(shards, run, epochs, *fixed, **extra):
-    return method_fit_args("lfm", shards, run, epochs, "--lfm-heldout-size", "2",
-                           "--lfm-lr-alpha", "0.5", *fixed, **extra)
-
-
-@pytest.mark.parametrize("extra,words", [
+@pytest.mark.parametrize("settings,words", [
     ({"lfm_heldout_size": 9}, "above --batch-size 4"),
-    ({"fusion": "film"}, "--method lfm aligns and classifies"),
-    ({"modalities": "audio"}, "needs at least two"),
 ])
-def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
-    from cli import avtrain
-
-    args = method_fit_args("lfm", shards, tmp_path / "run", 1, **{"lfm_heldout_size": 2, **extra})
-    out = CliRunner().invoke(avtrain, args)
-    assert out.exit_code != 0
-    lines = [x for x in out.output.splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:"), out.output
-    assert words in lines[0]
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+def test_bad_input_is_one_error_line(method_shards, tmp_path, settings, words):
+    """Its own rows; those of every method are test_contract.py's."""
+    assert_fit_refused(method_shards, tmp_path / "run", "lfm", settings, words)

@@ -20,18 +20,14 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from click.testing import CliRunner
 from released import (
     as_batch,
-    assert_one_error_line,
     make_batches,
-    method_fit_args,
     no_dropout,
     step_trainer,
     text_batches,
     train_steps,
 )
-from test_balance_ogm import build_test_shards
 
 from avtrain.balance import mbsd_loss, mbsd_pair_terms
 
@@ -212,28 +208,6 @@ def test_three_modalities_equal_the_reference():
 
 
 # --- the real trainer ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def shards(synth_dir, tmp_path_factory):
-    return build_test_shards(synth_dir, tmp_path_factory.mktemp("mbsd-shards"))
-
-
-def fit_args(shards, run, epochs, *fixed, **extra):
-    return method_fit_args("mbsd", shards, run, epochs, *fixed, **extra)
-
-
-@pytest.mark.parametrize("extra,words", [
-    ({"modulation_start": 2, "modulation_end": 1},
-     "--modulation-end (1) is before --modulation-start (2)"),
-    ({"fusion": "film"}, "--method mbsd trains the per-modality logits"),
-    ({"modalities": "audio"}, "needs at least two"),
-])
-def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
-    from cli import avtrain
-
-    out = CliRunner().invoke(avtrain, fit_args(shards, tmp_path / "run", 1, **extra))
-    assert_one_error_line(out, words, tmp_path / "run")
 
 
 def test_bad_rs_choice_is_refused():

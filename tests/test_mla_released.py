@@ -25,13 +25,12 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from released import (
     as_batch,
-    assert_one_error_line,
     make_batches,
     method_fit_args,
     run_gloo,
     step_trainer,
 )
-from test_balance_ogm import build_test_shards, step_records
+from test_balance_ogm import step_records
 
 from avtrain.balance import owm_update, project_gradient
 from avtrain.balance.base import EpochContext
@@ -312,17 +311,7 @@ def test_every_rank_takes_rank_zeros_buffers(tmp_path):
 # --- the real trainer ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shards(synth_dir, tmp_path_factory):
-    return build_test_shards(synth_dir, tmp_path_factory.mktemp("mla-shards"))
-
-
-def fit_args(shards, run, epochs, *extra_flags, **extra):
-    return method_fit_args("mla", shards, run, epochs, "--mla-projection", "owm",
-                           *extra_flags, **extra)
-
-
-def test_a_fitted_run_probes_and_evaluates_with_its_gate(shards, tmp_path):
+def test_a_fitted_run_probes_and_evaluates_with_its_gate(method_shards, tmp_path):
     """The gate option reaches the checkpoint's shared head (what eval fuses with) and the
     linear probe rebuilds that model; signals, report and resume: test_contract.py."""
     from avtrain.checkpoint import load_checkpoint, model_from_checkpoint
@@ -330,8 +319,9 @@ def test_a_fitted_run_probes_and_evaluates_with_its_gate(shards, tmp_path):
     from cli import avtrain
 
     run = tmp_path / "run"
-    out = CliRunner().invoke(avtrain, fit_args(shards, run, 1, "--linear-probe",
-                                               mla_gate="fixed"))
+    out = CliRunner().invoke(avtrain, method_fit_args("mla", method_shards, run, 1,
+                                                      "--mla-projection", "owm", "--linear-probe",
+                                                      mla_gate="fixed"))
     assert out.exit_code == 0, out.output
     assert all(r["gate_audio"] == pytest.approx(0.55) for r in step_records(run))
     summary = json.loads((run / "summary.json").read_text())
@@ -340,24 +330,9 @@ def test_a_fitted_run_probes_and_evaluates_with_its_gate(shards, tmp_path):
     ckpt = load_checkpoint(str(run / "best.pt"))
     assert ckpt["spec"]["fusion"] == "shared"
     assert model_from_checkpoint(ckpt).fusion.rule == "fixed"
-    again = evaluate_checkpoint(str(run / "best.pt"), str(shards), split="test", batch_size=4,
-                                workers=0, device="cpu")
+    again = evaluate_checkpoint(str(run / "best.pt"), str(method_shards), split="test",
+                                batch_size=4, workers=0, device="cpu")
     assert again["acc"] == pytest.approx(summary["test"]["acc"])
-
-
-@pytest.mark.parametrize("extra,words", [
-    ({"fusion": "sum"}, "use --fusion concat or shared, not 'sum'"),
-    ({"modalities": "audio"}, "needs at least two"),
-])
-def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
-    from cli import avtrain
-
-    args = fit_args(shards, tmp_path / "run", 1, **extra)
-    if "fusion" in extra:  # method_fit_args already gives --fusion concat: replace it
-        i = args.index("--fusion")
-        args = args[:i] + args[i + 2:]
-    out = CliRunner().invoke(avtrain, args)
-    assert_one_error_line(out, words, tmp_path / "run")
 
 
 def test_models_without_the_shared_head_are_refused():

@@ -18,18 +18,15 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from click.testing import CliRunner
 from released import (
     as_batch,
-    assert_one_error_line,
+    assert_fit_refused,
     make_batches,
-    method_fit_args,
     no_dropout,
     step_trainer,
     text_batches,
     train_steps,
 )
-from test_balance_ogm import build_test_shards
 
 from avtrain.balance import mmcosine_signal
 from avtrain.models.fusions import CosineFusion, build_fusion
@@ -227,22 +224,9 @@ def test_three_modalities_equal_the_reference():
 # --- the real trainer ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shards(synth_dir, tmp_path_factory):
-    return build_test_shards(synth_dir, tmp_path_factory.mktemp("mmcosine-shards"))
-
-
-def fit_args(shards, run, epochs, *fixed, **extra):
-    return method_fit_args("mmcosine", shards, run, epochs, *fixed, **extra)
-
-
-@pytest.mark.parametrize("extra,words", [
+@pytest.mark.parametrize("settings,words", [
     ({"mmcosine_scaling": "inf"}, "--mmcosine-scaling must be a finite number, got inf"),
-    ({"fusion": "sum"}, "use --fusion concat or cosine, not 'sum'"),
-    ({"modalities": "audio"}, "needs at least two"),
 ])
-def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
-    from cli import avtrain
-
-    out = CliRunner().invoke(avtrain, fit_args(shards, tmp_path / "run", 1, **extra))
-    assert_one_error_line(out, words, tmp_path / "run")
+def test_bad_input_is_one_error_line(method_shards, tmp_path, settings, words):
+    """Its own rows; those of every method are test_contract.py's."""
+    assert_fit_refused(method_shards, tmp_path / "run", "mmcosine", settings, words)

@@ -23,18 +23,15 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from click.testing import CliRunner
 from released import (
     as_batch,
-    assert_one_error_line,
+    assert_fit_refused,
     make_batches,
-    method_fit_args,
     no_dropout,
     run_gloo,
     step_trainer,
     text_batches,
 )
-from test_balance_ogm import build_test_shards
 
 from avtrain.balance import min_norm_weight, mmpareto_gradient, mmpareto_weights
 
@@ -281,24 +278,12 @@ def test_ranks_stay_identical_with_batchnorm(tmp_path):
 # --- the real trainer ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shards(synth_dir, tmp_path_factory):
-    return build_test_shards(synth_dir, tmp_path_factory.mktemp("mmpareto-shards"))
-
-
-def fit_args(shards, run, epochs, *fixed, **extra):
-    return method_fit_args("mmpareto", shards, run, epochs, *fixed, **extra)
-
-
-@pytest.mark.parametrize("extra,words", [
+@pytest.mark.parametrize("settings,words", [
     ({"mmpareto_gamma": "nan"}, "--mmpareto-gamma must be a finite number, got nan"),
-    ({"modalities": "audio"}, "needs at least two"),
 ])
-def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
-    from cli import avtrain
-
-    out = CliRunner().invoke(avtrain, fit_args(shards, tmp_path / "run", 1, **extra))
-    assert_one_error_line(out, words, tmp_path / "run")
+def test_bad_input_is_one_error_line(method_shards, tmp_path, settings, words):
+    """Its own rows; those of every method are test_contract.py's."""
+    assert_fit_refused(method_shards, tmp_path / "run", "mmpareto", settings, words)
 
 
 def test_models_without_unimodal_heads_are_refused():

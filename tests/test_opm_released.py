@@ -20,15 +20,11 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from click.testing import CliRunner
 from released import (
     as_batch,
-    assert_one_error_line,
     make_batches,
-    method_fit_args,
     step_trainer,
 )
-from test_balance_ogm import build_test_shards
 
 from avtrain.balance import opm_drop_probabilities
 from avtrain.balance.opm import opm_draws
@@ -217,30 +213,6 @@ def test_theta_gradient_is_what_separates_the_two():
                       if k.startswith(prefix))
         assert max(float(v) for k, v in diff.items() if k.startswith(prefix)) > 0.02 * largest
     assert all(float(v) == 0 for k, v in diff.items() if not k.startswith("encoders."))
-
-
-# --- the real trainer ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def shards(synth_dir, tmp_path_factory):
-    return build_test_shards(synth_dir, tmp_path_factory.mktemp("opm-shards"))
-
-
-def fit_args(shards, run, epochs, **extra):
-    return method_fit_args("opm", shards, run, epochs, "--modulation-start", "1", "--opm-p-exe",
-                           "0.9", **extra)
-
-
-@pytest.mark.parametrize("extra,words", [
-    ({"modulation_end": 0}, "--modulation-end (0) is before --modulation-start (1)"),
-    ({"modalities": "audio,visual,text"}, None),
-])
-def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
-    from cli import avtrain
-
-    out = CliRunner().invoke(avtrain, fit_args(shards, tmp_path / "run", 1, **extra))
-    assert_one_error_line(out, words, tmp_path / "run")
 
 
 def test_more_than_two_modalities_is_refused():

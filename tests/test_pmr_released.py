@@ -16,15 +16,11 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from click.testing import CliRunner
 from released import (
     as_batch,
-    assert_one_error_line,
     make_batches,
-    method_fit_args,
     step_trainer,
 )
-from test_balance_ogm import build_test_shards
 
 from avtrain.balance import pmr_coefficients
 from avtrain.balance.base import EpochContext
@@ -177,28 +173,6 @@ def test_steps_equal_the_released_step():
     for got, want in zip(got_params, want_params):
         for name in want:
             torch.testing.assert_close(got[name], want[name], **TOL)
-
-
-# --- the real trainer ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def shards(synth_dir, tmp_path_factory):
-    return build_test_shards(synth_dir, tmp_path_factory.mktemp("pmr-shards"))
-
-
-def fit_args(shards, run, epochs, **extra):
-    return method_fit_args("pmr", shards, run, epochs, "--pmr-momentum", "0.5", "--alpha", "2", **extra)
-
-
-@pytest.mark.parametrize("extra,words", [
-    ({"modalities": "audio,visual,text"}, None),
-])
-def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
-    from cli import avtrain
-
-    out = CliRunner().invoke(avtrain, fit_args(shards, tmp_path / "run", 1, **extra))
-    assert_one_error_line(out, words, tmp_path / "run")
 
 
 def test_more_than_two_modalities_is_refused():

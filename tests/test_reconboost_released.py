@@ -23,15 +23,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from click.testing import CliRunner
 from released import (
     as_batch,
-    assert_one_error_line,
+    assert_fit_refused,
     make_batches,
-    method_fit_args,
     step_trainer,
 )
-from test_balance_ogm import build_test_shards
 
 from avtrain.balance import boosting_loss, reconboost_stage
 
@@ -305,37 +302,22 @@ def test_optimizer_state_is_fresh_at_every_phase(reset):
 # --- the real trainer ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shards(synth_dir, tmp_path_factory):
-    return build_test_shards(synth_dir, tmp_path_factory.mktemp("reconboost-shards"))
-
-
-def fit_args(shards, run, epochs, **extra):
-    extra = {"fusion": "boost", "reconboost_stage_epochs": 2, "reconboost_correct_epochs": 1,
-             **extra}
-    return method_fit_args("reconboost", shards, run, epochs, **extra)
-
-
-@pytest.mark.parametrize("extra,words", [
+@pytest.mark.parametrize("settings,words", [
     ({"reconboost_weight1": "inf"}, "--reconboost-weight1 must be a finite number"),
-    ({"fusion": "film"}, "--fusion boost"),
-    ({"fusion": "cosine"}, "--fusion boost"),
 ])
-def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
-    from cli import avtrain
-
-    out = CliRunner().invoke(avtrain, fit_args(shards, tmp_path / "run", 1, **extra))
-    assert_one_error_line(out, words, tmp_path / "run")
+def test_bad_input_is_one_error_line(method_shards, tmp_path, settings, words):
+    """Its own rows; those of every method are test_contract.py's."""
+    assert_fit_refused(method_shards, tmp_path / "run", "reconboost", settings, words)
 
 
-def test_a_window_is_ignored_with_one_warning(shards, tmp_path, capsys):
+def test_a_window_is_ignored_with_one_warning(method_shards, tmp_path, capsys):
     """ReconBoost's stages run for the whole training: a shared window option given to it is
     not read, which the settings say in one Warning line (the rule of avtrain.options)."""
     from avtrain.balance import build_balancer
     from avtrain.models import build_model
     from avtrain.settings import make_config
 
-    config = make_config({"shards": str(shards), "run_dir": str(tmp_path / "run"),
+    config = make_config({"shards": str(method_shards), "run_dir": str(tmp_path / "run"),
                           "method": "reconboost", "fusion": "boost", "modulation_end": 3})
     assert capsys.readouterr().err.splitlines() == [
         "Warning: --method reconboost does not read --modulation-end (ignored)"]

@@ -20,15 +20,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from click.testing import CliRunner
 from released import (
     as_batch,
-    assert_one_error_line,
+    assert_fit_refused,
     make_batches,
-    method_fit_args,
     step_trainer,
 )
-from test_balance_ogm import build_test_shards
 
 from avtrain.balance import kmeans, minmax_scale, purity, relearning_weight
 from avtrain.balance.base import EpochContext
@@ -255,25 +252,12 @@ def test_state_restores_the_initial_weights():
 # --- the real trainer ---------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def shards(synth_dir, tmp_path_factory):
-    return build_test_shards(synth_dir, tmp_path_factory.mktemp("relearning-shards"))
-
-
-def fit_args(shards, run, epochs, **extra):
-    return method_fit_args("relearning", shards, run, epochs, "--relearning-every", "1",
-                           "--relearning-times", "1", **extra)
-
-
-@pytest.mark.parametrize("extra,words", [
+@pytest.mark.parametrize("settings,words", [
     ({"relearning_lambda": "inf"}, "--relearning-lambda must be a finite number, got inf"),
-    ({"modalities": "audio"}, "needs at least two"),
 ])
-def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
-    from cli import avtrain
-
-    out = CliRunner().invoke(avtrain, fit_args(shards, tmp_path / "run", 1, **extra))
-    assert_one_error_line(out, words, tmp_path / "run")
+def test_bad_input_is_one_error_line(method_shards, tmp_path, settings, words):
+    """Its own rows; those of every method are test_contract.py's."""
+    assert_fit_refused(method_shards, tmp_path / "run", "relearning", settings, words)
 
 
 def test_too_few_samples_to_cluster_is_refused():

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from released import (
     as_batch,
+    assert_fit_refused,
     assert_one_error_line,
     assert_ranks_equal_one,
     fit_and_resume,
@@ -35,7 +36,7 @@ from released import (
     text_batches,
     train_steps,
 )
-from test_balance_ogm import build_test_shards, step_records
+from test_balance_ogm import step_records
 
 from avtrain.balance import distillation_losses, teacher_runs
 
@@ -265,12 +266,7 @@ def test_two_gloo_processes_equal_one_with_the_global_batch(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def shards(synth_dir, tmp_path_factory):
-    return build_test_shards(synth_dir, tmp_path_factory.mktemp("umt-shards"))
-
-
-@pytest.fixture(scope="module")
-def teachers(shards, tmp_path_factory):
+def teachers(method_shards, tmp_path_factory):
     """Two tiny one-epoch single-modality runs, fitted with the CLI: the teachers."""
     from cli import avtrain
 
@@ -278,7 +274,7 @@ def teachers(shards, tmp_path_factory):
     runs = {}
     for m in ("audio", "visual"):
         run = root / m
-        out = CliRunner().invoke(avtrain, method_fit_args("none", shards, run, 1,
+        out = CliRunner().invoke(avtrain, method_fit_args("none", method_shards, run, 1,
                                                           "--modalities", m))
         assert out.exit_code == 0, out.output
         assert (run / "summary.json").is_file() and (run / "best.pt").is_file()
@@ -286,19 +282,19 @@ def teachers(shards, tmp_path_factory):
     return runs
 
 
-def fit_args(shards, teachers, run, epochs, *fixed, **extra):
-    return method_fit_args("unimodal_teacher", shards, run, epochs,
+def fit_args(method_shards, teachers, run, epochs, *fixed, **extra):
+    return method_fit_args("unimodal_teacher", method_shards, run, epochs,
                            *[a for m, path in teachers.items() for a in ("--teacher",
                                                                          f"{m}={path}")],
                            *fixed, **extra)
 
 
 @pytest.mark.slow
-def test_cli_one_epoch_on_synth_logs_the_signal(shards, teachers, tmp_path):
+def test_cli_one_epoch_on_synth_logs_the_signal(method_shards, teachers, tmp_path):
     from cli import avtrain
 
     run = tmp_path / "run"
-    out = CliRunner().invoke(avtrain, fit_args(shards, teachers, run, 1))
+    out = CliRunner().invoke(avtrain, fit_args(method_shards, teachers, run, 1))
     assert out.exit_code == 0, out.output
     steps = step_records(run)
     assert len(steps) == 3
@@ -329,9 +325,9 @@ def test_cli_one_epoch_on_synth_logs_the_signal(shards, teachers, tmp_path):
     assert json.loads(ev.output)["acc"] == pytest.approx(summary["val"]["acc"])
 
 
-def test_resume_is_exact(shards, teachers, tmp_path):
+def test_resume_is_exact(method_shards, teachers, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    a, b = fit_and_resume(lambda run, epochs: fit_args(shards, teachers, run, epochs), full,
+    a, b = fit_and_resume(lambda run, epochs: fit_args(method_shards, teachers, run, epochs), full,
                           part)
     assert a["step"] == b["step"] == 9
     for key in a["model"]:
@@ -345,7 +341,7 @@ def test_resume_is_exact(shards, teachers, tmp_path):
             assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), key
 
 
-def test_resume_with_a_changed_teacher_is_refused(shards, teachers, tmp_path):
+def test_resume_with_a_changed_teacher_is_refused(method_shards, teachers, tmp_path):
     import shutil
 
     from cli import avtrain
@@ -354,7 +350,7 @@ def test_resume_with_a_changed_teacher_is_refused(shards, teachers, tmp_path):
     for m, path in teachers.items():
         shutil.copytree(path, mine[m])
     run = tmp_path / "run"
-    out = CliRunner().invoke(avtrain, fit_args(shards, mine, run, 1))
+    out = CliRunner().invoke(avtrain, fit_args(method_shards, mine, run, 1))
     assert out.exit_code == 0, out.output
     fake_teacher(mine["visual"], "visual", seed=5)  # other weights under the same path
     out = CliRunner().invoke(avtrain, ["fit", "--resume", str(run), "--epochs", "2"])
@@ -385,28 +381,22 @@ def _bad(tmp_path, teachers):
     ]
 
 
-def test_bad_teachers_are_one_error_line(shards, teachers, tmp_path):
+def test_bad_teachers_are_one_error_line(method_shards, teachers, tmp_path):
     from cli import avtrain
 
     for i, (flags, words) in enumerate(_bad(tmp_path, teachers)):
         run = tmp_path / f"run{i}"
-        args = method_fit_args("unimodal_teacher", shards, run, 1,
+        args = method_fit_args("unimodal_teacher", method_shards, run, 1,
                                *[a for f in flags for a in ("--teacher", f)])
         assert_one_error_line(CliRunner().invoke(avtrain, args), words, run)
 
 
-@pytest.mark.parametrize("extra,words", [
+@pytest.mark.parametrize("settings,words", [
     ({"unimodal_teacher_scaling": -1}, "--unimodal-teacher-scaling must be 0 or more"),
-    ({"modulation_start": 2, "modulation_end": 1},
-     "--modulation-end (1) is before --modulation-start (2)"),
-    ({"modalities": "audio"}, "needs at least two"),
 ])
-def test_bad_options_are_one_error_line(shards, teachers, tmp_path, extra, words):
-    from cli import avtrain
-
-    run = tmp_path / "run"
-    out = CliRunner().invoke(avtrain, fit_args(shards, teachers, run, 1, **extra))
-    assert_one_error_line(out, words, run)
+def test_bad_input_is_one_error_line(method_shards, tmp_path, settings, words):
+    """Its own rows; those of every method are test_contract.py's."""
+    assert_fit_refused(method_shards, tmp_path / "run", "unimodal_teacher", settings, words)
 
 
 def test_feature_size_and_sequence_models_are_refused(tmp_path):
@@ -429,11 +419,11 @@ def test_feature_size_and_sequence_models_are_refused(tmp_path):
                        modalities=["audio", "visual"])
 
 
-def test_teacher_with_another_method_is_one_error_line(shards, teachers, tmp_path):
+def test_teacher_with_another_method_is_one_error_line(method_shards, teachers, tmp_path):
     from cli import avtrain
 
     run = tmp_path / "run"
-    args = method_fit_args("ogm_ge", shards, run, 1,
+    args = method_fit_args("ogm_ge", method_shards, run, 1,
                            *[a for m, d in teachers.items() for a in ("--teacher", f"{m}={d}")])
     assert_one_error_line(CliRunner().invoke(avtrain, args),
                           "--teacher is an option of --method unimodal_teacher, not of --method "

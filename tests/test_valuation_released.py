@@ -22,14 +22,14 @@ import torch.nn as nn
 from click.testing import CliRunner
 from released import (
     as_batch,
-    assert_one_error_line,
+    assert_fit_refused,
     assert_ranks_equal_one,
     fit_and_resume,
     make_batches,
     run_gloo,
     step_trainer,
 )
-from test_balance_ogm import build_test_shards, step_records
+from test_balance_ogm import step_records
 
 from avtrain.balance import modality_gap, sample_copies, valuation_contributions
 
@@ -234,16 +234,11 @@ def test_copies_stage_yields_originals_then_their_copies():
     assert src[1] == {"__key__": "b", "x": 2}  # the input samples are not changed
 
 
-@pytest.fixture(scope="module")
-def shards(synth_dir, tmp_path_factory):
-    return build_test_shards(synth_dir, tmp_path_factory.mktemp("valuation-shards"))
-
-
-def test_train_loader_carries_each_copys_mask(shards):
+def test_train_loader_carries_each_copys_mask(method_shards):
     from avtrain.data import open_shards, train_loader
     from avtrain.decode import DataOptions
 
-    s = open_shards(str(shards))
+    s = open_shards(str(method_shards))
     opts = DataOptions.for_shards(s, image_size=32)
     first = next(iter(train_loader(s, "train", opts, batch_size=4, steps=1, workers=0)))
     key = first["key"][0]
@@ -295,26 +290,26 @@ def test_two_gloo_processes_equal_one_with_the_global_batch(tmp_path):
 # --- the real trainer ---------------------------------------------------------------------------
 
 
-def fit_args(shards, run, epochs, *extra):
-    return ["fit", "--shards", str(shards), "--run-dir", str(run), "--method", "valuation",
+def fit_args(method_shards, run, epochs, *extra):
+    return ["fit", "--shards", str(method_shards), "--run-dir", str(run), "--method", "valuation",
             "--model", "tiny", "--fusion", "concat", "--epochs", str(epochs), "--batch-size", "4",
             "--lr", "0.05", "--image-size", "32", "--workers", "0", "--device", "cpu",
             "--no-progress", "--log-every", "1", "--seed", "1", "--scheduler", "none",
             "--valuation-warmup", "1", *extra]
 
 
-def test_cli_run_grows_the_epoch_and_logs_the_signal(shards, tmp_path):
+def test_cli_run_grows_the_epoch_and_logs_the_signal(method_shards, tmp_path):
     from avtrain.data import open_shards
     from avtrain.report import balancing_keys, load_run
     from cli import avtrain
 
     run = tmp_path / "run"
-    out = CliRunner().invoke(avtrain, fit_args(shards, run, 2))
+    out = CliRunner().invoke(avtrain, fit_args(method_shards, run, 2))
     assert out.exit_code == 0, out.output
     steps = step_records(run)
     per_epoch = [sum(r["epoch"] == e for r in steps) for e in (0, 1)]
     last = [r for r in steps if r["epoch"] == 1][-1]
-    train = open_shards(str(shards)).samples("train")
+    train = open_shards(str(method_shards)).samples("train")
     assert last["valuation_copies"] > 0  # epoch 1 was re-sampled
     extra = round(last["valuation_copies"] * train)
     assert per_epoch == [train // 4, (train + extra) // 4]
@@ -325,10 +320,10 @@ def test_cli_run_grows_the_epoch_and_logs_the_signal(shards, tmp_path):
     assert json.loads((run / "summary.json").read_text())["method"] == "valuation"
 
 
-def test_resume_is_exact(shards, tmp_path):
+def test_resume_is_exact(method_shards, tmp_path):
 
     full, part = tmp_path / "full", tmp_path / "part"
-    a, b = fit_and_resume(lambda run, epochs: fit_args(shards, run, epochs), full, part)
+    a, b = fit_and_resume(lambda run, epochs: fit_args(method_shards, run, epochs), full, part)
     assert a["step"] == b["step"]
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-6, atol=1e-7)
@@ -341,15 +336,12 @@ def test_resume_is_exact(shards, tmp_path):
             assert g[key] == pytest.approx(w[key], rel=1e-5, abs=1e-6), key
 
 
-@pytest.mark.parametrize("extra,words", [
-    (["--valuation-warmup", "0"], "--valuation-warmup must be at least 1, got 0"),
-    (["--valuation-part-ratio", "1.5"], "--valuation-part-ratio must be in (0, 1], got 1.5"),
-    (["--valuation-part-ratio", "nan"], "--valuation-part-ratio must be a finite number"),
-    (["--valuation-alpha", "-1"], "--valuation-alpha must be 0 or more, got -1.0"),
-    (["--modalities", "audio"], "needs at least two"),
+@pytest.mark.parametrize("settings,words", [
+    ({"valuation_warmup": 0}, "--valuation-warmup must be at least 1, got 0"),
+    ({"valuation_part_ratio": 1.5}, "--valuation-part-ratio must be in (0, 1], got 1.5"),
+    ({"valuation_part_ratio": "nan"}, "--valuation-part-ratio must be a finite number"),
+    ({"valuation_alpha": -1}, "--valuation-alpha must be 0 or more, got -1.0"),
 ])
-def test_bad_input_is_one_error_line(shards, tmp_path, extra, words):
-    from cli import avtrain
-
-    out = CliRunner().invoke(avtrain, fit_args(shards, tmp_path / "run", 1, *extra))
-    assert_one_error_line(out, words, tmp_path / "run")
+def test_bad_input_is_one_error_line(method_shards, tmp_path, settings, words):
+    """Its own rows; those of every method are test_contract.py's."""
+    assert_fit_refused(method_shards, tmp_path / "run", "valuation", settings, words)
