@@ -122,15 +122,6 @@ def make_config(*layers: dict, sources: list | None = None) -> TrainConfig:
     return config
 
 
-def saved_config(path: str) -> dict:
-    """A run's config.yaml as settings of today (old flat spellings mapped, one Warning)."""
-    data = load_yaml(path, known_only=False)
-    name, module = _chosen([data])
-    if module:
-        load_method_module(module)
-    return method_layer(data, get_method(name), path, old_file=True)
-
-
 def comparable(config: dict) -> dict:
     """A run's settings (saved by any version) in today's form with every option of its method
     at the value it ran with, so two runs compare equal exactly when they train alike."""
