@@ -20,6 +20,11 @@ or recipe line can set them for every method; a method declares the ones it read
 ignored with one Warning line, never an error. Every other option belongs to the methods that
 declare it: given with another method, it is one `Error:` line.
 
+**Tuning ranges.** `search=Search(low, high, log=True)` (or `Search(choices=(...))`) is the
+range `avtrain bench --tune` searches for the option: the method's own hyper-parameters, tuned
+on val under one budget for every method. It must lie inside the option's bounds and choices;
+an option without `search` keeps its value while tuning.
+
 This module imports nothing from the rest of avtrain at import time, so the configuration,
 the CLI and the methods can all read it.
 """
@@ -43,6 +48,50 @@ SAME: Any = _Same()  # `released` when the released value is the default
 
 
 @dataclasses.dataclass(frozen=True)
+class Search:
+    """A tuning range: `low`..`high` (integers for an int option; on a log scale with `log`,
+    as learning rates and α are searched), or a tuple of `choices`."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple = ()
+
+    def describe(self) -> str:
+        if self.choices:
+            return "{" + ", ".join(map(str, self.choices)) + "}"
+        return f"{self.low:g}..{self.high:g}" + (" (log)" if self.log else "")
+
+    def check(self, opt_type: type, where: str, coerce=None) -> None:
+        """Well formed, and every value it can draw passes `coerce` (the option's checks)."""
+        if self.choices:
+            if self.low is not None or self.high is not None or self.log:
+                raise UserError(f"{where}: a search gives choices or low..high, not both")
+            values = list(self.choices)
+        else:
+            if opt_type not in (float, int):
+                raise UserError(f"{where}: a low..high search needs a float or int option; "
+                                "give choices")
+            if self.low is None or self.high is None:
+                raise UserError(f"{where}: a search needs low and high (or choices)")
+            try:
+                low, high = float(self.low), float(self.high)
+            except (TypeError, ValueError):
+                raise UserError(f"{where}: low and high must be numbers") from None
+            if not (low == low and high == high) or not low < high:
+                raise UserError(f"{where}: the range {self.low}..{self.high} is empty (low must "
+                                "be below high)")
+            if self.log and low <= 0:
+                raise UserError(f"{where}: a log-scale range must start above 0, got {low:g}")
+            if opt_type is int and not (low.is_integer() and high.is_integer()):
+                raise UserError(f"{where}: an integer option's range needs whole numbers")
+            values = [int(low), int(high)] if opt_type is int else [low, high]
+        if coerce is not None:
+            for value in values:
+                coerce(value, where)
+
+
+@dataclasses.dataclass(frozen=True)
 class Option:
     """One option of a method. `default` None means "computed at run time"; `none_means` says
     how (e.g. "steps per epoch // 10")."""
@@ -63,6 +112,7 @@ class Option:
     setting: str | None = None  # the flat setting name when not PREFIX_NAME (OGM's `modulate`)
     flag: str | None = None  # the CLI flag when not --SETTING-NAME (e.g. --teacher)
     metavar: str | None = None
+    search: Search | None = None  # the range `avtrain bench --tune` searches (None: kept)
 
     @property
     def released_value(self) -> Any:
@@ -165,6 +215,10 @@ def check_declaration(method: str, options: tuple, prefix: str | None) -> None:
             raise UserError(f"{where} has no help line")
         if opt.default is not None:
             opt.coerce(opt.default, f"{where}: its default")
+        if opt.search is not None:
+            if not isinstance(opt.search, Search):
+                raise UserError(f"{where}: search must be an avtrain.options.Search")
+            opt.search.check(opt.type, f"{where}: its search range", opt.coerce)
         if opt.released is not SAME and opt.released != opt.default and not opt.differs:
             raise UserError(f"{where}: the default {opt.default!r} is not the released value "
                             f"{opt.released!r}; say why in `differs`")

@@ -11,6 +11,9 @@ exact     `avtrain.data.train_loader` with `sampling="exact"` (the default): eac
           the chosen frames only, RandomResizedCrop + flip + ImageNet norm, full batches.
 resample  the same with `sampling="resample"`: resampled tars streamed through a shuffle
           buffer (the loader before exact epochs; `--sampling resample`).
+exact_gpu the exact loader with `decode_device="cuda"`: the workers pass the chosen JPEG bytes
+          on, `to_device` decodes them on the GPU (nvjpeg) and crops there (`--decode-device
+          cuda`); listed in --loaders on a GPU machine only.
 seed      a map-style torch Dataset as the OGM-GE/OLM scripts write it: per sample
           `pickle.load` of the spectrogram, `os.listdir` of the clip's frame folder, random
           frames opened with PIL and transformed one by one with torchvision transforms;
@@ -24,13 +27,18 @@ delivers fewer samples/s than the model consumes, training is loader-bound.
 
     .venv/bin/python benchmarks/loader.py                            # prints the table
     .venv/bin/python benchmarks/loader.py --results benchmarks/RESULTS-loader.md
-    .venv/bin/python benchmarks/loader.py --device cuda --batch-size 64   # on a GPU (bf16)
+    .venv/bin/python benchmarks/loader.py --device cuda --batch-size 64 \
+        --loaders exact,exact_gpu,resample,seed              # on a GPU (fp32 and bf16 steps)
+
+With `--device cuda` every loader's batches are moved to the GPU (and the copy waited for)
+before they count, so CPU and GPU JPEG decoding are compared as the trainer uses them.
     .venv/bin/python benchmarks/loader.py --loaders exact,resample --models ""  # exact vs stream
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import io
 import os
@@ -185,16 +193,25 @@ def warmup(args) -> int:
 
 def shard_rate(shards, opts, args, round_no: int, sampling: str = "exact") -> float:
     """Batches ready for the model: the loader's, then `to_device` (which normalises the uint8
-    frames), so the rate counts every step between the tar and the network. Exact epochs run
-    on into the next pass when the timed batches outnumber one."""
+    frames, and decodes the JPEGs for `exact_gpu`) onto `--device`, so the rate counts every
+    step between the tar and the network. Exact epochs run on into the next pass when the
+    timed batches outnumber one."""
     from avtrain.decode import to_device
 
+    if sampling == "exact_gpu":
+        opts, sampling = dataclasses.replace(opts, decode_device="cuda"), "exact"
     loader = train_loader(shards, "train", opts, batch_size=args.batch_size,
                           steps=args.batches + warmup(args), epoch=round_no, workers=args.workers,
                           shuffle_buffer=args.shuffle_buffer, sampling=sampling)
-    cpu = torch.device("cpu")
-    return rate((to_device(b, cpu, opts) for b in loader), args.batch_size, args.batches,
-                warmup(args))
+    device = torch.device(args.device)
+
+    def ready(batch):
+        out = to_device(batch, device, opts)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    return rate((ready(b) for b in loader), args.batch_size, args.batches, warmup(args))
 
 
 def seed_rate(dataset, args) -> float:
@@ -206,12 +223,14 @@ def seed_rate(dataset, args) -> float:
 
 
 def model_rate(name: str, shape_batch: dict, classes: int, device: torch.device,
-               steps: int) -> float:
+               steps: int, amp: bool = True) -> float:
+    """Train samples/s of one model; on CUDA under the loop's bf16 autocast unless not `amp`."""
+    from avtrain.evaluate import autocast as loop_autocast
+
     model = build_model(name, "concat", classes).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     batch = {k: v.to(device) for k, v in shape_batch.items() if torch.is_tensor(v)}
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else torch.autocast("cpu", enabled=False))
+    autocast = loop_autocast(device, amp)
 
     def step():
         with autocast:
@@ -252,7 +271,7 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--shuffle-buffer", type=int, default=200)
     ap.add_argument("--loaders", default="exact,resample,seed",
-                    help="loaders to time, comma-separated: exact, resample, seed")
+                    help="loaders to time, comma-separated: exact, resample, seed, exact_gpu (CUDA)")
     ap.add_argument("--model-steps", type=int, default=3)
     ap.add_argument("--models", default="tiny,resnet18")
     ap.add_argument("--device", default="cpu")
@@ -302,9 +321,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     models = {}
     for name in [m for m in args.models.split(",") if m]:
-        models[name] = model_rate(name, sample, shards.num_classes, device, args.model_steps)
-        print(f"model {name}: {models[name]:.1f} samples/s "
-              f"({models[name] / args.batch_size:.2f} steps/s)")
+        for amp in ((False, True) if device.type == "cuda" else (False,)):
+            label = f"{name} {'bf16' if amp else 'fp32'}" if device.type == "cuda" else name
+            models[label] = model_rate(name, sample, shards.num_classes, device,
+                                       args.model_steps, amp)
+            print(f"model {label}: {models[label]:.1f} samples/s "
+                  f"({models[label] / args.batch_size:.2f} steps/s)")
 
     spec_shape = "x".join(str(s) for s in sample["audio"].shape[-2:])
     lines = [

@@ -32,7 +32,7 @@ and `prototype_logits(features, prototypes)`, `opm_drop_probabilities(scores, q_
 from __future__ import annotations
 
 from avprep.errors import UserError
-from avtrain.options import Option
+from avtrain.options import Option, Search
 
 from .agm import AGM, agm_coefficients, agm_contributions
 from .amco import AMCo, amco_masked_count, amco_share_sums
@@ -125,7 +125,7 @@ register(GBlending)
 register(MMCosine)
 register(UnimodalTeacher)
 
-__all__ = ["Balancer", "Option", "METHODS", "register", "get_method", "build_balancer",
+__all__ = ["Balancer", "Option", "Search", "METHODS", "register", "get_method", "build_balancer",
            "all_methods", "load_plugins", "load_method_module",
            "ogm_coefficients", "ogm_scores", "modulated_parameters", "olm_ratios",
            "pmr_coefficients", "prototype_logits", "opm_drop_probabilities",
