@@ -491,6 +491,9 @@ def _fit_option_groups() -> list:
         ("Hardware", [
             click.option("--device", help="auto, cpu or cuda [default: auto]"),
             click.option("--amp/--no-amp", default=None, help="bf16 autocast on CUDA [default: on]"),
+            click.option("--channels-last/--no-channels-last", default=None,
+                         help="NHWC conv weights on CUDA: cuDNN's fast kernels, about 2x the "
+                         "samples/s with bf16; rounds differently [default: off]"),
             click.option("--compile/--no-compile", default=None, help="torch.compile the model"),
         ]),
         ("Balancing method", [

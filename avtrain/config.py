@@ -66,6 +66,11 @@ class TrainConfig:
     decode_device: str = "cpu"  # cpu | cuda (JPEG decoding with torchvision on the GPU)
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = True  # bf16 autocast, on CUDA only
+    # NHWC conv weights on CUDA: cuDNN's fast kernels (ResNet-18 ×2 on an H200: 1.6× the
+    # samples/s, 2.2× with bf16; benchmarks/RESULTS-gpu.md). Off by default: other kernels round
+    # differently, and the audio stem amplifies it (3 steps: 0.145 relative difference in its
+    # first conv against 0.003 between two NCHW runs), so runs are not comparable bit for bit.
+    channels_last: bool = False
     compile: bool = False  # torch.compile the model
     # weight init after building: torch (PyTorch's defaults) | ogm_ge (the released OGM-GE
     # weight_init on the whole model: xavier-normal Linear, kaiming fan_out Conv2d, BN 1/0)

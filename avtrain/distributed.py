@@ -63,6 +63,8 @@ def setup(device: str = "auto") -> Context:
     if world <= 1:
         return Context(0, 1, 0, dev, False)
     if dev.type == "cuda":
+        check_one_gpu_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+                                  torch.cuda.device_count())
         torch.cuda.set_device(dev)
     owns = False
     if not dist.is_initialized():
@@ -70,6 +72,15 @@ def setup(device: str = "auto") -> Context:
                                 **({"device_id": dev} if dev.type == "cuda" else {}))
         owns = True
     return Context(rank, world, local_rank, dev, owns)
+
+
+def check_one_gpu_per_process(local_processes: int, gpus: int) -> None:
+    """NCCL refuses two ranks on one GPU ("Duplicate GPU detected", a traceback from every
+    rank; seen on a one-GPU machine with --nproc_per_node 2): say it in one line first."""
+    if local_processes > gpus:
+        raise UserError(f"torchrun started {local_processes} processes on this machine and torch "
+                        f"sees {gpus} GPU(s); NCCL needs one GPU per process: use "
+                        f"--nproc_per_node {gpus}, or --device cpu (gloo)")
 
 
 def teardown(ctx: Context) -> None:

@@ -134,6 +134,8 @@ class Trainer:
         self.model = build_training_model(c, self.shards.num_classes, index=self.shards.index)
         self.spec = self.model.spec
         self.model.to(ctx.device)
+        if ctx.device.type == "cuda" and c.channels_last:  # NHWC conv weights: cuDNN's fast kernels
+            self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(c, self.model.parameters())
         self.scheduler = build_scheduler(c, self.optimizer)
         self.balancer_config = {**c.to_dict(), "alpha": resolve_alpha(
