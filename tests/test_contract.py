@@ -295,6 +295,19 @@ def test_searched_options_are_strengths_and_windows_stay_windows(method):
         assert earliest_end is None or latest_start <= earliest_end, method
 
 
+@pytest.mark.parametrize("method", BUILT_IN)
+def test_avtrain_methods_shows_what_is_tuned(method):
+    """`avtrain methods NAME`: each option's row says its range or that it is not tuned."""
+    from avtrain.balance.describe import describe
+
+    cls = all_methods()[method]
+    rows = {line.split(" | ")[0].strip("| `"): line for line in describe(method).splitlines()
+            if line.startswith("| `--")}
+    for opt in cls.options:
+        cell = (f"tuned over {opt.search.describe()}" if opt.search else "not tuned")
+        assert f" | {cell} | " in rows[opt.flag_name(cls.prefix())], (method, opt.name)
+
+
 def explicit_defaults(cls) -> dict:
     """Every declared option given at its declared default, as a config layer."""
     layer = {"method_options": {o.name: o.default for o in cls.options if not o.shared}}
