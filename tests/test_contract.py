@@ -6,6 +6,8 @@ differential test against its released code, its rule by hand):
   default that differs must say so and is pinned below), and the balancer runs with them;
 - its options round-trip through config.yaml, and bad values are refused before training;
 - a plug-in that breaks the interface is one `Error:` line naming it;
+- it declares what `avtrain bench --tune` searches (or is in NOTHING_TO_TUNE with why), each
+  range a number range that holds the released value;
 - (slow) 2 gloo processes equal 1 process with the global batch; `--resume` after an epoch
   gives the uninterrupted run's weights and balancer state; a one-epoch CLI run logs every key
   of `signals` and `avtrain report` draws them.
@@ -195,6 +197,32 @@ def released(method: str, option: str):
     return RELEASED[key]
 
 
+# --- (h) tuning ranges: what `avtrain bench --tune` searches -----------------------------------
+
+# The built-in methods that declare no search range, each with why: a new method decides (a
+# range on its options, or a line here).
+NOTHING_TO_TUNE = {
+    "none": "the baseline: it has no options",
+    "mla": "the released step has no weight or rate of its own; its options are variants of the "
+           "algorithm (the head projection, the test-time gate, what zero_grad leaves)",
+}
+# Where RELEASED has None (computed at run time), the values the released code runs with; each
+# must lie in the searched range as a released value does.
+RUN_TIME_RELEASED = {
+    ("ogm", "alpha"): (0.8, 0.1),  # the released README's CREMA-D and VGGSound presets
+    ("olm", "lr"): (1e-3,),  # main_logits.py:105, the CNN encoders
+}
+# Searched ranges that leave the released value out, each with why: none so far.
+OUTSIDE_RELEASED: dict = {}
+SEARCHED = [(m, o.name) for m in BUILT_IN for o in all_methods()[m].options if o.search]
+
+
+def searched_range_holds(search, value) -> bool:
+    if search.choices:
+        return value in search.choices
+    return search.low <= value <= search.high
+
+
 def test_every_option_has_its_released_value_in_the_table():
     declared = {(m, o.name) for m in BUILT_IN for o in all_methods()[m].options}
     missing = sorted(k for k in declared if k[0] not in SAME_AS and k not in RELEASED
@@ -217,6 +245,67 @@ def test_declared_defaults_are_the_released_values(method):
             assert opt.differs, f"{method} {opt.name}: default {opt.default!r} != released"
             differ.add((method, opt.name))
     assert differ == {k for k in DIFFERS if k[0] == method}
+
+
+def test_every_method_tunes_something_or_says_why_not():
+    for method in BUILT_IN:
+        searched = [o.name for o in all_methods()[method].options if o.search]
+        if method in NOTHING_TO_TUNE:
+            assert not searched, f"{method} searches {searched}: drop it from NOTHING_TO_TUNE"
+            assert NOTHING_TO_TUNE[method].strip()
+        else:
+            assert searched, (f"{method} declares no search range: give its strength one "
+                              "(search=Search(...)) or add it to NOTHING_TO_TUNE with why")
+    assert set(NOTHING_TO_TUNE) <= set(BUILT_IN)
+
+
+@pytest.mark.parametrize("method,option", SEARCHED)
+def test_a_searched_range_holds_the_released_value(method, option):
+    """Tuning starts from the authors' setting: their value is one the search can draw."""
+    opt = next(o for o in all_methods()[method].options if o.name == option)
+    value, where = released(method, option)
+    key = (method, option) if method not in SAME_AS else (SAME_AS[method], option)
+    values = (value,) if value is not None else RUN_TIME_RELEASED.get(key)
+    assert values, (f"{method} {option}: released at run time ({where}); give the values it runs "
+                    "with in RUN_TIME_RELEASED")
+    held = [searched_range_holds(opt.search, v) for v in values]
+    if (method, option) in OUTSIDE_RELEASED:
+        assert not all(held), f"{method} {option} holds its released value: not an exception"
+        assert OUTSIDE_RELEASED[(method, option)].strip()
+    else:
+        assert all(held), (f"{method} {option}: {opt.search.describe()} leaves out the released "
+                           f"{values} ({where})")
+
+
+@pytest.mark.parametrize("method", BUILT_IN)
+def test_searched_options_are_strengths_and_windows_stay_windows(method):
+    """A search is a number (a variant, a str or bool switch, is its own bench row), passes the
+    declaration check, and no draw puts the window's end before its start."""
+    from avtrain.options import check_declaration
+
+    cls = all_methods()[method]
+    check_declaration(method, cls.options, cls.prefix())
+    for opt in cls.options:
+        assert opt.search is None or opt.type in (int, float), f"{method} searches {opt.name}"
+    opts = {o.name: o for o in cls.options}
+    if {"modulation_start", "modulation_end"} <= set(opts):
+        start, end = opts["modulation_start"], opts["modulation_end"]
+        latest_start = start.search.high if start.search else start.default
+        earliest_end = end.search.low if end.search else end.default
+        assert earliest_end is None or latest_start <= earliest_end, method
+
+
+@pytest.mark.parametrize("method", BUILT_IN)
+def test_avtrain_methods_shows_what_is_tuned(method):
+    """`avtrain methods NAME`: each option's row says its range or that it is not tuned."""
+    from avtrain.balance.describe import describe
+
+    cls = all_methods()[method]
+    rows = {line.split(" | ")[0].strip("| `"): line for line in describe(method).splitlines()
+            if line.startswith("| `--")}
+    for opt in cls.options:
+        cell = (f"tuned over {opt.search.describe()}" if opt.search else "not tuned")
+        assert f" | {cell} | " in rows[opt.flag_name(cls.prefix())], (method, opt.name)
 
 
 def explicit_defaults(cls) -> dict:
@@ -447,7 +536,7 @@ def test_the_example_plugins_bad_option_is_refused(registry, method_shards, tmp_
 
 # --- (g) a plug-in that breaks the interface is one Error line -------------------------------
 
-HEAD = "import torch\nfrom avtrain.balance import Balancer, Option\n\n"
+HEAD = "import torch\nfrom avtrain.balance import Balancer, Option, Search\n\n"
 BROKEN = {
     "not_a_balancer": ("class Thing:\n    name = 'thing'\n", "defines no subclass"),
     "no_hook": ("class Lazy(Balancer):\n    name = 'lazy'\n", "overrides none of the hooks"),
@@ -460,6 +549,19 @@ BROKEN = {
                          "    def loss(self, logits, labels, *, epoch, step):\n"
                          "        return torch.nn.functional.cross_entropy(logits['fused'], labels)\n",
                          "--mmpareto-gamma"),
+    "empty_search": ("class Empty(Balancer):\n    name = 'empty'\n"
+                     "    options = (Option('w', float, 1.0, 'a weight', minimum=0,\n"
+                     "                      search=Search(2.0, 1.0, log=True)),)\n"
+                     "    def loss(self, logits, labels, *, epoch, step):\n"
+                     "        return torch.nn.functional.cross_entropy(logits['fused'], labels)\n",
+                     "the range 2.0..1.0 is empty"),
+    "search_outside_bounds": ("class Wide(Balancer):\n    name = 'wide'\n"
+                              "    options = (Option('w', float, 1.0, 'a weight', minimum=0,\n"
+                              "                      search=Search(-1.0, 1.0)),)\n"
+                              "    def loss(self, logits, labels, *, epoch, step):\n"
+                              "        return torch.nn.functional.cross_entropy(logits['fused'], "
+                              "labels)\n",
+                              "must be 0 or more, got -1.0"),
     "taken_name": ("class Again(Balancer):\n    name = 'ogm'\n"
                    "    def loss(self, logits, labels, *, epoch, step):\n"
                    "        return torch.nn.functional.cross_entropy(logits['fused'], labels)\n",

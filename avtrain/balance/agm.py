@@ -94,7 +94,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from avprep.errors import UserError
-from avtrain.options import Option
+from avtrain.options import Option, Search
 
 from . import _dist
 from ._checks import require_two_modalities, window
@@ -213,12 +213,16 @@ class AGM(Balancer):
     )
     signals = ("agm_score_<m>", "agm_running_<m>", "agm_coeff_<m>", "agm_scale_<m>",
                "agm_clipped")
+    # bench --tune: alpha scales its coefficients (its strength); the window end, how long they
+    # act (released: the first 20 epochs)
     options = (
-        Option("alpha", float, 1.0, "strength of its coefficients", minimum=0, shared=True),
+        Option("alpha", float, 1.0, "strength of its coefficients", minimum=0, shared=True,
+               search=Search(0.3, 3.0, log=True)),
         Option("modulation_start", int, 0, "first modulated epoch (0-based, inclusive)",
                minimum=0, shared=True),
         Option("modulation_end", int, 19, "last modulated epoch (inclusive; released: the "
-               "first 20 epochs, counted from 1)", minimum=0, shared=True),
+               "first 20 epochs, counted from 1)", minimum=0, shared=True,
+               search=Search(1, 19, log=True)),
         Option("cap", float, 10.0, "upper bound of optimal - ratio in k = exp(alpha * "
                "min(optimal - ratio, cap)); inf: none (released CREMA-D 10, UR-Funny 7)",
                minimum=0, exclusive_minimum=True),

@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 
 from avprep.errors import UserError
-from avtrain.options import Option
+from avtrain.options import Option, Search
 
 from . import _dist
 from ._checks import fused_model, number, require_two_modalities, summed_fusion, window
@@ -129,15 +129,17 @@ class AMCo(Balancer):
         "its linear_star(sum z_m) up to rounding; --fusion sum is ours",
     )
     signals = ("mask_ratio", "share_<m>", "dependent_<m>")
+    # bench --tune: sigma decides which modality is masked, eps how fast the mask ramps up
     options = (
         Option("modulation_start", int, 0, "first modulated epoch (0-based, inclusive)",
                minimum=0, shared=True),
         Option("modulation_end", int, 80, "last modulated epoch (inclusive)", minimum=0,
                shared=True),
         Option("sigma", float, 0.5, "a modality whose share of the joint softmax over the "
-               "unimodal logits exceeds this is masked next step", minimum=0, maximum=1),
+               "unimodal logits exceeds this is masked next step", minimum=0, maximum=1,
+               search=Search(0.3, 0.7)),
         Option("eps", float, 0.3, "length of the mask ramp sin(pi/2 min(eps, l)/eps)",
-               minimum=0, exclusive_minimum=True),
+               minimum=0, exclusive_minimum=True, search=Search(0.03, 3.0, log=True)),
     )
     output_layer = True
 

@@ -63,7 +63,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from avtrain.options import Option
+from avtrain.options import Option, Search
 
 from . import _dist
 from ._checks import (
@@ -126,10 +126,11 @@ class CML(Balancer):
         "calls a renamed model method (AttributeError): we follow the formula before the rename",
     )
     signals = ("penalty", "conf_fused", "conf_subset", "removed_<m>")
+    # bench --tune: lam, the weight of the ranking hinge, is its strength (form is a variant)
     options = (
         Option("modulation_start", int, 0, "first epoch with the hinge (0-based, inclusive; BalanceMM's modulation_starts)", minimum=0, shared=True),
         Option("modulation_end", int, 80, "last epoch with the hinge (inclusive; BalanceMM's modulation_ends); CE alone outside", minimum=0, shared=True),
-        Option("lam", float, 0.1, "weight of the confidence ranking hinge (BalanceMM's lam; the authors' README: beta 10 / 100)", minimum=0),
+        Option("lam", float, 0.1, "weight of the confidence ranking hinge (BalanceMM's lam; the authors' README: beta 10 / 100)", minimum=0, search=Search(0.01, 1.0, log=True)),
         Option("form", str, "balancemm", "balancemm (the hinge on the batch sum, BalanceMM) or authors (per sample, QingyangZhang/CML)", choices=FORMS),
     )
 

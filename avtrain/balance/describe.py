@@ -44,7 +44,8 @@ def _value(v) -> str:
 
 def options_table(cls: type[Balancer]) -> list[str]:
     prefix = cls.prefix()
-    lines = ["| flag | option | default | released | what it does |", "|---|---|---|---|---|"]
+    lines = ["| flag | option | default | released | bench --tune | what it does |",
+             "|---|---|---|---|---|---|"]
     for opt in cls.options:
         default = _value(opt.default) if opt.default is not None else opt.describe_default()
         released = _value(opt.released_value) if opt.released_value is not None \
@@ -58,9 +59,20 @@ def options_table(cls: type[Balancer]) -> list[str]:
             extra.append("differs from released: " + opt.differs)
         note = f" ({'; '.join(extra)})" if extra else ""
         name = f"{opt.name} (shared)" if opt.shared else opt.name
+        tuned = f"tuned over {opt.search.describe()}" if opt.search else "not tuned"
         lines.append(f"| `{opt.flag_name(prefix)}` | `{name}` | {default} | {released} | "
-                     f"{opt.help}{note} |")
+                     f"{tuned} | {opt.help}{note} |")
     return lines
+
+
+def tuning_line(cls: type[Balancer]) -> str:
+    """What `avtrain bench --tune` searches for this method, in one sentence."""
+    searched = [f"`{o.name}` over {o.search.describe()}" for o in cls.options if o.search]
+    if not searched:
+        return ("`avtrain bench --tune` searches none of its own options (its tuned row is its "
+                "default row, unless `--tune-space` names a setting).")
+    return (f"`avtrain bench --tune` searches {', '.join(searched)} on val; "
+            f"`--tune-space {cls.name}.NAME=LOW..HIGH` replaces a range.")
 
 
 def describe(name_or_cls) -> str:
@@ -79,7 +91,8 @@ def describe(name_or_cls) -> str:
                  ("trained per-modality heads", cls.trained_unimodal_heads)) if on))]
     out += [f"- **{k}**: {v}" for k, v in facts if v] + [""]
     out += ["## Options", ""]
-    out += options_table(cls) if cls.options else ["None: nothing to set or tune."]
+    out += options_table(cls) + ["", tuning_line(cls)] if cls.options \
+        else ["None: nothing to set or tune."]
     out += ["", "Set them as flags, in config.yaml under `method_options:` (short names), or "
             f"with `--method-option NAME=VALUE`; `avtrain bench --set {cls.name}.NAME=V`.", ""]
     out += ["## Signal", ""]

@@ -89,7 +89,7 @@ import torch.nn.functional as F
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from avprep.errors import UserError
-from avtrain.options import Option
+from avtrain.options import Option, Search
 
 from ..config import TrainConfig
 from ..optim import build_optimizer
@@ -142,10 +142,12 @@ class GBlending(Balancer):
         "BalanceMM: O = 0 is one Error line (BalanceMM: ZeroDivisionError)",
     )
     signals = ("gblend_w_<m>", "gblend_w_fused")
+    # bench --tune: super_epoch, how often the blending weights are re-estimated (offline and
+    # fixed weights are variants)
     options = (
         Option("super_epoch", int, 10,
                "epochs between weight estimates, each a temporary training of that many epochs "
-               "whose first and last are compared", minimum=2),
+               "whose first and last are compared", minimum=2, search=Search(2, 10)),
         Option("offline", bool, False,
                "one estimate before training, over --epochs epochs (BalanceMM's method offline; "
                "its config: online)"),

@@ -83,7 +83,7 @@ import torch.nn.functional as F
 
 from avprep.errors import UserError
 from avtrain.models.fusions import SumFusion
-from avtrain.options import Option
+from avtrain.options import Option, Search
 
 from . import _dist
 from ._checks import finite, require_two_modalities, window
@@ -166,11 +166,12 @@ class Greedy(Balancer):
         "after layer 1; here the authors' 0.01, epoch 1, the branches' CE",
     )
     signals = ("speed_diff", "bdr_<m>", "rebalance_<m>")
+    # bench --tune: epsilon decides when a re-balancing window starts, window how long it lasts
     options = (
         Option("modulation_start", int, 1, "first epoch of the rule, 0-based (released starting_epoch=2, counted from 1)", minimum=0, shared=True),
         Option("modulation_end", int, None, "last epoch a re-balancing window may start (inclusive; released: never undone)", minimum=0, shared=True, none_means="no end"),
-        Option("epsilon", float, 0.01, "a re-balancing window starts when abs(BDR_audio - BDR_visual) exceeds this (BalanceMM 0.001)", minimum=0),
-        Option("window", int, 5, "re-balancing steps per window", minimum=1),
+        Option("epsilon", float, 0.01, "a re-balancing window starts when abs(BDR_audio - BDR_visual) exceeds this (BalanceMM 0.001)", minimum=0, search=Search(0.001, 0.1, log=True)),
+        Option("window", int, 5, "re-balancing steps per window", minimum=1, search=Search(1, 10)),
         Option("loss", str, "unimodal", "unimodal (the sum of the per-modality CEs, as released) or fused (BalanceMM)", choices=("unimodal", "fused")),
         Option("average", str, "own", "own (each modality's MMTM gates replaced by their own running mean) or released (the second's by the first's)", choices=("own", "released"), released="released", differs="the released code averages the second modality's gates with the first's running mean, a slip the paper does not describe"),
     )

@@ -86,7 +86,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from avprep.errors import UserError
-from avtrain.options import Option
+from avtrain.options import Option, Search
 
 from . import _dist
 from ._checks import fused_model, require_two_modalities
@@ -176,6 +176,8 @@ class LFM(Balancer):
         "BalanceMM always in train mode (--lfm-alpha-mode train)",
     )
     signals = ("alpha_cls", "alpha_align", "loss_cls", "loss_align", "alpha_grad")
+    # bench --tune: the alignment weight's start (authors 0.95, BalanceMM 0.05) and its step size
+    # set how much of training aligns rather than classifies
     options = (
         Option("schedule", str, "learnable",
                "learnable (a hypergradient step before each epoch; Crema_epoch_learnable.py, "
@@ -183,8 +185,9 @@ class LFM(Balancer):
                choices=("learnable", "fitted")),
         Option("alpha_init", float, 0.95,
                "initial weight of the alignment (the authors' cls_k; BalanceMM 0.05)",
-               minimum=0.05, maximum=0.95),
-        Option("lr_alpha", float, 1e-4, "step size of the alignment weight", minimum=0),
+               minimum=0.05, maximum=0.95, search=Search(0.05, 0.95)),
+        Option("lr_alpha", float, 1e-4, "step size of the alignment weight", minimum=0,
+               search=Search(1e-5, 1e-3, log=True)),
         Option("lr_alpha_halving", int, 20,
                "the weight's step size halves every this many epochs", minimum=1),
         Option("cls_input", str, "mean",

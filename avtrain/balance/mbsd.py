@@ -63,7 +63,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from avtrain.options import Option
+from avtrain.options import Option, Search
 
 from . import _dist
 from ._checks import fused_model, require_two_modalities, summed_fusion, window
@@ -128,9 +128,11 @@ class MBSD(Balancer):
         "modalities (BalanceMM: two or exactly three)",
     )
     signals = ("mbsd_kl", "mbsd_rs", "mbsd_weight", "mbsd_weighted")
+    # bench --tune: its terms have no weight, so the window end (how long they act) is its one
+    # lever (rs_on is a variant)
     options = (
         Option("modulation_start", int, 0, "first epoch with the unimodal CE and KL/RS terms (0-based, inclusive; BalanceMM's modulation_starts)", minimum=0, shared=True),
-        Option("modulation_end", int, 80, "last epoch with them (inclusive; BalanceMM's modulation_ends); CE of the fused logits alone outside", minimum=0, shared=True),
+        Option("modulation_end", int, 80, "last epoch with them (inclusive; BalanceMM's modulation_ends); CE of the fused logits alone outside", minimum=0, shared=True, search=Search(1, 80, log=True)),
         Option("rs_on", str, "auto", "what the RS term compares: auto (logits for two modalities, probabilities for more, as BalanceMM), logits or probs", choices=("auto", "logits", "probs")),
     )
 

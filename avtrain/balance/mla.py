@@ -189,6 +189,8 @@ class MLA(Balancer):
         "a window [0, 80] with fused CE after it; the authors have no window",
     )
     signals = ("uniloss_<m>", "gate_<m>", "headkept_<m>")
+    # bench --tune: nothing; the released step has no weight or rate of its own, and each
+    # option is a variant of the algorithm (the projection, the test-time gate, zero_grad)
     options = (
         Option("projection", str, "none", "edit of the shared head's weight gradient: none (the released code), owm (the paper, the first release) or owm-add (BalanceMM)", choices=PROJECTIONS),
         Option("gate", str, "entropy", "test-time fusion: entropy (per sample, the paper), batch-entropy (the released --dynamic code) or fixed (the released default without --dynamic: 0.55/0.45)", choices=GATES, released="batch-entropy", differs="the released softmax over the batch axis (README's 'MLA (dynamic fusion)') makes a sample's prediction depend on the rest of its batch; the paper's per-sample entropy is the default"),

@@ -71,7 +71,7 @@ import torch.nn.functional as F
 
 from avprep.errors import UserError
 from avtrain.models.fusions import COSINE_EVAL
-from avtrain.options import Option
+from avtrain.options import Option, Search
 
 from . import _dist
 from ._checks import fused_model, require_two_modalities
@@ -113,10 +113,11 @@ class MMCosine(Balancer):
         "BalanceMM sums the cosines (--mmcosine-eval-fused cosine)",
     )
     signals = ("mmcosine_logit_<m>", "mmcosine_loss_<m>")
+    # bench --tune: the scaling s of the cosine logits is its one strength (eval_fused a variant)
     options = (
         Option("scaling", float, 10.0,
                "factor s on each modality's cosine logits (the authors' main_CD.py; BalanceMM "
-               "15)", minimum=0, exclusive_minimum=True),
+               "15)", minimum=0, exclusive_minimum=True, search=Search(3.0, 30.0, log=True)),
         Option("eval_fused", str, "concat",
                "fused logits at evaluation: concat (the plain W.[f_a; f_v] + b, the authors') or "
                "cosine (BalanceMM)", choices=COSINE_EVAL),

@@ -91,7 +91,7 @@ import torch.nn.functional as F
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from avprep.errors import UserError
-from avtrain.options import Option
+from avtrain.options import Option, Search
 
 from . import _dist
 from ._checks import finite, require_two_modalities
@@ -163,8 +163,9 @@ class MMPareto(Balancer):
         "concat layer; a window [0, 80]",
     )
     signals = ("cos_<m>", "minnorm_<m>", "wmm_<m>", "wuni_<m>", "uniloss_<m>", "loss_mm")
+    # bench --tune: gamma, the factor on the encoder gradients, is its one hyper-parameter
     options = (
-        Option("gamma", float, 1.5, "factor on every encoder gradient after the Pareto combination (released gamma, BalanceMM's alpha)", minimum=0, exclusive_minimum=True),
+        Option("gamma", float, 1.5, "factor on every encoder gradient after the Pareto combination (released gamma, BalanceMM's alpha)", minimum=0, exclusive_minimum=True, search=Search(0.5, 5.0, log=True)),
     )
     trained_unimodal_heads = True
 

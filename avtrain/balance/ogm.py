@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from avprep.errors import UserError
-from avtrain.options import Option
+from avtrain.options import Option, Search
 
 from . import _dist
 from ._checks import number, require_two_modalities, window
@@ -166,15 +166,17 @@ class OGM(Balancer):
         "--modulate encoder; released: the encoders' conv kernels)",
     )
     signals = ("score_<m>", "rho_<m>", "coeff_<m>")
+    # bench --tune: alpha is the method's strength; the window end, when modulation lets go so
+    # both encoders converge (released: half the run)
     options = (
         Option("alpha", float, None, "strength: the dominant modality's gradients are scaled "
                "by k = 1 - tanh(alpha * rho)", minimum=0, shared=True,
                none_means="the dataset's preset (released README: CREMA-D 0.8, VGGSound 0.1), "
-               "else 0.8"),
+               "else 0.8", search=Search(0.1, 2.0, log=True)),
         Option("modulation_start", int, 0, "first modulated epoch (0-based, inclusive)",
                minimum=0, shared=True),
         Option("modulation_end", int, 50, "last modulated epoch (inclusive)", minimum=0,
-               shared=True),
+               shared=True, search=Search(1, 50, log=True)),
         Option("modulate", str, "conv", "parameters scaled: conv (the encoders' conv kernels, "
                "as released) or encoder (every encoder parameter with more than one dimension)",
                choices=("conv", "encoder"), setting="modulate"),

@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 
 from avprep.errors import UserError
-from avtrain.options import Option
+from avtrain.options import Option, Search
 
 from . import _dist
 from ._checks import number, require_two_modalities
@@ -156,13 +156,16 @@ class OLM(Balancer):
         "BalanceMM: has no OLM",
     )
     signals = ("w_<branch>", "r_<branch>", "loss_<branch>")
+    # bench --tune: the coefficients' lr is how fast the loss weights follow the learning
+    # speeds, the method's one strength (initial/reduction/heldout are variants)
     options = (
         Option("initial", str, "mean", "initial losses: mean over the first epoch, or "
                "last-batch (its last batch, as released)", choices=("mean", "last-batch"),
                released="last-batch", differs="one batch is a noisy reference; r is uniform "
                "for the first epoch either way (the recipes set last-batch)"),
         Option("lr", float, None, "learning rate of the coefficients' Adam", minimum=0,
-               none_means="1e-3 for the CNN encoders; --lr for emt/mbt/umt/ca, as released"),
+               none_means="1e-3 for the CNN encoders; --lr for emt/mbt/umt/ca, as released",
+               search=Search(1e-4, 1e-2, log=True)),
         Option("weight_decay", float, None, "weight decay of the coefficients' Adam", minimum=0,
                none_means="0 for the CNN encoders; --weight-decay for emt/mbt/umt/ca, as "
                "released"),

@@ -81,7 +81,7 @@ import torch
 import torch.nn.functional as F
 
 from avprep.errors import UserError
-from avtrain.options import Option
+from avtrain.options import Option, Search
 
 from . import _dist
 from ._checks import fused_model, number, require_two_modalities, window
@@ -166,15 +166,18 @@ class OPM(Balancer):
         "authors",
     )
     signals = ("drop_exe", "score_<m>", "drop_p_<m>", "dropped_<m>")
+    # bench --tune: q_base and lambda set how much of the dominant modality is dropped; the
+    # warm-up (released 6 epochs) decides whether a short run modulates at all
     options = (
         Option("alpha", float, 0.5, "lambda: how much the discrepancy raises the drop "
-               "probability", minimum=0, shared=True),
+               "probability", minimum=0, shared=True, search=Search(0.15, 1.5, log=True)),
         Option("modulation_start", int, 6, "first modulated epoch (0-based, inclusive; "
-               "released: after the warm-up epochs 0-5)", minimum=0, shared=True),
+               "released: after the warm-up epochs 0-5)", minimum=0, shared=True,
+               search=Search(0, 8)),
         Option("modulation_end", int, None, "last modulated epoch (inclusive)", minimum=0,
                shared=True, none_means="no end"),
         Option("q_base", float, 0.5, "base drop probability of the dominant modality",
-               minimum=0, maximum=1),
+               minimum=0, maximum=1, search=Search(0.2, 0.8)),
         Option("p_exe", float, 0.7, "probability that a step drops features at all",
                minimum=0, maximum=1),
         Option("theta_grad", str, "released", "released (the custom autograd returns theta as "

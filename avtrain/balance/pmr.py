@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from avprep.errors import UserError
-from avtrain.options import Option
+from avtrain.options import Option, Search
 
 from . import _dist
 from ._checks import number, require_two_modalities, window
@@ -105,13 +105,15 @@ class PMR(Balancer):
         "authors",
     )
     signals = ("proto_ratio", "proto_score_<m>", "pce_coeff_<m>")
+    # bench --tune: alpha weighs the prototype CE (its strength); the window end is when the
+    # rebalancing stops (released: epoch 100 of 150)
     options = (
         Option("alpha", float, 1.0, "weight of the prototype CE on the weak modality",
-               minimum=0, shared=True),
+               minimum=0, shared=True, search=Search(0.3, 3.0, log=True)),
         Option("modulation_start", int, 0, "first modulated epoch (0-based, inclusive)",
                minimum=0, shared=True),
         Option("modulation_end", int, 100, "last modulated epoch (inclusive)", minimum=0,
-               shared=True),
+               shared=True, search=Search(1, 100, log=True)),
         Option("momentum", float, 0.2, "prototype momentum: weight of the previous prototypes",
                minimum=0, maximum=1, exclusive_maximum=True),
         Option("proto_batches", int, None, "training batches per rank averaged into the "

@@ -107,7 +107,7 @@ import torch.nn.functional as F
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from avprep.errors import UserError
-from avtrain.options import Option
+from avtrain.options import Option, Search
 
 from ..models.fusions import BoostFusion, ConcatFusion, SumFusion
 from . import _dist
@@ -179,18 +179,20 @@ class ReconBoost(Balancer):
     )
     signals = ("rb_stage", "rb_phase", "trained_<m>", "learner_loss", "ga_loss", "join_prob",
                "ensemble_loss", "boost_rate")
+    # bench --tune: the stage length (how often the learner alternates) and w2, the weight of
+    # the reconcilement against the learner's CE (alpha weighs a gradient-free term: not tuned)
     options = (
         Option("alpha", float, 0.5, "weight of its (gradient-free) GA term", minimum=0,
                shared=True),
         Option("stage_epochs", int, 4, "epochs of each stage's learner phase (released "
-               "--epochs_per_stage)", minimum=1),
+               "--epochs_per_stage)", minimum=1, search=Search(1, 4)),
         Option("correct_epochs", int, None, "epochs of each stage's global rectification, 0 "
                "for none", minimum=0,
                none_means="--reconboost-stage-epochs (released --correct_epoch 4)"),
         Option("weight1", float, 5.0, "boosting loss: weight w1 of the learner's CE",
                minimum=0),
         Option("weight2", float, 1.0, "boosting loss: weight w2 of the reconcilement term",
-               minimum=0),
+               minimum=0, search=Search(0.3, 3.0, log=True)),
         Option("reset_optimizer", bool, True, "clear the optimizer state at every phase (the "
                "released fresh SGD per phase)"),
     )

@@ -108,7 +108,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from avprep.errors import UserError
-from avtrain.options import Option
+from avtrain.options import Option, Search
 
 from . import _dist
 from ._checks import finite, number, require_two_modalities
@@ -279,9 +279,11 @@ class ReLearning(Balancer):
         "per rank; re-initialises every parameter named after a modality",
     )
     signals = ("relearn_weight_<m>", "purity_train_<m>", "purity_val_<m>")
+    # bench --tune: lambda is the strength of the re-initialisation, every how often it happens
+    # (released every 20 of 90 epochs: the range reaches down to short runs)
     options = (
-        Option("lam", float, 3.0, "strength w = tanh(lambda * abs(purity(train) - purity(val))) of the soft re-initialisation", minimum=0, setting="relearning_lambda"),
-        Option("every", int, 20, "diagnose and re-initialise after every N-th epoch (BalanceMM 15)", minimum=1),
+        Option("lam", float, 3.0, "strength w = tanh(lambda * abs(purity(train) - purity(val))) of the soft re-initialisation", minimum=0, setting="relearning_lambda", search=Search(1.0, 10.0, log=True)),
+        Option("every", int, 20, "diagnose and re-initialise after every N-th epoch (BalanceMM 15)", minimum=1, search=Search(2, 20, log=True)),
         Option("times", int, 3, "at most this many re-initialisations (BalanceMM 2)", minimum=0),
         Option("kmeans", str, "torch", "torch (sklearn's algorithm, seeded) or sklearn (KMeans, random_state=0, as released)", choices=KMEANS, released="sklearn", differs="the same Lloyd/k-means++ algorithm in torch, seeded by --seed and the epoch, so scikit-learn is not needed"),
         Option("n_init", int, 10, "k-means runs, the best inertia kept (sklearn's default before 1.4)", minimum=1),

@@ -78,7 +78,7 @@ import torch
 import torch.nn.functional as F
 
 from avprep.errors import UserError
-from avtrain.options import Option
+from avtrain.options import Option, Search
 
 from ..checkpoint import load_checkpoint, model_from_checkpoint, weights_digest
 from . import _dist
@@ -177,6 +177,8 @@ class UnimodalTeacher(Balancer):
         "BalanceMM: any number of modalities; sequence models are refused",
     )
     signals = ("ce", "distill_<m>")
+    # bench --tune: scaling, the weight of the distillation, is its strength; the features'
+    # scale differs by encoder, so two decades
     options = (
         Option("modulation_start", int, 0, "first distilled epoch (0-based, inclusive)",
                minimum=0, shared=True),
@@ -188,7 +190,7 @@ class UnimodalTeacher(Balancer):
                metavar="MODALITY=RUN_DIR"),
         Option("scaling", float, 10.0,
                "weight of each modality's feature MSE to its teacher (BalanceMM scaling)",
-               minimum=0),
+               minimum=0, search=Search(1.0, 100.0, log=True)),
         Option("mode", str, "train",
                "the teachers' forward: train (BalanceMM: batch statistics) or eval mode",
                choices=MODES),

@@ -96,7 +96,7 @@ import torch
 import torch.distributed as dist
 
 from avprep.errors import UserError
-from avtrain.options import Option
+from avtrain.options import Option, Search
 
 from ..shapley import subsets
 from . import _dist
@@ -176,9 +176,11 @@ class Valuation(Balancer):
         "inputs zeroed instead of features, from epoch 1, modality level ignores alpha",
     )
     signals = ("valuation_contrib_<m>", "valuation_copies_<m>", "valuation_copies")
+    # bench --tune: the warm-up, when re-sampling starts (the sample level, the default, has no
+    # strength of its own; part_ratio and alpha act only at the modality level)
     options = (
         Option("level", str, "sample", "sample (sample_level.py, the paper's method) or modality (modality_level.py)", choices=LEVELS),
-        Option("warmup", int, 5, "epochs trained on the data as it is before the re-sampling (the first re-sampling uses the valuation after epoch warmup-1)", minimum=1),
+        Option("warmup", int, 5, "epochs trained on the data as it is before the re-sampling (the first re-sampling uses the valuation after epoch warmup-1)", minimum=1, search=Search(1, 8)),
         Option("part_ratio", float, 0.2, "modality level: share of the training set drawn to estimate the gap", minimum=0, maximum=1, exclusive_minimum=True),
         Option("gap_alpha", float, 1.0, "modality level: factor on the gap difference, the re-sampled share", minimum=0, setting="valuation_alpha"),
     )
