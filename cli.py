@@ -825,12 +825,28 @@ def bench(out_dir, methods, seeds, sets, references, executor, ray_address, over
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--out", "out_dir", type=click.Path(file_okay=False),
               help="Folder for report.md and the PNG plots [a bench: the bench folder].")
-def report(runs, out_dir):
+@click.option("--published", "published", metavar="NAME[:DATASET]",
+              help="Put one bench beside a shipped published table (balancebenchmark, "
+                   "ogm_ge, reconboost): BENCH/published-NAME.md. DATASET: default the "
+                   "bench's own.")
+def report(runs, out_dir, published):
     """Compare runs: accuracy curves, balancing signal, final table, confusion matrix.
-    Given one `avtrain bench` folder: its results table and imbalance figures."""
+    Given one `avtrain bench` folder: its results table and imbalance figures; with
+    --published NAME: ours beside that published table, with the protocol differences."""
     from avtrain.bench import is_bench, write_results
     from avtrain.report import write_report
 
+    if published is not None:
+        from avtrain.published import compare
+
+        if len(runs) != 1 or not is_bench(runs[0]):
+            raise UserError("--published compares one bench folder (made by avtrain bench), "
+                            f"got {', '.join(runs)}")
+        result = compare(runs[0], published, out_dir)
+        matched = sum(1 for line in result["lines"] if line["row"])
+        click.echo(f"published: {result['path']} ({matched} of {len(result['lines'])} "
+                   f"published rows matched, dataset {result['dataset']})")
+        return
     if len(runs) == 1 and is_bench(runs[0]):
         result = write_results(runs[0], out_dir)
         click.echo(f"results: {result['results']} ({len(result['rows'])} rows, "
