@@ -98,8 +98,15 @@ TUNED = ["--methods", "none,tunable_aux", "--seeds", "1", "--no-references", "--
 @pytest.fixture(scope="module")
 def tuned(train_shards, plugin, tmp_path_factory):
     """A bench tuned with 2 trials: `none` declares nothing, tunable_aux searches its weight."""
+    import torch
+
     out = tmp_path_factory.mktemp("tune") / "B"
-    result = bench(train_shards, out, plugin, *TUNED, "--tune", "2")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as one_torch_thread, which a module fixture runs before
+    try:
+        result = bench(train_shards, out, plugin, *TUNED, "--tune", "2")
+    finally:
+        torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
     return out, result.output
 
