@@ -644,6 +644,7 @@ def draw(record: dict, rows: list[dict], per_run: dict, out_dir: str) -> str | N
     import statistics
 
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -675,8 +676,9 @@ def draw(record: dict, rows: list[dict], per_run: dict, out_dir: str) -> str | N
             left.scatter([t["number"]], [value], color=colours[m], s=18,
                          marker="o" if t["state"] == "COMPLETE" else "x")
         if xs:
-            left.plot(xs, best, "-", color=colours[m], label=m, lw=1.2)
+            left.plot(xs, best, "-", color=colours[m], label=m, lw=1.2, drawstyle="steps-post")
     left.set(xlabel="trial", ylabel="val acc (best epoch)", title="search")
+    left.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     left.grid(alpha=0.3)
     left.legend(fontsize=7)
     by_row = {r["row"]: r for r in rows}
