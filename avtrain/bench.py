@@ -470,8 +470,10 @@ def run_bench(shards: str, out: str, settings: dict | TrainConfig | None = None,
         (lambda rs: _run_local(rs, say))
     execute(runs)
     if plan is not None:
+        fixed = {m: {k: v[0] for k, v in sets.get(m, []) if len(v) == 1} for m in methods}
         chosen = _run_tuning(plan, config, out, seeds, teachers, runs, executor, ray_address,
-                             overwrite, say)
+                             overwrite, say, fixed)
+        chosen = {m: {**fixed[m], **values} for m, values in chosen.items()}
         runs = plan_runs(config, out, methods, seeds, sets, references, teachers, chosen)
         _retrain_changed_tuned(runs, say)
         _remember(out, runs, tuned=list(plan["spaces"]))
@@ -517,8 +519,9 @@ def _tune_plan(config: TrainConfig, out, methods, trials, epochs, space_items, s
 
 
 def _run_tuning(plan, config, out, seeds, teachers, runs, executor, ray_address, overwrite,
-                say) -> dict:
-    """The studies' missing trials, then {method: chosen values}; BENCH/tune.json either way."""
+                say, fixed: dict) -> dict:
+    """The studies' missing trials, then {method: chosen values}; BENCH/tune.json either way.
+    `fixed`: a method's one-valued --set (or own flag) settings, which its trials keep."""
     from . import tune as T
     from .balance import get_method
 
@@ -529,16 +532,16 @@ def _run_tuning(plan, config, out, seeds, teachers, runs, executor, ray_address,
         if not space.dims:
             say(f"tune {method}: nothing to tune (no declared range, no --tune-space); its "
                 "default row stands for it")
-    extra = {}  # a taught method's trials learn from the first seed's references
-    for method in spaces:
+    extra = {m: dict(fixed.get(m) or {}) for m in spaces}
+    for method in spaces:  # a taught method's trials learn from the first seed's references
         setting = get_method(method).teacher_setting
         if setting and spaces[method].dims:
             if setting in teachers:
-                extra[method] = {setting: teachers[setting]}
+                extra[method][setting] = teachers[setting]
             else:
                 refs = [r for r in runs if r.row.endswith(" only") and r.seed == seeds[0]]
-                extra[method] = {setting: [f"{r.config['modalities'][0]}={r.run_dir}"
-                                           for r in refs]}
+                extra[method][setting] = [f"{r.config['modalities'][0]}={r.run_dir}"
+                                          for r in refs]
     storage = T.open_storage(plan["url"])
     studies = T.open_studies(storage, spaces, plan["trials"], plan["epochs"], plan["recorded"],
                              say)
