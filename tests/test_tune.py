@@ -69,8 +69,9 @@ def one_error(result, *needles):
         assert needle in errors[0], errors[0]
 
 
-def study(out, method="tunable_aux"):
-    return optuna.load_study(study_name=method, storage=f"sqlite:///{out / 'tune.db'}")
+def study(out, method="tunable_aux", storage=None):
+    return optuna.load_study(study_name=method,
+                             storage=storage or f"sqlite:///{out / 'tune.db'}")
 
 
 def states(out, method="tunable_aux"):
@@ -305,7 +306,8 @@ def test_killed_mid_trial_loses_only_that_trial(train_shards, plugin, tmp_path):
 
 @pytest.mark.slow
 def test_ray_runs_the_trials_as_ray_tasks(train_shards, tmp_path, monkeypatch):
-    """Every run and trial is a Ray task: training in this process fails the test."""
+    """Every run and trial is a Ray task (training in this process fails the test), each
+    trial reporting to the study in the --storage database given."""
     ray = pytest.importorskip("ray", reason="Ray is the optional extra avbalance[ray]")
     from avtrain import loop
     from avtrain.bench import run_bench
@@ -323,14 +325,16 @@ def test_ray_runs_the_trials_as_ray_tasks(train_shards, tmp_path, monkeypatch):
     settings = {"model": "tiny", "image_size": 32, "batch_size": 8, "steps_per_epoch": 2,
                 "workers": 0, "epochs": 1, "tensorboard": False}
     out = tmp_path / "ray"
-    lines = []
+    shared = f"sqlite:///{tmp_path / 'shared' / 'studies.db'}"
+    (tmp_path / "shared").mkdir()
     try:
         run_bench(str(train_shards), str(out), settings, methods="none", seeds=[0],
                   references=False, executor="ray", tune=3, tune_epochs=2,
-                  tune_space=["lr=0.01..0.1:log"], say=lines.append)
+                  tune_space=["lr=0.01..0.1:log"], storage=shared, say=lambda line: None)
     finally:
         ray.shutdown()
-    trials = study(out, "none").get_trials()
+    assert not (out / "tune.db").exists()
+    trials = study(out, "none", shared).get_trials()
     assert len(trials) == 3 and {t.state.name for t in trials} <= {"COMPLETE", "PRUNED"}
     for t in trials:  # the Ray task reported to the study itself
         run = out / "tune" / "none" / f"trial{t.number:03d}"
