@@ -11,9 +11,13 @@ method and combination of its `--set` values (a sweep), and `{modality} only` re
 A method taught by unimodal teachers (`unimodal_teacher`) gets the same seed's references as
 its teachers unless `--teacher` is given; they are trained before it (Ray: submitted after).
 
+Tuning (`tune=N`, avtrain.tune): each method's declared ranges searched on val in N trials
+under BENCH/tune, after the default rows; then a "METHOD (tuned)" row of its chosen values.
+
 Resumable: a run with summary.json is finished and skipped; one with last.pt is resumed; any
 other is started afresh. BENCH/bench.json records the protocol (every setting but the
-method, seed and modalities); a rerun with another protocol is refused unless `overwrite`,
+method, seed and modalities; the shards' path relative to BENCH, so a moved folder still
+reports); a rerun with another protocol is refused unless `overwrite`,
 which removes BENCH's runs and results first. Methods, seeds and `--set` values may change
 between reruns: new rows and seeds are added, finished ones kept.
 
