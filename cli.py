@@ -787,8 +787,8 @@ def _bench_fit_options(f):
                   help="Bench folder: runs/ROW/seedS, results.md, results.csv, figures."),
     click.option("--methods", default="none,ogm_ge,olm", show_default=True,
                   help="Comma list of balancing methods, one row each."),
-    click.option("--seeds", default="3", show_default=True,
-                  help="A count (3 = seeds 0,1,2) or a comma list of seeds (0,4,7)."),
+    click.option("--seeds", help="A count (3 = seeds 0,1,2) or a comma list of seeds (0,4,7) "
+                  "[default: 3; 5 with --tune]."),
     click.option("--set", "sets", multiple=True, metavar="METHOD.SETTING=V[,V...]",
                   help="A setting for one method's runs, e.g. ogm_ge.alpha=0.1,0.8 (each value its "
                   "own row); repeatable."),
@@ -800,12 +800,26 @@ def _bench_fit_options(f):
     click.option("--overwrite", is_flag=True,
                   help="Start the bench again, e.g. with other settings (its runs are removed)."),
 )
+@cloup.option_group(
+    "Tuning",
+    click.option("--tune", type=int, metavar="N",
+                  help="Tune each method on val first: N Optuna trials per method over its "
+                  "declared ranges (and --tune-space), then a 'METHOD (tuned)' row."),
+    click.option("--tune-epochs", type=int, metavar="E",
+                  help="Epochs of each trial [default: --epochs]."),
+    click.option("--tune-space", multiple=True, metavar="KEY=LOW..HIGH[:log]|KEY=a,b",
+                  help="Also search a setting of every run (lr=0.001..0.1:log) or replace a "
+                  "method's range (ogm_ge.alpha=0.1..2); repeatable."),
+    click.option("--storage", metavar="URL",
+                  help="Optuna RDB storage of the studies (postgresql://..., needed on a Ray "
+                  "cluster) [default: sqlite OUT/tune.db]."),
+)
 @_bench_fit_options
 def bench(out_dir, methods, seeds, sets, references, executor, ray_address, overwrite,
-          config_file, **flags):
+          tune, tune_epochs, tune_space, storage, config_file, **flags):
     """Train methods x seeds (and unimodal references) under one protocol; rerun to resume.
     Any fit flag applies to every run, a method's own flag to that method's rows (as --set);
-    results in OUT/results.md and results.csv."""
+    --tune N tunes each method on val first. Results in OUT/results.md and results.csv."""
     from avtrain.bench import run_bench
     from avtrain.config import load_yaml
 
@@ -813,7 +827,9 @@ def bench(out_dir, methods, seeds, sets, references, executor, ray_address, over
     settings.update({k: v for k, v in flags.items() if v is not None and v != ()})
     result = run_bench(settings.pop("shards", None), out_dir, settings, methods=methods,
                        seeds=seeds, sets=sets, references=references, executor=executor,
-                       ray_address=ray_address, overwrite=overwrite, say=click.echo)
+                       ray_address=ray_address, overwrite=overwrite, tune=tune,
+                       tune_epochs=tune_epochs, tune_space=tune_space, storage=storage,
+                       say=click.echo)
     click.echo(f"results: {result['results']} ({len(result['rows'])} rows, "
                f"{len(result['figures'])} figures)")
 

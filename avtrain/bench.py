@@ -11,9 +11,13 @@ method and combination of its `--set` values (a sweep), and `{modality} only` re
 A method taught by unimodal teachers (`unimodal_teacher`) gets the same seed's references as
 its teachers unless `--teacher` is given; they are trained before it (Ray: submitted after).
 
+Tuning (`tune=N`, avtrain.tune): each method's declared ranges searched on val in N trials
+under BENCH/tune, after the default rows; then a "METHOD (tuned)" row of its chosen values.
+
 Resumable: a run with summary.json is finished and skipped; one with last.pt is resumed; any
 other is started afresh. BENCH/bench.json records the protocol (every setting but the
-method, seed and modalities); a rerun with another protocol is refused unless `overwrite`,
+method, seed and modalities; the shards' path relative to BENCH, so a moved folder still
+reports); a rerun with another protocol is refused unless `overwrite`,
 which removes BENCH's runs and results first. Methods, seeds and `--set` values may change
 between reruns: new rows and seeds are added, finished ones kept.
 
@@ -190,9 +194,10 @@ def protocol(base: TrainConfig) -> dict:
 
 def plan_runs(base: TrainConfig, out: str, methods: list[str], seeds: list[int],
               sets: dict | None = None, references: bool = True,
-              teachers: dict | None = None) -> list[BenchRun]:
+              teachers: dict | None = None, tuned: dict | None = None) -> list[BenchRun]:
     """Every run, seed-major (seed 0 of every row first: a bench stopped half-way already
-    compares every row)."""
+    compares every row). `tuned`: {method: its chosen values}, a "METHOD (tuned)" row each,
+    after the method's own rows."""
     from .balance import get_method
 
     sets = sets or {}
@@ -219,6 +224,11 @@ def plan_runs(base: TrainConfig, out: str, methods: list[str], seeds: list[int],
             setting = get_method(method).teacher_setting
             given = {setting: teachers[setting]} if setting in teachers else {}
             rows.append((label, slug, {"method": method, **given, **changes}))
+        if method in (tuned or {}):
+            setting = get_method(method).teacher_setting
+            given = {setting: teachers[setting]} if setting in teachers else {}
+            rows.append((tuned_row(method), _slug(f"{method}-tuned"),
+                         {"method": method, **given, **tuned[method]}))
     if not taught:
         rows += refs
     runs = []
@@ -234,6 +244,18 @@ def plan_runs(base: TrainConfig, out: str, methods: list[str], seeds: list[int],
             config = make_config(base.to_dict(), changes, {"seed": seed, "run_dir": run_dir})
             runs.append(BenchRun(label, slug, seed, config.to_dict(), tuple(needs.values())))
     return runs
+
+
+def tuned_row(method: str) -> str:
+    return f"{method} (tuned)"
+
+
+def portable(path: str, out: str) -> str:
+    """A local path as bench.json records it: relative to the bench folder, so the folder
+    (with its shards beside it) reports and resumes wherever it is moved; URLs as given."""
+    if not path or _is_url(path) or not os.path.isabs(path):
+        return path
+    return os.path.relpath(path, os.path.abspath(out))
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -265,6 +287,7 @@ def prepare_folder(out: str, settings: dict, runs: list[BenchRun], overwrite: bo
         try:
             with open(path, encoding="utf-8") as fh:
                 old = json.load(fh).get("protocol") or {}
+            old = {**old, "shards": portable(old.get("shards"), out)}  # older: absolute
         except (OSError, ValueError, AttributeError):
             raise UserError(f"{path}: not a readable bench.json; remove it or choose another "
                             "-o") from None
@@ -274,7 +297,8 @@ def prepare_folder(out: str, settings: dict, runs: list[BenchRun], overwrite: bo
                             f"{'; ...' if len(changed) > 4 else ''}); rerun with those, or add "
                             "--overwrite to start it again (its runs are removed)")
         if overwrite:  # start again, as fit --overwrite: only what bench wrote is removed
-            for name in ("runs", "results.md", "results.csv", "runs.csv"):
+            for name in ("runs", "results.md", "results.csv", "runs.csv", "tune", "tune.db",
+                         "tune.json", "tune.png"):
                 target = os.path.join(out, name)
                 if os.path.isdir(target):
                     shutil.rmtree(target)
@@ -285,19 +309,40 @@ def prepare_folder(out: str, settings: dict, runs: list[BenchRun], overwrite: bo
                         "choose another -o")
     if not overwrite:
         for run in runs:
-            saved = os.path.join(run.run_dir, "config.yaml")
-            if os.path.isfile(saved):
-                with open(saved, encoding="utf-8") as fh:
-                    changed = _differences(yaml.safe_load(fh) or {}, run.config)
-                if changed:
-                    raise UserError(f"{run.run_dir} was trained with other settings "
-                                    f"({'; '.join(changed[:4])}); add --overwrite to start the "
-                                    "bench again")
+            changed = _run_changed(run)
+            if changed and run.row.endswith(" (tuned)"):  # tuned again: another best
+                continue
+            if changed:
+                raise UserError(f"{run.run_dir} was trained with other settings "
+                                f"({'; '.join(changed[:4])}); add --overwrite to start the "
+                                "bench again")
     make_output_dir(out)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump({"protocol": settings}, fh, indent=2)
     os.replace(tmp, path)
+
+
+def _run_changed(run: BenchRun) -> list[str]:
+    """How a run directory's saved settings differ from the run's (its folder and the shards'
+    path aside: the protocol holds the shards, and a moved bench keeps its runs)."""
+    saved = os.path.join(run.run_dir, "config.yaml")
+    if not os.path.isfile(saved):
+        return []
+    with open(saved, encoding="utf-8") as fh:
+        old = yaml.safe_load(fh) or {}
+    here = ("run_dir", "shards")
+    return _differences({k: v for k, v in old.items() if k not in here},
+                        {k: v for k, v in run.config.items() if k not in here})
+
+
+def _retrain_changed_tuned(runs: list[BenchRun], say) -> None:
+    """A tuned row whose chosen values changed (more trials found a better setting): its old
+    runs are removed and trained again."""
+    for run in runs:
+        if run.row.endswith(" (tuned)") and _run_changed(run):
+            say(f"{run.row} seed {run.seed}: the chosen values changed; trained again")
+            shutil.rmtree(run.run_dir)
 
 
 # --- running --------------------------------------------------------------------------------
@@ -343,9 +388,11 @@ def _run_ray(runs: list[BenchRun], address: str | None, say) -> None:
         else:  # a CPU run: its loader workers plus the training process
             cpus = max(1, min(int(resources.get("CPU", 1)), 1 + int(runs[0].config["workers"])))
             task = ray.remote(num_cpus=cpus, max_retries=0)(run_one)
-        waiting = [run for run in runs if run.needs]  # submitted once their teachers finish
-        pending = {task.remote(run.config): run for run in runs if not run.needs}
-        finished: set[str] = set()
+        finished = {d for run in runs for d in run.needs  # teachers finished earlier
+                    if os.path.isfile(os.path.join(d, "summary.json"))}
+        # submitted once their teachers finish
+        waiting = [run for run in runs if not finished.issuperset(run.needs)]
+        pending = {task.remote(run.config): run for run in runs if run not in waiting}
         done = 0
         try:
             while pending:
@@ -374,22 +421,26 @@ def _run_ray(runs: list[BenchRun], address: str | None, say) -> None:
 
 
 def run_bench(shards: str, out: str, settings: dict | TrainConfig | None = None, *,
-              methods="none,ogm_ge,olm", seeds="3", sets=None, references: bool = True,
+              methods="none,ogm_ge,olm", seeds=None, sets=None, references: bool = True,
               executor: str = "local", ray_address: str | None = None,
-              overwrite: bool = False, say=print) -> dict:
+              overwrite: bool = False, tune: int | None = None, tune_epochs: int | None = None,
+              tune_space=None, storage: str | None = None, say=print) -> dict:
     """Train (or resume, or skip) every run of the bench, then write its results; returns
-    `write_results`'s answer. `settings`: fit settings shared by every run."""
+    `write_results`'s answer. `settings`: fit settings shared by every run. `seeds`: default
+    3, or 5 with `tune`. `tune`: trials per method (avtrain.tune), then a "METHOD (tuned)" row
+    of each method's chosen values on the same seeds."""
     from .data import open_shards
 
     if executor not in ("local", "ray"):
         raise UserError(f"unknown executor {executor!r}; choose one of: local, ray")
+    _check_tune_args(tune, tune_epochs, tune_space, storage)
     base = settings.to_dict() if isinstance(settings, TrainConfig) else dict(settings or {})
     if base.get("method_module"):  # a plug-in: its methods exist once its file is loaded
         from .balance import load_method_module
 
         load_method_module(base["method_module"])
     methods = parse_methods(methods)
-    seeds = parse_seeds(seeds)
+    seeds = parse_seeds(seeds if seeds is not None else ("5" if tune else "3"))
     sets = dict(sets) if isinstance(sets, dict) else parse_sets(sets, methods)
     method_flags_to_sets(base, methods, sets)
     if base.get("recipe"):  # a paper's protocol under the given settings, as fit layers it
@@ -409,26 +460,115 @@ def run_bench(shards: str, out: str, settings: dict | TrainConfig | None = None,
     base.setdefault("linear_probe", True)  # the table's probe columns need it
     base.setdefault("progress", False)
     config = make_config(base)
+    recorded = {**protocol(config), "shards": portable(shards, out)}
+    plan = None
+    if tune:
+        plan = _tune_plan(config, out, methods, tune, tune_epochs, tune_space, storage,
+                          recorded, overwrite)
     runs = plan_runs(config, out, methods, seeds, sets, references, teachers)
-    prepare_folder(out, protocol(config), runs, overwrite)
+    prepare_folder(out, recorded, runs, overwrite)
     _remember(out, runs)  # before training: a stopped bench can still be reported
     say(f"bench {out}: {len({r.row for r in runs})} rows x {len(seeds)} seeds = {len(runs)} "
         f"runs ({executor})")
-    if executor == "ray":
-        _run_ray(runs, ray_address, say)
-    else:
-        _run_local(runs, say)
+    execute = (lambda rs: _run_ray(rs, ray_address, say)) if executor == "ray" else \
+        (lambda rs: _run_local(rs, say))
+    execute(runs)
+    if plan is not None:
+        fixed = {m: {k: v[0] for k, v in sets.get(m, []) if len(v) == 1} for m in methods}
+        chosen = _run_tuning(plan, config, out, seeds, teachers, runs, executor, ray_address,
+                             overwrite, say, fixed)
+        chosen = {m: {**fixed[m], **values} for m, values in chosen.items()}
+        runs = plan_runs(config, out, methods, seeds, sets, references, teachers, chosen)
+        _retrain_changed_tuned(runs, say)
+        _remember(out, runs, tuned=list(plan["spaces"]))
+        tuned = [r for r in runs if r.row.endswith(" (tuned)")]
+        if tuned:
+            say(f"tuned rows: {len({r.row for r in tuned})} x {len(seeds)} seeds = "
+                f"{len(tuned)} runs ({executor})")
+            execute(tuned)
     return write_results(out)
 
 
-def _remember(out: str, runs: list[BenchRun]) -> None:
-    """bench.json["last"]: the rows and runs of this command, which the results report."""
+def _check_tune_args(tune, tune_epochs, tune_space, storage) -> None:
+    if tune is None:
+        for given, flag in ((tune_epochs, "--tune-epochs"), (tune_space, "--tune-space"),
+                            (storage, "--storage")):
+            if given not in (None, (), []):
+                raise UserError(f"{flag} is a setting of tuning: add --tune N (trials per "
+                                "method)")
+        return
+    if isinstance(tune, bool) or not isinstance(tune, int) or tune < 1:
+        raise UserError(f"--tune must be at least 1 (trials per method), got {tune!r}")
+    if tune_epochs is not None and (isinstance(tune_epochs, bool)
+                                    or not isinstance(tune_epochs, int) or tune_epochs < 1):
+        raise UserError(f"--tune-epochs must be at least 1, got {tune_epochs!r}")
+
+
+def _tune_plan(config: TrainConfig, out, methods, trials, epochs, space_items, storage,
+               recorded, overwrite) -> dict:
+    """Everything tuning needs, checked before anything is made: the spaces, and that a
+    study already there searched the same space (a bad input loses nothing)."""
+    from . import tune as T
+
+    shared, own = T.parse_space(space_items, methods)
+    spaces = T.method_spaces(methods, shared, own)
+    epochs = epochs or config.epochs
+    url = storage or T.default_storage(out)
+    if storage or os.path.isfile(os.path.join(out, T.STUDY_FILE)):
+        opened = T.open_storage(url)
+        if not overwrite:
+            T.check_studies(opened, spaces, epochs, recorded)
+    return {"spaces": spaces, "trials": trials, "epochs": epochs, "url": url,
+            "storage": storage, "recorded": recorded}
+
+
+def _run_tuning(plan, config, out, seeds, teachers, runs, executor, ray_address, overwrite,
+                say, fixed: dict) -> dict:
+    """The studies' missing trials, then {method: chosen values}; BENCH/tune.json either way.
+    `fixed`: a method's one-valued --set (or own flag) settings, which its trials keep."""
+    from . import tune as T
+    from .balance import get_method
+
+    spaces = plan["spaces"]
+    if overwrite and plan["storage"]:
+        T.remove(out, plan["storage"], list(spaces))
+    for method, space in spaces.items():
+        if not space.dims:
+            say(f"tune {method}: nothing to tune (no declared range, no --tune-space); its "
+                "default row stands for it")
+    extra = {m: dict(fixed.get(m) or {}) for m in spaces}
+    for method in spaces:  # a taught method's trials learn from the first seed's references
+        setting = get_method(method).teacher_setting
+        if setting and spaces[method].dims:
+            if setting in teachers:
+                extra[method][setting] = teachers[setting]
+            else:
+                refs = [r for r in runs if r.row.endswith(" only") and r.seed == seeds[0]]
+                extra[method][setting] = [f"{r.config['modalities'][0]}={r.run_dir}"
+                                          for r in refs]
+    storage = T.open_storage(plan["url"])
+    studies = T.open_studies(storage, spaces, plan["trials"], plan["epochs"], plan["recorded"],
+                             say)
+    base = {**config.to_dict(), "linear_probe": False}
+    try:
+        T.tune(studies, base, out, plan["epochs"], plan["url"], executor, ray_address, say,
+               extra)
+    finally:
+        T.export(out, T.described(spaces), studies, plan["trials"], plan["epochs"],
+                 T.storage_label(plan["storage"]))
+    return T.best_params(studies)
+
+
+def _remember(out: str, runs: list[BenchRun], tuned: list[str] | None = None) -> None:
+    """bench.json["last"]: the rows and runs of this command, which the results report, and
+    the methods it tuned (BENCH/tune.json holds their trials)."""
     path = os.path.join(out, BENCH_FILE)
     with open(path, encoding="utf-8") as fh:
         saved = json.load(fh)
     saved["last"] = {"rows": list(dict.fromkeys(r.row for r in runs)),
                      "runs": [{"row": r.row, "slug": r.slug, "seed": r.seed,
-                               "run_dir": os.path.relpath(r.run_dir, out)} for r in runs]}
+                               "run_dir": os.path.relpath(r.run_dir, out)} for r in runs],
+                     **({"tuned": tuned} if tuned else {})}
     with open(path + ".tmp", "w", encoding="utf-8") as fh:
         json.dump(saved, fh, indent=2)
     os.replace(path + ".tmp", path)
@@ -584,13 +724,21 @@ def write_results(out: str, target: str | None = None) -> dict:
     target = target or out
     os.makedirs(target, exist_ok=True)
     figures = draw_figures(runs, target)
+    record = _tune_record(out)
+    tuning = None
+    if record is not None:
+        from . import tune as T
+
+        tuning = T.section(record, T.draw(record, rows, per_run, target))
     with open(os.path.join(target, "results.csv"), "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
+        extra = ["chosen", "trial_budget"] if record is not None else []
         writer.writerow(["row", "n_seeds"] + [h for k, _ in cols
-                                              for h in (k, f"{k}_std")])
+                                              for h in (k, f"{k}_std")] + extra)
         for r in rows:
             writer.writerow([r["row"], r["n"]] + [r.get(x) for k, _ in cols
-                                                  for x in (k, f"{k}_std")])
+                                                  for x in (k, f"{k}_std")]
+                            + (_tune_cells(record, r["row"]) if extra else []))
     keys = list(dict.fromkeys(k for seeds in per_run.values() for v in seeds.values()
                               for k in v))
     with open(os.path.join(target, "runs.csv"), "w", newline="", encoding="utf-8") as fh:
@@ -602,16 +750,44 @@ def write_results(out: str, target: str | None = None) -> dict:
                 writer.writerow([r["row"], r["seed"], os.path.relpath(r["run_dir"], out)]
                                 + [values.get(k) for k in keys])
     with open(os.path.join(target, "results.md"), "w", encoding="utf-8") as fh:
-        fh.write(markdown(settings, rows, per_run, cols, figures))
+        fh.write(markdown(settings, rows, per_run, cols, figures, tuning))
+    names = [name for name, _ in figures] + (["tune.png"] if tuning and os.path.isfile(
+        os.path.join(target, "tune.png")) else [])
     return {"results": os.path.join(target, "results.md"), "rows": rows,
-            "figures": [os.path.join(target, name) for name, _ in figures]}
+            "figures": [os.path.join(target, name) for name in names]}
 
 
-def markdown(settings, rows, per_run, cols, figures) -> str:
+def _tune_record(out: str) -> dict | None:
+    """BENCH/tune.json for the methods the last bench command tuned (None: it tuned none)."""
+    from . import tune as T
+
+    with open(os.path.join(out, BENCH_FILE), encoding="utf-8") as fh:
+        tuned = (json.load(fh).get("last") or {}).get("tuned")
+    record = T.refresh_record(out) if tuned else None
+    if record is None:
+        return None
+    record["methods"] = {m: e for m, e in record["methods"].items() if m in tuned}
+    return record
+
+
+def _tune_cells(record: dict, row: str) -> list:
+    """results.csv's chosen values and trial budget: on a tuned row, and on the default row
+    of a method with nothing to tune (it stands for its tuned row)."""
+    from . import tune as T
+
+    for method, entry in record["methods"].items():
+        if row == tuned_row(method) or (row == method and entry.get("nothing_to_tune")):
+            return [T.chosen_text(entry), T.budget_text(record, entry)]
+    return ["", ""]
+
+
+def markdown(settings, rows, per_run, cols, figures, tuning=None) -> str:
     s = settings
     n_max = max(r["n"] for r in rows)
     lines = ["# Balancing benchmark", "",
-             f"Shards `{s.get('shards')}`; model `{s.get('model')}`, fusion `{s.get('fusion')}`, "
+             f"Shards `{s.get('shards')}`"
+             + (" (relative to this folder)" if s.get("shards") and not _is_url(s["shards"])
+                and not os.path.isabs(s["shards"]) else "") + f"; model `{s.get('model')}`, fusion `{s.get('fusion')}`, "
              f"{s.get('epochs')} epochs, batch {s.get('batch_size')}, {s.get('optimizer')} lr "
              f"{s.get('lr')}; every setting is in `bench.json` and each run's `config.yaml`.",
              "",
@@ -638,6 +814,7 @@ def markdown(settings, rows, per_run, cols, figures) -> str:
         lines.append(f"| {r['row']} | {r['n']} | " + " | ".join(cells) + " |")
     lines.append("")
     lines += _paired_section(rows, per_run, n_max)
+    lines += tuning or []
     if figures:
         lines += ["## The imbalance over training", ""]
         for name, caption in figures:

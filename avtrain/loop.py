@@ -420,12 +420,14 @@ def per_process_batch(config: TrainConfig, world: int) -> TrainConfig:
 
 
 def fit(config: TrainConfig | dict, *, resume: str | None = None,
-        overwrite: bool = False) -> dict:
+        overwrite: bool = False, on_epoch=None) -> dict:
     """Train one run; returns the summary (also written to RUN/summary.json on rank 0).
 
     `resume`: a run directory (its last.pt) or a checkpoint to continue from; the config given
     must describe the same model (the CLI reads RUN/config.yaml for that). A run directory that
     already holds a run is refused unless `resume` or `overwrite` says what to do with it.
+    `on_epoch(epoch, record)`: called after each epoch is saved (every rank); returning True
+    ends the run there, with its summary (a tuning trial the pruner stops, avtrain.tune).
     """
     config = config if isinstance(config, TrainConfig) else make_config(config)
     require_run_paths(config)
@@ -437,12 +439,12 @@ def fit(config: TrainConfig | dict, *, resume: str | None = None,
         if ctx.main and stale:
             clear_run_dir(config.run_dir, stale)
         D.barrier(ctx)
-        return _fit(config, ctx, resume)
+        return _fit(config, ctx, resume, on_epoch)
     finally:
         D.teardown(ctx)
 
 
-def _fit(config: TrainConfig, ctx: D.Context, resume: str | None) -> dict:
+def _fit(config: TrainConfig, ctx: D.Context, resume: str | None, on_epoch=None) -> dict:
     started = time.time()
     trainer = Trainer(config, ctx, resume)
     c, run = config, config.run_dir
@@ -458,7 +460,7 @@ def _fit(config: TrainConfig, ctx: D.Context, resume: str | None) -> dict:
                    "device": str(ctx.device), "train_samples": trainer.shards.samples("train"),
                    "sampling": c.sampling,
                    "alpha": trainer.balancer_config["alpha"], "spec": trainer.spec})
-    epoch = trainer.start_epoch
+    epoch, stopped = trainer.start_epoch, None
     try:
         for epoch in range(trainer.start_epoch, c.epochs):
             t0 = time.time()
@@ -494,6 +496,9 @@ def _fit(config: TrainConfig, ctx: D.Context, resume: str | None) -> dict:
                 save_checkpoint(os.path.join(run, "last.pt"), state)
                 log.write(record, step=trainer.step)
             D.barrier(ctx)
+            if on_epoch is not None and on_epoch(epoch, record):
+                stopped = epoch
+                break
     except KeyboardInterrupt:
         if ctx.main:
             log.write({"kind": "interrupted", "epoch": epoch, "step": trainer.step})
@@ -511,6 +516,7 @@ def _fit(config: TrainConfig, ctx: D.Context, resume: str | None) -> dict:
         "test": trainer.best["test"],
         "wall_time": round(trainer.wall_before + time.time() - started, 3),
         "replica_digests": digests, "replicas_in_sync": len(set(digests)) == 1,
+        **({"stopped_after_epoch": stopped} if stopped is not None else {}),
     }
     summary.update(best_epoch_evaluations(trainer, ctx))  # --shapley, --linear-probe: best.pt
     if ctx.main:
