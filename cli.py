@@ -55,27 +55,41 @@ def doctor():
 
 @avprep.command()
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--classes", default=6, show_default=True, help="Number of classes.")
-@click.option("--per-class", default=50, show_default=True, help="Clips per class.")
-@click.option("--seconds", default=2.0, show_default=True, help="Length of each clip.")
-@click.option("--size", default=64, show_default=True, help="Frame width and height (even).")
-@click.option("--audio-snr", default=None, type=float,
-              help="Audio cue to noise ratio in dB (higher = easier).  [default: 6]")
-@click.option("--visual-snr", default=None, type=float,
-              help="Visual cue to noise ratio in dB (higher = easier).  [default: 2]")
-@click.option("--audio-reliability", default=None, type=float,
-              help="Fraction of clips whose audio cue names the true class.  [default: 0.8]")
-@click.option("--visual-reliability", default=None, type=float,
-              help="Fraction of clips whose visual cue names the true class.  [default: 0.8]")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--regime", type=click.Choice(["default", "imbalanced"]), default="default",
+              show_default=True,
+              help="A named set of the values below; flags given override it. imbalanced: "
+              "the calibrated bench regime (recipe synth-imbalanced; docs/bench.md).")
+@click.option("--classes", type=int, help="Number of classes.  [default: 6]")
+@click.option("--per-class", type=int, help="Clips per class.  [default: 50; imbalanced: 150]")
+@click.option("--seconds", type=float, help="Length of each clip.  [default: 2]")
+@click.option("--size", type=int,
+              help="Frame width and height (even).  [default: 64; imbalanced: 32]")
+@click.option("--audio-snr", type=float,
+              help="Audio cue to noise ratio in dB (higher = easier).  [default: 6; imbalanced: "
+              "20]")
+@click.option("--visual-snr", type=float,
+              help="Visual cue to noise ratio in dB (higher = easier).  [default: 2; imbalanced: "
+              "3]")
+@click.option("--audio-reliability", type=float,
+              help="Fraction of clips whose audio cue names the true class.  [default: 0.8; "
+              "imbalanced: 0.95]")
+@click.option("--visual-reliability", type=float,
+              help="Fraction of clips whose visual cue names the true class.  [default: 0.8; "
+              "imbalanced: 0.9]")
+@click.option("--val-fraction", type=float,
+              help="Share of clips in val (hashed by key).  [default: 0.15; imbalanced: 0.2]")
+@click.option("--test-fraction", type=float,
+              help="Share of clips in test.  [default: 0.15; imbalanced: 0.4]")
+@click.option("--seed", type=int, help="Seed of the clips and the split.  [default: 0]")
 @click.option("--workers", default=0, help="Parallel encoders (0 = all cores).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing synth dataset in OUT.")
-def synth(out, overwrite, workers, **options):
+def synth(out, regime, overwrite, workers, **options):
     """Write a deliberately imbalanced synthetic AV dataset (real H.264/AAC mp4s + manifest)."""
-    from avprep.synth import SynthConfig, write_synth
+    from avprep.synth import regime_config, write_synth
 
-    config = SynthConfig(**{k: v for k, v in options.items() if v is not None})
-    summary = write_synth(out, config, workers=workers, overwrite=overwrite, progress=True)
+    config = regime_config(regime, **{k: v for k, v in options.items() if v is not None})
+    summary = write_synth(out, config, workers=workers, overwrite=overwrite, progress=True,
+                          regime=regime)
     click.echo(summary.describe())
 
 
