@@ -800,7 +800,7 @@ def _bench_fit_options(f):
     click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False),
                   help="Bench folder: runs/ROW/seedS, results.md, results.csv, figures."),
     click.option("--methods", default="none,ogm_ge,olm", show_default=True,
-                  help="Comma list of balancing methods, one row each."),
+                  help="Comma list of balancing methods, one row each, or all (every registered method)."),
     click.option("--seeds", help="A count (3 = seeds 0,1,2) or a comma list of seeds (0,4,7) "
                   "[default: 3; 5 with --tune]."),
     click.option("--set", "sets", multiple=True, metavar="METHOD.SETTING=V[,V...]",

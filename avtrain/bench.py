@@ -80,9 +80,11 @@ class BenchRun:
 
 
 def parse_methods(text: str | list[str]) -> list[str]:
-    from .balance import get_method
+    from .balance import all_methods, get_method
 
     names = text.split(",") if isinstance(text, str) else list(text)
+    if [n.strip() for n in names] == ["all"]:  # every registered method, the baseline first
+        names = ["none", *sorted(m for m in all_methods() if m != "none")]
     methods = []
     for name in (n.strip() for n in names):
         if name and name not in methods:

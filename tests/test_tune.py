@@ -344,3 +344,16 @@ def test_ray_runs_the_trials_as_ray_tasks(train_shards, tmp_path, monkeypatch):
     rows = table(out)
     assert list(rows) == ["none", "none (tuned)"]
     assert rows["none (tuned)"]["chosen"].startswith("lr=")
+
+
+def test_methods_all_is_every_registered_method_baseline_first():
+    from avprep.errors import UserError
+    from avtrain.balance import all_methods
+    from avtrain.bench import parse_methods
+
+    methods = parse_methods("all")
+    assert methods[0] == "none"
+    assert sorted(methods) == sorted(all_methods())
+    assert len(methods) >= 21
+    with pytest.raises(UserError, match="unknown|no method|choose"):
+        parse_methods("all,nosuch")
