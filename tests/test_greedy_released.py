@@ -360,3 +360,19 @@ def test_more_than_two_modalities_is_refused():
     model = build_model("tiny", "sum", 3, ["audio", "visual", "text"])
     with pytest.raises(UserError, match="defined for two modalities"):
         build_balancer("greedy", model, {}, modalities=model.modalities)
+
+
+def test_one_frame_clips_are_folded_like_several():
+    """A clip of one frame ([B, 1, C, H, W], `--frames 1`) goes through the MMTM trunk as the
+    same frame given alone ([B, C, H, W]); it once reached conv2d unfolded and stopped the run."""
+    from avtrain.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny", "concat", 4, mmtm=True).eval()
+    audio = torch.randn(3, 1, 64, 32)
+    frame = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        one = model({"audio": audio, "visual": frame.unsqueeze(1)})
+        bare = model({"audio": audio, "visual": frame})
+    torch.testing.assert_close(one["fused"], bare["fused"])
+    assert one["fused"].shape == (3, 4)

@@ -150,7 +150,9 @@ class MMTMFusionTrunk(nn.Module):
             x = batch[m]
             clips[m] = x.shape[0]
             frames[m] = x.shape[1] if (m == "visual" and x.dim() == 5) else 1
-            xs[m] = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]) if frames[m] > 1 else x
+            # clips' frames folded into the batch, one frame too ([B, 1, C, H, W] -> [B, C, H, W])
+            xs[m] = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]) if frames[m] > 1 or (
+                m == "visual" and x.dim() == 5) else x
         parts = {m: encoder_stages(encoders[m].backbone) for m in self.modalities}
         caring = self.caring if self.training else None
         for i in range(len(parts[self.modalities[0]][0])):
