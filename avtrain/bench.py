@@ -34,7 +34,6 @@ directories alone, which is what `avtrain report BENCH` does.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import itertools
 import json
 import math
@@ -51,16 +50,14 @@ from avprep.executors import ray_connect
 from avprep.outputs import check_output_dir, make_output_dir
 
 from .config import FIELDS, TrainConfig
-from .settings import make_config
+from .intervals import t975
+from .settings import COSMETIC, differences, make_config
+from .tune import tuned_row
 
 BENCH_FILE = "bench.json"
 # per run (set by the bench) or cosmetic: never part of the protocol compared on rerun
 PER_RUN = ("run_dir", "method", "seed", "modalities")
-COSMETIC = ("progress", "tensorboard")
 NOT_SETTABLE = ("shards", "run_dir", "method", "seed", "folds")  # via --set METHOD.KEY=...
-# 97.5 % quantiles of Student's t (two-sided 95 % interval) by degrees of freedom
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-        9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
 
 
 @dataclass
@@ -248,36 +245,12 @@ def plan_runs(base: TrainConfig, out: str, methods: list[str], seeds: list[int],
     return runs
 
 
-def tuned_row(method: str) -> str:
-    return f"{method} (tuned)"
-
-
 def portable(path: str, out: str) -> str:
     """A local path as bench.json records it: relative to the bench folder, so the folder
     (with its shards beside it) reports and resumes wherever it is moved; URLs as given."""
     if not path or _is_url(path) or not os.path.isabs(path):
         return path
     return os.path.relpath(path, os.path.abspath(out))
-
-
-def _differences(old: dict, new: dict) -> list[str]:
-    """Settings that differ. A setting missing from `old` (a bench or run made before the
-    setting existed, e.g. another method's new option) counts as its default, which is what
-    that run behaved as, so upgrading avbalance does not invalidate finished runs."""
-    from .settings import comparable
-
-    old, new = comparable(old), comparable(new)
-    keys = [k for k in dict.fromkeys([*old, *new]) if k not in COSMETIC]
-
-    def before(k):
-        if k in old or k not in FIELDS:
-            return old.get(k)
-        field = FIELDS[k]
-        if field.default_factory is not dataclasses.MISSING:  # a list setting: []
-            return field.default_factory()
-        return None if field.default is dataclasses.MISSING else field.default
-
-    return [f"{k} {before(k)!r} -> {new.get(k)!r}" for k in keys if before(k) != new.get(k)]
 
 
 def prepare_folder(out: str, settings: dict, runs: list[BenchRun], overwrite: bool) -> None:
@@ -293,7 +266,7 @@ def prepare_folder(out: str, settings: dict, runs: list[BenchRun], overwrite: bo
         except (OSError, ValueError, AttributeError):
             raise UserError(f"{path}: not a readable bench.json; remove it or choose another "
                             "-o") from None
-        changed = _differences(old, settings)
+        changed = differences(old, settings, skip=COSMETIC)
         if changed and not overwrite:
             raise UserError(f"{out} was made with other settings ({'; '.join(changed[:4])}"
                             f"{'; ...' if len(changed) > 4 else ''}); rerun with those, or add "
@@ -334,8 +307,8 @@ def _run_changed(run: BenchRun) -> list[str]:
     with open(saved, encoding="utf-8") as fh:
         old = yaml.safe_load(fh) or {}
     here = ("run_dir", "shards")
-    return _differences({k: v for k, v in old.items() if k not in here},
-                        {k: v for k, v in run.config.items() if k not in here})
+    return differences({k: v for k, v in old.items() if k not in here},
+                       {k: v for k, v in run.config.items() if k not in here}, skip=COSMETIC)
 
 
 def _retrain_changed_tuned(runs: list[BenchRun], say) -> None:
@@ -627,11 +600,6 @@ def mean_std(values: list) -> tuple[float | None, float | None]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def _t975(df: int) -> float:
-    usable = [d for d in T975 if d <= df]
-    return T975[max(usable)] if usable else float("nan")
-
-
 def load_bench(out: str) -> tuple[dict, list[dict]]:
     """bench.json's protocol and the runs of the last bench command: [{row, slug, seed,
     run_dir (absolute)}]."""
@@ -690,7 +658,7 @@ def paired(per_run: dict, row: str, key: str) -> dict | None:
         return None
     n, mean = len(diffs), statistics.mean(diffs)
     sd = statistics.stdev(diffs) if n > 1 else None
-    half = _t975(n - 1) * sd / math.sqrt(n) if sd is not None else None
+    half = t975(n - 1) * sd / math.sqrt(n) if sd is not None else None
     return {"n": n, "mean": mean, "sd": sd, "ci": half, "wins": sum(d > 0 for d in diffs),
             "losses": sum(d < 0 for d in diffs)}
 
@@ -858,7 +826,7 @@ def _paired_section(rows, per_run, n_max) -> list[str]:
                          f"{p['wins']} / {p['losses']} of {p['n']} |")
     n = n_max
     sign_p = 2 * 0.5 ** n if n else 1.0
-    t = _t975(n - 1) if n > 1 else float("nan")
+    t = t975(n - 1) if n > 1 else float("nan")
     lines += ["", f"How little {n} seed{'s' if n != 1 else ''} can show: "
               + (f"the 95 % interval's half-width is {t:.2f} × sd / √{n} = "
                  f"{t / math.sqrt(n):.2f} × the std of the per-seed differences, so only a "

@@ -21,6 +21,7 @@ which get one Warning line) and a repeated `--method-option gamma=2.0`. Rules:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -167,3 +168,27 @@ def cli_config(overrides: dict, config_file: str | None = None,
         layers.insert(0, {**load_recipe(recipe).settings, "recipe": recipe})
         sources.insert(0, None)
     return make_config(*layers, sources=sources)
+
+
+# settings that change how a run looks, never what it computes: not compared on a rerun
+COSMETIC = ("progress", "tensorboard")
+
+
+def differences(old: dict, new: dict, skip=()) -> list[str]:
+    """Settings that differ. A setting missing from `old` (a bench or run made before the
+    setting existed, e.g. another method's new option) counts as its default, which is what
+    that run behaved as, so upgrading avbalance does not invalidate finished runs."""
+    from .config import FIELDS
+
+    old, new = comparable(old), comparable(new)
+    keys = [k for k in dict.fromkeys([*old, *new]) if k not in skip]
+
+    def before(k):
+        if k in old or k not in FIELDS:
+            return old.get(k)
+        field = FIELDS[k]
+        if field.default_factory is not dataclasses.MISSING:  # a list setting: []
+            return field.default_factory()
+        return None if field.default is dataclasses.MISSING else field.default
+
+    return [f"{k} {before(k)!r} -> {new.get(k)!r}" for k in keys if before(k) != new.get(k)]

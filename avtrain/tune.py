@@ -77,6 +77,11 @@ class Space:
 # --- the user's choices ----------------------------------------------------------------------
 
 
+def tuned_row(method: str) -> str:
+    """The bench row of a method's tuned values."""
+    return f"{method} (tuned)"
+
+
 def _field_type(key: str) -> type:
     text = str(FIELDS[key].type)
     if "float" in text:
@@ -254,7 +259,7 @@ def _setup(space: Space, epochs: int, settings: dict) -> dict:
 def check_studies(storage, spaces: dict[str, Space], epochs: int, settings: dict) -> None:
     """A study already there must have been made with the same space, epochs and protocol;
     another is refused (nothing in it changes)."""
-    from .bench import _differences
+    from .settings import COSMETIC, differences
 
     names = {s.study_name for s in storage.get_all_studies()}
     for method, space in spaces.items():
@@ -271,7 +276,7 @@ def check_studies(storage, spaces: dict[str, Space], epochs: int, settings: dict
             raise UserError(f"the study of {method} trained its trials for {old.get('epochs')} "
                             f"epochs, this command for {epochs}: rerun with --tune-epochs "
                             f"{old.get('epochs')}, or --overwrite to tune again")
-        changed = _differences(old.get("protocol") or {}, want["protocol"])
+        changed = differences(old.get("protocol") or {}, want["protocol"], skip=COSMETIC)
         if changed:
             raise UserError(f"the study of {method} was made for other settings "
                             f"({'; '.join(changed[:3])}): another bench's study; use another "
@@ -649,7 +654,7 @@ def draw(record: dict, rows: list[dict], per_run: dict, out_dir: str) -> str | N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .bench import _t975, tuned_row
+    from .intervals import t975
     from .report import EXTRA_COLOURS, METHOD_COLOURS
 
     methods = list(record["methods"])
@@ -691,7 +696,7 @@ def draw(record: dict, rows: list[dict], per_run: dict, out_dir: str) -> str | N
         mean = statistics.mean(values)
         if len(values) < 2:
             return mean, 0.0
-        return mean, _t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+        return mean, t975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
 
     labels = []
     for i, m in enumerate(methods):
