@@ -178,8 +178,6 @@ def differences(old: dict, new: dict, skip=()) -> list[str]:
     """Settings that differ. A setting missing from `old` (a bench or run made before the
     setting existed, e.g. another method's new option) counts as its default, which is what
     that run behaved as, so upgrading avbalance does not invalidate finished runs."""
-    from .config import FIELDS
-
     old, new = comparable(old), comparable(new)
     keys = [k for k in dict.fromkeys([*old, *new]) if k not in skip]
 
