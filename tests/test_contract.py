@@ -180,6 +180,13 @@ RELEASED = {
     ("unimodal_teacher", "scaling"): (10.0, BMM + ":66"),
     ("unimodal_teacher", "mode"): ("train", "GeWu-Lab/BalanceBenchmark balancemm/trainer/"
                                             "UMT_trainer.py (teachers never put in eval mode)"),
+    ("inforeg", "beta_audio"): (0.95, "GeWu-Lab/InfoReg_CVPR2025 main.py:468"),
+    ("inforeg", "beta_other"): (0.1, "GeWu-Lab/InfoReg_CVPR2025 main.py:476"),
+    ("inforeg", "threshold"): (0.05, "GeWu-Lab/InfoReg_CVPR2025 main.py:465,473 (k > 0.05)"),
+    ("inforeg", "window"): (10, "GeWu-Lab/InfoReg_CVPR2025 main.py:240-241 ([-10:], [-11:-1]),"
+                                " 694 (ten leading zeros)"),
+    ("inforeg", "trace_modality"): ("audio", "GeWu-Lab/InfoReg_CVPR2025 main.py:243,595 "
+                                             "(audio_trace_list)"),
 }
 # methods that share another's options (and their released values)
 SAME_AS = {"ogm_ge": "ogm", "olm_com": "olm"}
@@ -494,6 +501,7 @@ REFUSED_FUSIONS = {
     "mla": [("sum", "use --fusion concat or shared, not 'sum'")],
     "mmcosine": [("sum", "use --fusion concat or cosine, not 'sum'")],
     "reconboost": [("film", "--fusion boost"), ("cosine", "--fusion boost")],
+    "inforeg": [("film", "--method inforeg trains the per-modality logits")],
 }
 
 
@@ -628,6 +636,7 @@ ACTED = {
     "relearning": lambda m: "purity_val_audio" in m,
     "mmcosine": lambda m: "mmcosine_logit_audio" in m,
     "gblending": lambda m: abs(m["gblend_w_audio"] - 1 / 3) > 1e-3,  # estimated, not the start
+    "inforeg": lambda m: m["inforeg_beta_audio"] + m["inforeg_beta_visual"] > 0,
 }
 # the fusion a method is released with where the driver's concat would leave a signal out
 # (ReconBoost's boost_rate is BoostFusion's)

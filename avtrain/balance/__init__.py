@@ -8,7 +8,8 @@ Methods: `none` (CE on the fused logits), `ogm`, `ogm_ge` (ogm.py), `olm`, `olm_
 `pmr` (pmr.py), `opm` (opm.py), `reconboost` (reconboost.py), `agm` (agm.py), `amco` (amco.py),
 `greedy` (greedy.py), `mla` (mla.py), `relearning` (relearning.py), `mmpareto` (mmpareto.py),
 `valuation` (valuation.py), `cml` (cml.py), `mbsd` (mbsd.py), `lfm` (lfm.py), `gblending`
-(gblending.py), `mmcosine` (mmcosine.py), `unimodal_teacher` (unimodal_teacher.py). How a
+(gblending.py), `mmcosine` (mmcosine.py), `unimodal_teacher` (unimodal_teacher.py),
+`inforeg` (inforeg.py). How a
 method plugs in (hooks, or owning the whole step) is in base.py.
 Their rules are reusable on their own: `ogm_scores(logits, labels, modalities)`,
 `ogm_coefficients(scores, alpha)`, `modulated_parameters(encoder, "conv"|"encoder")` and
@@ -26,7 +27,8 @@ and `prototype_logits(features, prototypes)`, `opm_drop_probabilities(scores, q_
 `modality_gap`, `cml_confidence`, `cml_order` and `cml_penalty_terms`, `mbsd_loss` and
 `mbsd_pair_terms`, `lfm_alignment`, `lfm_alpha_update` and `lfm_fitted_alpha`,
 `gblending_weights` and `gblending_ogr`, `mmcosine_signal`, `distillation_losses` and
-`teacher_runs` (the uni-modal teacher's).
+`teacher_runs` (the uni-modal teacher's), `inforeg_rate`, `inforeg_betas` and `fisher_trace`
+(InfoReg's).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from .base import Balancer
 from .cml import CML, cml_confidence, cml_order, cml_penalty_terms
 from .gblending import GBlending, gblending_ogr, gblending_weights
 from .greedy import Greedy, greedy_rule, greedy_speed_difference
+from .inforeg import InfoReg, fisher_trace, inforeg_betas, inforeg_rate
 from .lfm import LFM, lfm_alignment, lfm_alpha_update, lfm_fitted_alpha
 from .mbsd import MBSD, mbsd_loss, mbsd_pair_terms
 from .mla import MLA, owm_update, project_gradient
@@ -124,6 +127,7 @@ register(LFM)
 register(GBlending)
 register(MMCosine)
 register(UnimodalTeacher)
+register(InfoReg)
 
 __all__ = ["Balancer", "Option", "Search", "METHODS", "register", "get_method", "build_balancer",
            "all_methods", "load_plugins", "load_method_module",
@@ -141,3 +145,4 @@ __all__ += ["lfm_alignment", "lfm_alpha_update", "lfm_fitted_alpha"]
 __all__ += ["gblending_weights", "gblending_ogr"]
 __all__ += ["mmcosine_signal"]
 __all__ += ["distillation_losses", "teacher_runs"]
+__all__ += ["inforeg_rate", "inforeg_betas", "fisher_trace"]
