@@ -187,6 +187,11 @@ RELEASED = {
                                 " 694 (ten leading zeros)"),
     ("inforeg", "trace_modality"): ("audio", "GeWu-Lab/InfoReg_CVPR2025 main.py:243,595 "
                                              "(audio_trace_list)"),
+    ("cggm", "rho"): (1.3, "zrguo/CGGM run/iemo_run.py:55 (--rou)"),
+    ("cggm", "lam"): (0.2, "zrguo/CGGM run/iemo_run.py:56 (--lamda; run/food_run.py: 0.05)"),
+    ("cggm", "lr"): (5e-4, "zrguo/CGGM run/iemo_run.py:49 (--cls_lr)"),
+    ("cggm", "clip"): (0.8, "zrguo/CGGM run/iemo_run.py:45 (--clip)"),
+    ("cggm", "classifier"): ("released", "zrguo/CGGM models/msamodel.py:77-94 (Classifier)"),
 }
 # methods that share another's options (and their released values)
 SAME_AS = {"ogm_ge": "ogm", "olm_com": "olm"}
@@ -502,6 +507,7 @@ REFUSED_FUSIONS = {
     "mmcosine": [("sum", "use --fusion concat or cosine, not 'sum'")],
     "reconboost": [("film", "--fusion boost"), ("cosine", "--fusion boost")],
     "inforeg": [("film", "--method inforeg trains the per-modality logits")],
+    "cggm": [("film", "--method cggm compares each classifier")],
 }
 
 
@@ -637,6 +643,7 @@ ACTED = {
     "mmcosine": lambda m: "mmcosine_logit_audio" in m,
     "gblending": lambda m: abs(m["gblend_w_audio"] - 1 / 3) > 1e-3,  # estimated, not the start
     "inforeg": lambda m: m["inforeg_beta_audio"] + m["inforeg_beta_visual"] > 0,
+    "cggm": lambda m: abs(m["cggm_coeff_audio"] - 1) > 1e-3,
 }
 # the fusion a method is released with where the driver's concat would leave a signal out
 # (ReconBoost's boost_rate is BoostFusion's)

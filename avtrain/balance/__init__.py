@@ -9,7 +9,7 @@ Methods: `none` (CE on the fused logits), `ogm`, `ogm_ge` (ogm.py), `olm`, `olm_
 `greedy` (greedy.py), `mla` (mla.py), `relearning` (relearning.py), `mmpareto` (mmpareto.py),
 `valuation` (valuation.py), `cml` (cml.py), `mbsd` (mbsd.py), `lfm` (lfm.py), `gblending`
 (gblending.py), `mmcosine` (mmcosine.py), `unimodal_teacher` (unimodal_teacher.py),
-`inforeg` (inforeg.py). How a
+`inforeg` (inforeg.py), `cggm` (cggm.py). How a
 method plugs in (hooks, or owning the whole step) is in base.py.
 Their rules are reusable on their own: `ogm_scores(logits, labels, modalities)`,
 `ogm_coefficients(scores, alpha)`, `modulated_parameters(encoder, "conv"|"encoder")` and
@@ -28,7 +28,7 @@ and `prototype_logits(features, prototypes)`, `opm_drop_probabilities(scores, q_
 `mbsd_pair_terms`, `lfm_alignment`, `lfm_alpha_update` and `lfm_fitted_alpha`,
 `gblending_weights` and `gblending_ogr`, `mmcosine_signal`, `distillation_losses` and
 `teacher_runs` (the uni-modal teacher's), `inforeg_rate`, `inforeg_betas` and `fisher_trace`
-(InfoReg's).
+(InfoReg's), `cggm_coefficients` and `cggm_lgm` (CGGM's).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from avtrain.options import Option, Search
 from .agm import AGM, agm_coefficients, agm_contributions
 from .amco import AMCo, amco_masked_count, amco_share_sums
 from .base import Balancer
+from .cggm import CGGM, cggm_coefficients, cggm_lgm
 from .cml import CML, cml_confidence, cml_order, cml_penalty_terms
 from .gblending import GBlending, gblending_ogr, gblending_weights
 from .greedy import Greedy, greedy_rule, greedy_speed_difference
@@ -128,6 +129,7 @@ register(GBlending)
 register(MMCosine)
 register(UnimodalTeacher)
 register(InfoReg)
+register(CGGM)
 
 __all__ = ["Balancer", "Option", "Search", "METHODS", "register", "get_method", "build_balancer",
            "all_methods", "load_plugins", "load_method_module",
@@ -146,3 +148,4 @@ __all__ += ["gblending_weights", "gblending_ogr"]
 __all__ += ["mmcosine_signal"]
 __all__ += ["distillation_losses", "teacher_runs"]
 __all__ += ["inforeg_rate", "inforeg_betas", "fisher_trace"]
+__all__ += ["cggm_coefficients", "cggm_lgm"]
