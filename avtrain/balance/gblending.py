@@ -263,7 +263,7 @@ class GBlending(Balancer):
         temporary training (see the module docstring)."""
         temp = copy.deepcopy(bare)
         _dist.broadcast_buffers([temp])
-        opt = self._optimizer(temp.parameters())
+        opt = self._optimizer(temp)
         params = [p for p in temp.parameters() if p.requires_grad]
         world = _dist.world_size()
         steps = ctx.steps_per_epoch

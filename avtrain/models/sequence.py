@@ -150,12 +150,12 @@ class FramesInput(nn.Module):
 
     def __init__(self, dim: int, d_model: int, frame_backbone: str = "tiny", **_):
         super().__init__()
-        from .encoders import ENCODERS
+        from .encoders import ENCODERS, build_encoder
 
         if frame_backbone not in ENCODERS:
             raise UserError(f"unknown frame backbone {frame_backbone!r}; choose one of: "
                             f"{', '.join(sorted(ENCODERS))}")
-        image = ENCODERS[frame_backbone]("visual")
+        image = build_encoder(frame_backbone, "visual")
         self.backbone = image.backbone
         self.proj = nn.Linear(image.out_dim, d_model)
 
