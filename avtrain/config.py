@@ -259,6 +259,8 @@ def check(config: TrainConfig, method) -> None:
         try:
             split_name(config.model)
         except UserError:
+            if str(config.model).startswith(("timm:", "torchvision:")):
+                raise  # that library's own line: where to list its names
             raise UserError(f"unknown model {config.model!r}; choose one of: "
                             f"{', '.join(sorted([*ENCODERS, *SEQUENCE_MODELS]))}, timm:NAME or "
                             "torchvision:NAME") from None

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from avprep.errors import UserError
+from avtrain.models.encoders import Encoder
 from avtrain.options import Option, Search
 
 from . import _dist
@@ -105,7 +106,9 @@ def check_conv_share(encoder: nn.Module, modality: str) -> None:
     of its weights. An encoder whose trainable weights (parameters with more than one
     dimension) are mostly not conv kernels -- a ViT's only conv is its patch embedding, a
     ConvNeXt's MLPs are Linear -- would be left mostly unmodulated: one Error line pointing
-    to `--modulate encoder` when the kernels hold less than half of them."""
+    to `--modulate encoder` when the kernels hold less than half of them. Checked for the
+    encoders of encoder + fusion models (resnet18 and tiny are all convs; the sequence
+    models' encoders are modulated as before)."""
     weights = [p for p in encoder.parameters() if p.requires_grad and p.dim() > 1]
     conv = sum(p.numel() for p in modulated_parameters(encoder, "conv"))
     total = sum(p.numel() for p in weights)
@@ -219,7 +222,7 @@ class OGM(Balancer):
             if not params and not frozen:  # a frozen encoder has nothing to scale
                 raise UserError(f"the {m} encoder has no {self.modulate} parameters to modulate;"
                                 " try --modulate encoder")
-            if self.modulate == "conv" and not frozen:
+            if self.modulate == "conv" and not frozen and isinstance(encoders[m], Encoder):
                 check_conv_share(encoders[m], m)
             self.groups.append(params)
         self._metrics: dict[str, torch.Tensor] = {}

@@ -33,7 +33,7 @@ from torch import nn
 
 from avprep.errors import UserError
 
-from .encoders import ENCODERS, TEMPORAL_POOLS, build_encoder
+from .encoders import ENCODERS, TEMPORAL_POOLS, build_encoder, encoder_name
 from .fusions import FUSIONS, build_fusion
 from .sequence import SEQUENCE_MODELS, build_sequence_model, input_specs
 
@@ -177,10 +177,6 @@ def model_spec(encoder: str, fusion: str, num_classes: int, modalities, trained_
         spec["feature_dim"] = int(feature_dim)
     return spec
 
-
-def encoder_name(spec: dict, modality: str) -> str:
-    """The encoder a spec (a checkpoint's, a model's) gives `modality`."""
-    return (spec.get("encoders") or {}).get(modality, spec.get("model"))
 
 
 def model_from_spec(spec: dict, *, index: dict | None = None,

@@ -187,7 +187,7 @@ def split_name(name: str) -> tuple[str, str]:
             raise UserError(f"unknown torchvision classification model {model!r}; list the "
                             "names with: python -c \"import torchvision.models as m; "
                             "print(m.list_models(module=m))\"")
-    raise UserError(f"unknown encoder {name!r}; choose resnet18, tiny, timm:NAME (any timm "
+    raise UserError(f"unknown model {name!r}; choose resnet18, tiny, timm:NAME (any timm "
                     "model) or torchvision:NAME (any torchvision classification model)")
 
 
@@ -345,9 +345,7 @@ def load_encoder_weights(encoder: nn.Module, state: dict[str, torch.Tensor], mod
     classifier keys are dropped (the encoder has no classifier); a 3-channel stem kernel for
     a 1-channel stem is summed over the channels. Keys or shapes that do not fit: one Error
     line naming the first few."""
-    from ..checkpoint import clean_state_dict
-
-    state = clean_state_dict(state)
+    state = {_strip(k): v for k, v in state.items()}
     backbone_state, pool_state = {}, {}
     for key, value in state.items():
         if key.startswith("pool."):
@@ -382,6 +380,13 @@ def load_encoder_weights(encoder: nn.Module, state: dict[str, torch.Tensor], mod
         encoder.pool.load_state_dict(pool_state)
 
 
+def _strip(key: str) -> str:
+    """A key without DDP's `module.` and torch.compile's `_orig_mod.` prefixes."""
+    while key.startswith(("module.", "_orig_mod.")):
+        key = key.split(".", 1)[1]
+    return key
+
+
 def _classifier_name(backbone: nn.Module) -> str | None:
     """The classifier's name in a full state dict of the backbone's library (timm's
     pretrained_cfg["classifier"], the Linear that _torchvision replaced)."""
@@ -398,12 +403,20 @@ def _classifier_name(backbone: nn.Module) -> str | None:
 # --- input sizes from the shard preset ---------------------------------------------------------
 
 
+def spectrogram_bins(preset: dict) -> int:
+    spec = dict(preset.get("spectrogram") or {})
+    if spec.get("recipe") == "log_mel":
+        return int(spec["n_mels"])
+    if "n_fft" in spec:
+        return int(spec["n_fft"]) // 2 + 1
+    raise UserError("the shard set's preset does not say how many frequency bins its "
+                    "spectrograms have")
+
+
 def spectrogram_shape(preset: dict, crop_columns: int | None = None) -> tuple[int, int]:
     """(rows, columns) of the spectrogram the audio encoder sees: the preset's frequency bins
     by its time columns (the train crop, else the stored column count, else what a centred
     STFT of the clip length gives), swapped for `audio_layout: time_freq`."""
-    from .sequence import spectrogram_bins
-
     bins = spectrogram_bins(preset)
     spec = dict(preset.get("spectrogram") or {})
     cols = crop_columns or preset.get("train_crop_columns") or preset.get("columns")
@@ -432,6 +445,11 @@ def input_sizes(names: dict[str, str], index: dict | None, image_size: int = 224
     return out
 
 
+def encoder_name(spec: dict, modality: str) -> str:
+    """The encoder a spec (a checkpoint's, a model's) gives `modality`."""
+    return (spec.get("encoders") or {}).get(modality, spec.get("model"))
+
+
 def load_pretrained(model: nn.Module, sources: dict[str, str]) -> None:
     """Each modality's pretrained weights into `model`'s encoder backbone (after the `--init`
     scheme, which would otherwise overwrite them): a local file (`read_state_dict`,
@@ -441,8 +459,6 @@ def load_pretrained(model: nn.Module, sources: dict[str, str]) -> None:
     for m, source in sources.items():
         encoder = model.encoders[m]
         if source in PRETRAINED_LIBRARIES:
-            from . import encoder_name
-
             name = encoder_name(spec, m)
             size = (spec.get("input_sizes") or {}).get(m)
             fresh = build_encoder(name, m, input_size=size, pretrained=source)
