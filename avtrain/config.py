@@ -313,7 +313,8 @@ def check(config: TrainConfig, method) -> None:
 
 def check_encoder_settings(config: TrainConfig, sequence: bool) -> None:
     """--encoder, --pretrained, --freeze, --lr-for name modalities of this run; encoder names
-    exist; a pretrained file exists (whether it fits is checked when the model is built)."""
+    exist. A pretrained file is read (and refused when missing or not fitting) when the model
+    is built, not here: a resumed run never reads it again, so it may have moved."""
     from avtrain.models.encoders import PRETRAINED_LIBRARIES, TEMPORAL_POOLS, split_name
 
     given = {"--encoder": list(config.encoders), "--pretrained": list(config.pretrained),
@@ -336,10 +337,6 @@ def check_encoder_settings(config: TrainConfig, sequence: bool) -> None:
                                 f"{', '.join(config.modalities)} (--modalities)")
     for name in config.encoders.values():
         split_name(name)
-    for m, source in config.pretrained.items():
-        if source not in PRETRAINED_LIBRARIES and not os.path.isfile(source):
-            raise UserError(f"--pretrained {m}={source}: no such file (or name a library's "
-                            f"weights: {', '.join(PRETRAINED_LIBRARIES)})")
     for m, source in config.pretrained.items():
         name = config.encoders.get(m, config.model)
         library = split_name(name)[0]

@@ -245,6 +245,9 @@ def test_timm_run_resumes_and_evaluates_exactly(method_shards, tmp_path):
     for key in a["model"]:
         torch.testing.assert_close(b["model"][key], a["model"][key], rtol=1e-6, atol=1e-7,
                                    msg=key)
+    out = invoke("report", full, part, "-o", tmp_path / "report")
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "report" / "report.md").is_file()
     summary = json.loads((full / "summary.json").read_text())
     out = invoke("eval", "--ckpt", full / "best.pt", "--split", "val", "--workers", "0",
                  "--device", "cpu", "--json", "--no-shapley")

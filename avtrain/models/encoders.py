@@ -306,7 +306,8 @@ def read_state_dict(path: str, modality: str) -> dict[str, torch.Tensor]:
     a plain state dict (.pt/.pth, `torch.load(weights_only=True)`; one under "state_dict" or
     "model" too), or an avbalance checkpoint, whose `encoders.MODALITY.` sub-dict is taken."""
     if not os.path.isfile(path):
-        raise UserError(f"--pretrained {modality}={path}: no such file")
+        raise UserError(f"--pretrained {modality}={path}: no such file (or name a library's "
+                        f"weights: {', '.join(PRETRAINED_LIBRARIES)})")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
