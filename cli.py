@@ -456,8 +456,24 @@ def _fit_option_groups() -> list:
                          "[default: cpu]"),
         ]),
         ("Model", [
-            click.option("--model", help="Encoders: resnet18 or tiny; or a sequence transformer: "
-                         "emt, mbt, umt, ca [default: resnet18]"),
+            click.option("--model", help="Encoder of every modality: resnet18 (released), tiny, "
+                         "timm:NAME, torchvision:NAME; or a sequence transformer: emt, mbt, umt, "
+                         "ca [default: resnet18]"),
+            click.option("--encoder", "encoders", multiple=True, metavar="MODALITY=NAME",
+                         help="One modality's encoder, repeatable: e.g. visual=timm:efficientnet_b0"
+                         " (any timm model), audio=torchvision:resnet50 [default: --model]"),
+            click.option("--pretrained", multiple=True, metavar="MODALITY=SOURCE",
+                         help="Start an encoder from weights, repeatable: a local .pt/.pth state "
+                         "dict, .safetensors file or avbalance checkpoint (its MODALITY encoder), "
+                         "or timm / torchvision (the library's weights: needs hub access)"),
+            click.option("--freeze", multiple=True, metavar="MODALITY",
+                         help="Freeze this modality's encoder backbone (no gradient, BatchNorm in "
+                         "eval mode), repeatable"),
+            click.option("--temporal-pool", help="Frames of a clip: mean (released) or attention "
+                         "(learned weights over time) [default: mean]"),
+            click.option("--feature-dim", type=int, help="Project every encoder's features to "
+                         "this width (fusions shared, boost, attention need one width) "
+                         "[default: off]"),
             click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE",
                          help="Sequence model option, repeatable: d_model, heads, layers, bottleneck,"
                          " ff, dropout, ... [defaults: 768, 8, 3, 12, 1024, 0.1]"),
@@ -480,6 +496,9 @@ def _fit_option_groups() -> list:
                          help="[default: train samples // (batch size x processes)]"),
             click.option("--optimizer", help="sgd, adam or adamw [default: sgd]"),
             click.option("--lr", type=float, help="[default: 1e-3]"),
+            click.option("--lr-for", multiple=True, metavar="MODALITY=LR",
+                         help="This modality's encoder learns at LR (the rest at --lr), "
+                         "repeatable"),
             click.option("--momentum", type=float, help="SGD momentum [default: 0.9]"),
             click.option("--weight-decay", type=float, help="[default: 1e-4]"),
             click.option("--scheduler", help="step, cosine or none [default: step]"),

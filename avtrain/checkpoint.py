@@ -139,7 +139,8 @@ def check_compatible(ckpt: dict, *, num_classes: int | None = None,
         raise UserError(f"{path} was trained on another class list "
                         f"({', '.join(ckpt['classes'][:4])}, ...) than these shards")
     if spec is not None:
-        for key in ("model", "fusion", "modalities", "num_classes"):
+        for key in ("model", "fusion", "modalities", "num_classes", "encoders", "input_sizes",
+                    "temporal_pool", "feature_dim"):
             if have.get(key) != spec.get(key):
                 raise UserError(f"{path} is a {key}={have.get(key)!r} checkpoint; "
                                 f"this run wants {key}={spec.get(key)!r}")

@@ -28,7 +28,15 @@ class TrainConfig:
     cache_size: str | None = None  # its bound, e.g. 20G [default: 10G]
     run_dir: str | None = None
     method: str = "none"  # balancing method (avtrain.balance.METHODS)
-    model: str = "resnet18"  # encoder: resnet18 | tiny; or a sequence model: emt | mbt | umt | ca
+    # encoder of every modality (resnet18 | tiny | timm:NAME | torchvision:NAME); or a sequence
+    # model: emt | mbt | umt | ca
+    model: str = "resnet18"
+    encoders: dict = field(default_factory=dict)  # modality -> encoder name, beside `model`
+    temporal_pool: str = "mean"  # frames: mean (released) | attention
+    feature_dim: int | None = None  # project every encoder's features to this width
+    pretrained: dict = field(default_factory=dict)  # modality -> FILE | timm | torchvision
+    freeze: list[str] = field(default_factory=list)  # modalities whose encoder backbone is frozen
+    lr_for: dict = field(default_factory=dict)  # modality -> its encoder's learning rate
     model_options: dict = field(default_factory=dict)  # sequence models: d_model, heads, ...
     folds: int | None = None  # k-fold cross-validation over train+val (avtrain.folds)
     fusion: str = "concat"
@@ -153,6 +161,11 @@ def _coerce(name: str, value):
         return list(value)
     if name == "model_options":
         return parse_model_options(value)
+    if name in ("encoders", "pretrained", "lr_for"):
+        return parse_modality_map(value, name)
+    if name == "freeze":  # repeated, or comma lists
+        value = [value] if isinstance(value, str) else value
+        return [v.strip() for item in value for v in str(item).split(",") if v.strip()]
     if name == "method_options":
         if not isinstance(value, dict):
             raise UserError(f"method_options must be a mapping of option names, got {value!r}")
@@ -183,6 +196,35 @@ def parse_model_options(value, flag: str = "--model-option") -> dict:
     return out
 
 
+MAP_FLAGS = {"encoders": "--encoder", "pretrained": "--pretrained", "lr_for": "--lr-for"}
+
+
+def parse_modality_map(value, name: str) -> dict:
+    """A {modality: value} mapping, or MODALITY=VALUE strings (a repeated flag: --encoder,
+    --pretrained, --lr-for). Learning rates become floats; names and sources stay strings."""
+    flag = MAP_FLAGS[name]
+    if isinstance(value, str):
+        value = [value]
+    items = value.items() if isinstance(value, dict) else []
+    if not isinstance(value, dict):
+        pairs = []
+        for item in value or ():
+            key, sep, raw = str(item).partition("=")
+            if not sep or not key.strip() or not raw.strip():
+                raise UserError(f"{flag} expects MODALITY=VALUE, got {item!r}")
+            pairs.append((key.strip(), raw.strip()))
+        items = pairs
+    out = {}
+    for key, raw in items:
+        if name == "lr_for":
+            try:
+                raw = float(raw)
+            except (TypeError, ValueError):
+                raise UserError(f"{flag} {key}=...: expected a number, got {raw!r}") from None
+        out[str(key)] = raw if name == "lr_for" else str(raw)
+    return out
+
+
 def merge(*layers: dict) -> TrainConfig:
     """Layers of settings merged left to right (later wins) over the defaults, not yet checked:
     `avtrain.settings.make_config` merges and checks."""
@@ -201,6 +243,7 @@ def check(config: TrainConfig, method) -> None:
     `method`: the balancer class `config.method` names (avtrain.balance.get_method; its caller
     looks it up, so this module never imports the methods, which read it)."""
     from avtrain.models import ENCODERS, FUSIONS, MODALITIES, SEQUENCE_MODELS
+    from avtrain.models.encoders import split_name
     from avtrain.models.init import INITS
     from avtrain.models.sequence import DEFAULTS
 
@@ -212,9 +255,16 @@ def check(config: TrainConfig, method) -> None:
         raise UserError("--folds chooses each fold's best epoch on its own val; it cannot use "
                         f"--val-split {config.val_split}")
     sequence = config.model in SEQUENCE_MODELS
-    if config.model not in ENCODERS and not sequence:
-        raise UserError(f"unknown model {config.model!r}; choose one of: "
-                        f"{', '.join(sorted([*ENCODERS, *SEQUENCE_MODELS]))}")
+    if not sequence:
+        try:
+            split_name(config.model)
+        except UserError:
+            if str(config.model).startswith(("timm:", "torchvision:")):
+                raise  # that library's own line: where to list its names
+            raise UserError(f"unknown model {config.model!r}; choose one of: "
+                            f"{', '.join(sorted([*ENCODERS, *SEQUENCE_MODELS]))}, timm:NAME or "
+                            "torchvision:NAME") from None
+    check_encoder_settings(config, sequence)
     if config.fusion not in FUSIONS and not sequence:
         raise UserError(f"unknown fusion {config.fusion!r}; choose one of: {', '.join(FUSIONS)}")
     for m in config.modalities:
@@ -259,6 +309,49 @@ def check(config: TrainConfig, method) -> None:
     if config.workers < 0:
         raise UserError("--workers must be 0 or more")
 
+
+
+def check_encoder_settings(config: TrainConfig, sequence: bool) -> None:
+    """--encoder, --pretrained, --freeze, --lr-for name modalities of this run; encoder names
+    exist. A pretrained file is read (and refused when missing or not fitting) when the model
+    is built, not here: a resumed run never reads it again, so it may have moved."""
+    from avtrain.models.encoders import PRETRAINED_LIBRARIES, TEMPORAL_POOLS, split_name
+
+    given = {"--encoder": list(config.encoders), "--pretrained": list(config.pretrained),
+             "--freeze": list(config.freeze), "--lr-for": list(config.lr_for)}
+    if sequence:
+        used = [flag for flag, mods in given.items() if mods]
+        used += ["--temporal-pool"] if config.temporal_pool != "mean" else []
+        used += ["--feature-dim"] if config.feature_dim else []
+        if used:
+            raise UserError(f"{used[0]} applies to encoder + fusion models, not to the "
+                            f"sequence model {config.model!r}")
+        return
+    for flag, mods in given.items():
+        for m in mods:
+            if m not in ("audio", "visual", "text"):
+                raise UserError(f"{flag} {m}: unknown modality; choose from: audio, visual, "
+                                "text")
+            if m not in config.modalities:
+                raise UserError(f"{flag} {m}: this run's modalities are "
+                                f"{', '.join(config.modalities)} (--modalities)")
+    for name in config.encoders.values():
+        split_name(name)
+    for m, source in config.pretrained.items():
+        name = config.encoders.get(m, config.model)
+        library = split_name(name)[0]
+        if source in PRETRAINED_LIBRARIES and source != library and not (
+                name == "resnet18" and source == "torchvision"):
+            raise UserError(f"--pretrained {m}={source}: the {m} encoder {name!r} has no "
+                            f"{source} weights")
+    for m, lr in config.lr_for.items():
+        if lr <= 0:
+            raise UserError(f"--lr-for {m}={lr}: a learning rate must be positive")
+    if config.temporal_pool not in TEMPORAL_POOLS:
+        raise UserError(f"--temporal-pool must be one of {', '.join(TEMPORAL_POOLS)}, got "
+                        f"{config.temporal_pool!r}")
+    if config.feature_dim is not None and config.feature_dim < 1:
+        raise UserError("--feature-dim must be at least 1")
 
 
 def require_run_paths(config: TrainConfig) -> None:

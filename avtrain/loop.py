@@ -58,7 +58,8 @@ from .evaluate import (
 )
 from .imbalance import LogitNorms, epoch_probe
 from .metrics import RunLog
-from .models import MODEL_FLAGS, build_model
+from .models import MODEL_FLAGS, SEQUENCE_MODELS, build_model
+from .models.encoders import input_sizes, load_pretrained
 from .models.init import apply_init
 from .optim import build_optimizer, build_scheduler
 from .rundir import check_run_dir, clear_run_dir, trim_log, write_text
@@ -74,18 +75,32 @@ def _seed_everything(seed: int) -> None:
 
 
 def build_training_model(config: TrainConfig, num_classes: int, *,
-                         index: dict | None = None) -> torch.nn.Module:
+                         index: dict | None = None, pretrained: bool = True) -> torch.nn.Module:
     """The model a run trains: `build_model` for the config and its method, then the `--init`
-    scheme (avtrain.models.init). It draws from the global torch RNG, so call it right after
-    `_seed_everything`: every DDP rank then builds identical weights, as the released OGM-GE
-    main.py builds and initialises its model right after `setup_seed` (lines 231-239)."""
+    scheme (avtrain.models.init), then the `--pretrained` weights (`pretrained=False` on
+    resume: the checkpoint holds the weights), then `--freeze`. It draws from the global torch
+    RNG, so call it right after `_seed_everything`: every DDP rank then builds identical
+    weights, as the released OGM-GE main.py builds and initialises its model right after
+    `setup_seed` (lines 231-239)."""
     method = get_method(config.method)
+    sequence = config.model in SEQUENCE_MODELS
+    names = {m: config.encoders.get(m, config.model) for m in config.modalities}
     model = build_model(config.model, method.model_fusion(config.fusion), num_classes,
                         config.modalities,
                         trained_unimodal_heads=method.trained_unimodal_heads, index=index,
                         options=config.model_options,
+                        **({} if sequence else {
+                            "encoders": config.encoders, "temporal_pool": config.temporal_pool,
+                            "feature_dim": config.feature_dim,
+                            "input_sizes": input_sizes(names, index, config.image_size,
+                                                       config.crop_columns)}),
                         **{flag: getattr(method, flag) for flag in MODEL_FLAGS})
-    return apply_init(model, config.init)
+    model = apply_init(model, config.init)
+    if pretrained and config.pretrained:
+        load_pretrained(model, config.pretrained)
+    if config.freeze:
+        model.freeze(config.freeze)
+    return model
 
 
 def auxiliary_loss(model, logits: dict, labels: torch.Tensor) -> torch.Tensor | None:
@@ -131,12 +146,13 @@ class Trainer:
             self.heldout_items = self._check_split(c.val_split)
         self.steps = self._steps_per_epoch()
         _seed_everything(c.seed)
-        self.model = build_training_model(c, self.shards.num_classes, index=self.shards.index)
+        self.model = build_training_model(c, self.shards.num_classes, index=self.shards.index,
+                                          pretrained=not resume)
         self.spec = self.model.spec
         self.model.to(ctx.device)
         if ctx.device.type == "cuda" and c.channels_last:  # NHWC conv weights: cuDNN's fast kernels
             self.model.to(memory_format=torch.channels_last)
-        self.optimizer = build_optimizer(c, self.model.parameters())
+        self.optimizer = build_optimizer(c, self.model)
         self.scheduler = build_scheduler(c, self.optimizer)
         self.balancer_config = {**c.to_dict(), "alpha": resolve_alpha(
                                     c, self.shards.dataset, get_method(c.method).option_default("alpha")),

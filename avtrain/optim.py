@@ -9,16 +9,43 @@ from __future__ import annotations
 
 import torch
 
+from avprep.errors import UserError
+
 from .config import TrainConfig
 
 
+def param_groups(config: TrainConfig, model) -> list[dict]:
+    """The trainable parameters in groups: first everything at --lr (so the logged `lr`,
+    group 0's, stays the run's), then one group per --lr-for modality (its encoder: backbone,
+    pool and projection) at that modality's rate. Frozen parameters are left out."""
+    rates = dict(config.lr_for or {})
+    if not isinstance(model, torch.nn.Module):  # an iterable of parameters: one group
+        if rates:
+            raise UserError("--lr-for needs the model, not a list of its parameters")
+        return [{"params": [p for p in model if p.requires_grad]}]
+    encoders = getattr(model, "encoders", None)
+    if rates and encoders is None:
+        raise UserError("--lr-for sets an encoder's learning rate; this model has no "
+                        "per-modality encoders")
+    special = {m: {id(p) for p in encoders[m].parameters()} for m in rates}
+    taken = set().union(*special.values()) if special else set()
+    groups = [{"params": [p for p in model.parameters()
+                          if p.requires_grad and id(p) not in taken]}]
+    for m, lr in rates.items():
+        groups.append({"params": [p for p in encoders[m].parameters() if p.requires_grad],
+                       "lr": float(lr), "modality": m})
+    return [g for g in groups if g["params"]]
+
+
 def build_optimizer(config: TrainConfig, params) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+    """The run's optimizer over `params`: a model (per-modality learning rates, --lr-for,
+    become parameter groups: `param_groups`) or an iterable of parameters (one group)."""
+    groups = param_groups(config, params)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
                                weight_decay=config.weight_decay)
     cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+    return cls(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def build_scheduler(config: TrainConfig, optimizer):

@@ -113,6 +113,8 @@ def make_config(*layers: dict, sources: list | None = None) -> TrainConfig:
     if module and os.path.isfile(module):  # a file: found again from any folder (resume, Ray)
         config.method_module = os.path.abspath(module)
     check(config, method)
+    config.pretrained = {m: s if s in ("timm", "torchvision") else os.path.abspath(s)
+                         for m, s in config.pretrained.items()}  # found again from any folder
     values = resolve_options(method, config.to_dict())  # bad values, unknown names: one line
     config.method_options = {k: getattr(values, k) for k in config.method_options}
     read = {o.name for o in method.options if o.shared}

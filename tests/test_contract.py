@@ -15,6 +15,7 @@ differential test against its released code, its rule by hand):
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -922,3 +923,50 @@ def assert_same_state(got, want, where="balancer", rtol=1e-6, atol=1e-7):
         assert got == pytest.approx(want, rel=rtol, abs=atol), where
     else:
         assert got == want, where
+
+
+# --- every method with a second encoder family: a timm model (issue #30) ----------------------
+
+TIMM = "timm:test_resnet"  # timm's own small ResNet (random weights): its stages, its names
+# one CLI epoch of one step with the timm encoders; where a method logs nothing in that step its
+# declared signals are not asked for: `none` declares none, valuation logs from its first
+# re-sampling, after its warm-up epoch
+TIMM_SILENT_FIRST_STEP = {"none", "valuation"}
+
+
+@pytest.mark.parametrize("method", GLOO)
+def test_every_method_steps_with_a_timm_encoder(registry, method):
+    """The contract driver's epoch with timm encoders: finite weights, and the method logs the
+    same metrics as with the tiny CNN (OGM's conv rule, Greedy's MMTM stages, the shared heads'
+    widths all meet a model that is not ours)."""
+    settings = {"model": TIMM}
+    got = drive(method, epochs=1, steps=1, bn=True, settings=settings)
+    want = drive(method, epochs=1, steps=1, bn=True)
+    assert all(torch.isfinite(v).all() for v in got["params"].values()
+               if v.is_floating_point()), method
+    assert [sorted(m) for m in got["metrics"]] == [sorted(m) for m in want["metrics"]]
+    assert any(k.startswith("encoders.visual.backbone.layer1.") for k in got["params"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", GLOO)
+def test_one_step_cli_run_with_a_timm_encoder(registry, method_shards, tmp_path, method):
+    """`avtrain fit --model timm:...`: one step, a finite loss, the method's signals logged,
+    the checkpoint's spec names the encoder."""
+    from test_balance_ogm import step_records
+
+    from avtrain.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    args = [*method_fit_args(method, method_shards, run, 1), *cli_flags(method),
+            "--model", TIMM, "--steps-per-epoch", "1", "--no-shapley"]
+    i = args.index("--model")  # method_fit_args' tiny is replaced
+    del args[i:i + 2]
+    out = invoke(*args)
+    assert out.exit_code == 0, out.output
+    (record,) = step_records(run)
+    assert math.isfinite(record["loss"])
+    keys = signal_keys(registry[method], ["audio", "visual"])
+    if method not in TIMM_SILENT_FIRST_STEP:
+        assert any(key in record for key in keys), (method, sorted(record))
+    assert load_checkpoint(str(run / "last.pt"))["spec"]["model"] == TIMM

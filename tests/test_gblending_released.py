@@ -320,7 +320,8 @@ def test_no_finite_weights_stop_the_run(monkeypatch):
     # G = O = 0, 0/0 for every branch
     torch.manual_seed(0)
     t = trainer(bn=False)
-    monkeypatch.setattr(t.balancer, "_optimizer", lambda params: torch.optim.SGD(params, lr=0.0))
+    monkeypatch.setattr(t.balancer, "_optimizer",
+                        lambda model: torch.optim.SGD(model.parameters(), lr=0.0))
     data, _, val = dataset()
     stream = [data[0]] * (STEPS * SE)
     from avprep.errors import UserError

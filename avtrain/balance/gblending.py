@@ -241,12 +241,13 @@ class GBlending(Balancer):
         self.estimated_at = ctx.epoch
         self._refresh()
 
-    def _optimizer(self, params):
-        """A fresh optimizer of the run's kind and settings (BalanceMM's temp optimizer at its
-        state when built, train.py 86-87 and trainer line 314)."""
+    def _optimizer(self, model):
+        """A fresh optimizer of the run's kind and settings over `model` (BalanceMM's temp
+        optimizer at its state when built, train.py 86-87 and trainer line 314), with the
+        run's --lr-for parameter groups."""
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         c = TrainConfig(**{k: v for k, v in self.config.items() if k in names})
-        return build_optimizer(c, params)
+        return build_optimizer(c, model)
 
     def _masked(self, batch: dict, branch: str) -> dict:
         """BalanceMM's `padding`: every other modality's input zeroed (none for fused)."""
@@ -263,7 +264,7 @@ class GBlending(Balancer):
         temporary training (see the module docstring)."""
         temp = copy.deepcopy(bare)
         _dist.broadcast_buffers([temp])
-        opt = self._optimizer(temp.parameters())
+        opt = self._optimizer(temp)
         params = [p for p in temp.parameters() if p.requires_grad]
         world = _dist.world_size()
         steps = ctx.steps_per_epoch

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from avprep.errors import UserError
+from avtrain.models.encoders import Encoder
 from avtrain.options import Option, Search
 
 from . import _dist
@@ -95,6 +96,26 @@ def modulated_parameters(encoder: nn.Module, modulate: str = "conv") -> list[nn.
         return [mod.weight for mod in encoder.modules()
                 if isinstance(mod, nn.modules.conv._ConvNd) and mod.weight.requires_grad]
     return [p for p in encoder.parameters() if p.requires_grad and p.dim() > 1]
+
+
+CONV_SHARE = 0.5  # `--modulate conv` needs at least this share of an encoder's weights in convs
+
+
+def check_conv_share(encoder: nn.Module, modality: str) -> None:
+    """`--modulate conv` scales the conv kernels only, which on the released ResNet-18 are all
+    of its weights. An encoder whose trainable weights (parameters with more than one
+    dimension) are mostly not conv kernels -- a ViT's only conv is its patch embedding, a
+    ConvNeXt's MLPs are Linear -- would be left mostly unmodulated: one Error line pointing
+    to `--modulate encoder` when the kernels hold less than half of them. Checked for the
+    encoders of encoder + fusion models (resnet18 and tiny are all convs; the sequence
+    models' encoders are modulated as before)."""
+    weights = [p for p in encoder.parameters() if p.requires_grad and p.dim() > 1]
+    conv = sum(p.numel() for p in modulated_parameters(encoder, "conv"))
+    total = sum(p.numel() for p in weights)
+    if total and conv / total < CONV_SHARE:
+        raise UserError(f"--modulate conv scales conv kernels, which hold {conv / total:.0%} of "
+                        f"the {modality} encoder's weights (the rest would not be modulated); "
+                        "use --modulate encoder (every weight with more than one dimension)")
 
 
 def _mix(seed: int, step: int) -> int:
@@ -197,9 +218,12 @@ class OGM(Balancer):
         self.groups: list[list[nn.Parameter]] = []
         for m in self.modalities:
             params = modulated_parameters(encoders[m], self.modulate)
-            if not params:
+            frozen = not any(p.requires_grad for p in encoders[m].parameters())
+            if not params and not frozen:  # a frozen encoder has nothing to scale
                 raise UserError(f"the {m} encoder has no {self.modulate} parameters to modulate;"
                                 " try --modulate encoder")
+            if self.modulate == "conv" and not frozen and isinstance(encoders[m], Encoder):
+                check_conv_share(encoders[m], m)
             self.groups.append(params)
         self._metrics: dict[str, torch.Tensor] = {}
 

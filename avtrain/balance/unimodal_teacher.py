@@ -81,6 +81,7 @@ from avprep.errors import UserError
 from avtrain.options import Option, Search
 
 from ..checkpoint import load_checkpoint, model_from_checkpoint, weights_digest
+from ..models import encoder_name
 from . import _dist
 from ._checks import fused_model, require_two_modalities
 from .base import Balancer, StepContext
@@ -133,9 +134,10 @@ def load_teacher(modality: str, run: str, student, *, dataset: str | None = None
         raise UserError(f"{flag} is a run on {', '.join(mods) or 'no modality'}; a teacher is "
                         f"a single-modality run (avtrain fit --modalities {modality})")
     want = student.spec
-    if spec.get("model") != want["model"]:
-        raise UserError(f"{flag} has {spec.get('model')} encoders; this run's are "
-                        f"{want['model']} (a teacher is the student's encoder trained alone)")
+    have_name, want_name = encoder_name(spec, modality), encoder_name(want, modality)
+    if have_name != want_name:
+        raise UserError(f"{flag} has {have_name} encoders; this run's are "
+                        f"{want_name} (a teacher is the student's encoder trained alone)")
     if spec.get("num_classes") != want["num_classes"]:
         raise UserError(f"{flag} was trained for {spec.get('num_classes')} classes; this run "
                         f"has {want['num_classes']}")

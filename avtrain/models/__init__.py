@@ -18,6 +18,12 @@ Linear(C, C) -- BalanceMM's `BaseClassifierAMCoModel.linear_star` -- in every fo
 and evaluation alike; the per-modality logits are unchanged.
 A model built with `mmtm=True` (Greedy) runs its audio and visual encoders stage by stage with
 MMTM blocks between them (avtrain/models/mmtm.py): `features` then gives the gated features.
+
+Encoders are named per modality (`encoders={"visual": "timm:efficientnet_b0"}`; `encoder` names
+the others; avtrain/models/encoders.py). `freeze(modalities)` freezes encoder backbones: their
+parameters stop requiring grad and `train()` leaves them in eval mode (BatchNorm keeps its
+running statistics, dropout is off), whoever calls it: the loop at the start of every epoch,
+a method after its own eval passes.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from torch import nn
 
 from avprep.errors import UserError
 
-from .encoders import ENCODERS, build_encoder
+from .encoders import ENCODERS, TEMPORAL_POOLS, build_encoder, encoder_name
 from .fusions import FUSIONS, build_fusion
 from .sequence import SEQUENCE_MODELS, build_sequence_model, input_specs
 
@@ -38,14 +44,16 @@ MODALITIES = ("audio", "visual", "text")
 MODEL_FLAGS = ("output_layer", "mmtm")
 
 __all__ = ["AVModel", "build_model", "ENCODERS", "FUSIONS", "MODALITIES", "MODEL_FLAGS",
-           "SEQUENCE_MODELS", "model_from_spec", "model_spec"]
+           "SEQUENCE_MODELS", "encoder_name", "model_from_spec", "model_spec"]
 
 
 class AVModel(nn.Module):
     def __init__(self, encoder: str, fusion: str, num_classes: int,
                  modalities: list[str] | tuple[str, ...] = MODALITIES,
                  trained_unimodal_heads: bool = False, output_layer: bool = False,
-                 mmtm: bool = False):
+                 mmtm: bool = False, *, encoders: dict | None = None,
+                 input_sizes: dict | None = None, temporal_pool: str = "mean",
+                 feature_dim: int | None = None):
         super().__init__()
         modalities = list(modalities)
         if not modalities or len(set(modalities)) != len(modalities):
@@ -59,10 +67,21 @@ class AVModel(nn.Module):
             raise UserError(f"a classifier needs at least 2 classes, got {num_classes}")
         # keep the canonical order (audio first) whatever order the user typed
         self.modalities = [m for m in MODALITIES if m in modalities]
+        encoders = dict(encoders or {})
+        bad = [m for m in encoders if m not in self.modalities]
+        if bad:
+            raise UserError(f"--encoder {bad[0]}=...: this model's modalities are "
+                            f"{', '.join(self.modalities)}")
+        input_sizes = {m: tuple(v) for m, v in (input_sizes or {}).items()}
         self.spec = model_spec(encoder, fusion, num_classes, self.modalities,
-                               trained_unimodal_heads, output_layer=output_layer, mmtm=mmtm)
+                               trained_unimodal_heads, output_layer=output_layer, mmtm=mmtm,
+                               encoders=encoders, input_sizes=input_sizes,
+                               temporal_pool=temporal_pool, feature_dim=feature_dim)
         self.trained_unimodal_heads = bool(trained_unimodal_heads)
-        self.encoders = nn.ModuleDict({m: build_encoder(encoder, m) for m in self.modalities})
+        self.encoders = nn.ModuleDict({m: build_encoder(
+            encoders.get(m, encoder), m, input_size=input_sizes.get(m),
+            temporal_pool=temporal_pool, feature_dim=feature_dim) for m in self.modalities})
+        self.frozen: list[str] = []
         dims = {m: self.encoders[m].out_dim for m in self.modalities}
         self.unimodal = len(self.modalities) == 1
         if self.unimodal:
@@ -83,6 +102,24 @@ class AVModel(nn.Module):
             from .mmtm import MMTMFusionTrunk
 
             self.mmtm = MMTMFusionTrunk(self.encoders, self.modalities)
+
+    def freeze(self, modalities) -> None:
+        """Freeze these modalities' encoder backbones (requires_grad False, eval mode kept
+        through every `train()`); their pool and projection, new layers, still train."""
+        for m in modalities:
+            if m not in self.encoders:
+                raise UserError(f"--freeze {m}: this model's modalities are "
+                                f"{', '.join(self.modalities)}")
+            self.encoders[m].backbone.requires_grad_(False)
+            if m not in self.frozen:
+                self.frozen.append(m)
+        self.train(self.training)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in getattr(self, "frozen", ()):
+            self.encoders[m].backbone.eval()
+        return self
 
     @property
     def heads(self) -> nn.ModuleDict:
@@ -120,13 +157,26 @@ class AVModel(nn.Module):
 
 
 def model_spec(encoder: str, fusion: str, num_classes: int, modalities, trained_unimodal_heads,
+               *, encoders: dict | None = None, input_sizes: dict | None = None,
+               temporal_pool: str = "mean", feature_dim: int | None = None,
                **flags: bool) -> dict:
     """What a checkpoint must match to be loaded into a model (stored in every checkpoint).
-    The MODEL_FLAGS are recorded only when set, so the specs of other models stay as they were."""
+    The MODEL_FLAGS and the encoder settings are recorded only when set (`encoders`: every
+    modality's encoder name, when one is named apart from `model`; `input_sizes`: of encoders
+    built for one input size), so the specs of other models stay as they were."""
     spec = {"model": encoder, "fusion": fusion, "num_classes": int(num_classes),
             "modalities": list(modalities), "trained_unimodal_heads": bool(trained_unimodal_heads)}
     spec.update({flag: True for flag in MODEL_FLAGS if flags.get(flag)})
+    if encoders:
+        spec["encoders"] = {m: encoders.get(m, encoder) for m in modalities}
+    if input_sizes:
+        spec["input_sizes"] = {m: list(v) for m, v in input_sizes.items()}
+    if temporal_pool != "mean":
+        spec["temporal_pool"] = temporal_pool
+    if feature_dim:
+        spec["feature_dim"] = int(feature_dim)
     return spec
+
 
 
 def model_from_spec(spec: dict, *, index: dict | None = None,
@@ -137,6 +187,9 @@ def model_from_spec(spec: dict, *, index: dict | None = None,
                        spec.get("trained_unimodal_heads", False), index=index,
                        inputs=spec.get("inputs"),
                        options=spec.get("options") if options is None else options,
+                       encoders=spec.get("encoders"), input_sizes=spec.get("input_sizes"),
+                       temporal_pool=spec.get("temporal_pool", "mean"),
+                       feature_dim=spec.get("feature_dim"),
                        **{flag: bool(spec.get(flag, False)) for flag in MODEL_FLAGS})
 
 
@@ -144,11 +197,20 @@ def build_model(model: str = "resnet18", fusion: str = "concat", num_classes: in
                 modalities=("audio", "visual"), trained_unimodal_heads: bool = False, *,
                 index: dict | None = None, inputs: dict | None = None,
                 options: dict | None = None, output_layer: bool = False,
-                mmtm: bool = False) -> nn.Module:
+                mmtm: bool = False, encoders: dict | None = None,
+                input_sizes: dict | None = None, temporal_pool: str = "mean",
+                feature_dim: int | None = None) -> nn.Module:
     """An encoder + fusion `AVModel`, or a sequence transformer (emt, mbt, umt, ca) whose
     per-modality inputs come from `inputs` or the shard set's `index` (index.json).
-    `output_layer` (AMCo's linear_star) exists for `AVModel` only."""
+    `output_layer` (AMCo's linear_star) exists for `AVModel` only. `encoders`: per-modality
+    encoder names beside `model`; `input_sizes`: {modality: [H, W]} of encoders built for one
+    input size (avtrain.models.encoders.input_sizes). Pretrained weights are loaded after
+    the `--init` scheme (avtrain.models.encoders.load_pretrained)."""
     if model in SEQUENCE_MODELS:
+        if encoders or feature_dim or temporal_pool != "mean":
+            raise UserError(f"--encoder, --feature-dim and --temporal-pool "
+                            f"apply to encoder + fusion models, not to the sequence model "
+                            f"{model!r}")
         if mmtm:
             raise UserError(f"MMTM blocks (--method greedy) go between resnet18 or tiny "
                             f"encoders, not into the sequence model {model!r}")
@@ -156,8 +218,9 @@ def build_model(model: str = "resnet18", fusion: str = "concat", num_classes: in
                                     inputs or input_specs(index or {}, modalities),
                                     trained_unimodal_heads=trained_unimodal_heads,
                                     **(options or {}))
-    if model not in ENCODERS:
-        raise UserError(f"unknown model {model!r}; choose one of: "
-                        f"{', '.join(sorted([*ENCODERS, *SEQUENCE_MODELS]))}")
+    if temporal_pool not in TEMPORAL_POOLS:
+        raise UserError(f"--temporal-pool must be one of {', '.join(TEMPORAL_POOLS)}, "
+                        f"got {temporal_pool!r}")
     return AVModel(model, fusion, num_classes, modalities, trained_unimodal_heads, output_layer,
-                   mmtm=mmtm)
+                   mmtm=mmtm, encoders=encoders, input_sizes=input_sizes,
+                   temporal_pool=temporal_pool, feature_dim=feature_dim)

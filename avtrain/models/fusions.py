@@ -173,7 +173,8 @@ class AttentionFusion(Fusion):
         width = dims[self.first]
         if dims[self.second] != width:
             raise UserError(f"fusion 'attention' weights {self.first} and {self.second} features"
-                            f" of one width; got {width} and {dims[self.second]} (use 'mha')")
+                            f" of one width; got {width} and {dims[self.second]} (use 'mha', or "
+                            "--feature-dim D)")
         self.attention_mlp = nn.Linear(2 * width, width)
         self.fc_att = nn.Linear(width, 2)
         self.fc_out = nn.Linear(width, num_classes)
@@ -231,7 +232,8 @@ class BoostFusion(Fusion):
         widths = sorted({dims[m] for m in modalities})
         if len(widths) != 1:
             raise UserError(f"fusion 'boost' shares one head between the modalities, whose "
-                            f"features need one width; got {', '.join(map(str, widths))}")
+                            f"features need one width; got {', '.join(map(str, widths))} "
+                            "(--feature-dim D projects every encoder's features to D)")
         self.head = nn.Sequential(nn.Linear(widths[0], hidden), nn.ReLU(),
                                   nn.Linear(hidden, num_classes))
         self.boost_rate = nn.Parameter(torch.tensor(1.0))
@@ -298,7 +300,8 @@ class SharedHeadFusion(Fusion):
         widths = sorted({dims[m] for m in self.modalities})
         if len(widths) != 1:
             raise UserError(f"fusion 'shared' reads every modality with one head and needs "
-                            f"features of one width, got {dims}")
+                            f"features of one width, got {dims} (--feature-dim D projects "
+                            "every encoder's features to D)")
         self.dim = widths[0]
         self.fc_out = nn.Linear(self.dim, num_classes)
         self.register_buffer("gate", torch.tensor(0))

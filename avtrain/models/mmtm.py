@@ -102,10 +102,49 @@ class MMTMBlock(nn.Module):
         return out
 
 
+# children of a timm model that belong to its head (`forward_head`), not to its stages
+TIMM_HEAD = ("global_pool", "head_drop", "fc_norm", "head", "fc", "classifier")
+
+
+class _Head(nn.Module):
+    """A timm model's `forward_head` as a layer (pooling; its classifier is Identity)."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.forward_head = backbone.forward_head
+
+    def forward(self, x):
+        return self.forward_head(x)
+
+
+def _timm_stages(backbone: nn.Module):
+    """A timm model cut at its `feature_info` stages (the modules timm's `features_only`
+    returns): its children in order (a Sequential holding stages flattened one level), up to
+    the head, which `forward_head` runs. Right only where the model's forward is its children
+    in order: `MMTMFusionTrunk` checks that once on a random input."""
+    names = [f["module"] for f in backbone.feature_info]
+    layers = []
+    for name, child in backbone.named_children():
+        if name in TIMM_HEAD:
+            break
+        if isinstance(child, nn.Sequential) and any(n.startswith(name + ".") for n in names):
+            layers += [(f"{name}.{sub}", c) for sub, c in child.named_children()]
+        else:
+            layers.append((name, child))
+    order = [n for n, _ in layers]
+    if not all(n in order for n in names):
+        raise UserError("MMTM blocks need an encoder whose feature stages are its layers")
+    cuts = [order.index(n) + 1 for n in names]
+    stages = [nn.Sequential(*[c for _, c in layers[a:b]]) for a, b in zip([0, *cuts], cuts)]
+    tail = [c for _, c in layers[cuts[-1]:]] + [_Head(backbone)]
+    return stages, tail, [int(f["num_chs"]) for f in backbone.feature_info]
+
+
 def encoder_stages(backbone: nn.Module) -> tuple[list[nn.Module], list[nn.Module], list[int]]:
     """(stages, tail, stage widths) of a resnet18 or tiny backbone: ResNet-18's stem + layer1,
-    layer2, layer3, layer4 and its pooling; tiny's three conv blocks and its pooling. Read from
-    the backbone at every call, so a test that swaps a layer sees it."""
+    layer2, layer3, layer4 and its pooling; tiny's three conv blocks and its pooling; a timm
+    model's `feature_info` stages and its head. Read from the backbone at every call, so a
+    test that swaps a layer sees it."""
     from torchvision.models import ResNet
 
     if isinstance(backbone, ResNet):
@@ -122,7 +161,38 @@ def encoder_stages(backbone: nn.Module) -> tuple[list[nn.Module], list[nn.Module
         stages = [nn.Sequential(*layers[a:b]) for a, b in zip(bounds, bounds[1:])]
         widths = [layers[i].out_channels for i in starts]
         return stages, layers[end:], widths
-    raise UserError("MMTM blocks need resnet18 or tiny encoders")
+    if isinstance(getattr(backbone, "feature_info", None), list) and hasattr(backbone,
+                                                                             "forward_head"):
+        return _timm_stages(backbone)
+    raise UserError("MMTM blocks need resnet18, tiny or timm encoders with feature stages")
+
+
+def _check_stages(encoder: nn.Module, modality: str, name: str) -> None:
+    """The stages run one after another give the backbone's own output (one eval forward of
+    a random 64x64 input, its own generator: the run's RNG is untouched), or one Error line:
+    the model's forward does more than its layers in order (a ViT adds position embeddings)."""
+    backbone = encoder.backbone
+    stages, tail, _ = encoder_stages(backbone)
+    channels = 1 if modality == "audio" else 3
+    x = torch.randn(2, channels, 64, 64, generator=torch.Generator().manual_seed(0))
+    was = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            want = backbone(x)
+            got = x
+            for layer in [*stages, *tail]:
+                got = layer(got)
+        same = got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    except Exception:  # noqa: BLE001 - a fixed input size, a stage that needs more
+        same = False
+    finally:
+        backbone.train(was)
+    if not same:
+        raise UserError(f"MMTM blocks (--method greedy) go between encoder stages; the "
+                        f"{modality} encoder {name!r} does not run as its feature stages in "
+                        "order (a ViT's blocks need its embeddings): use resnet18, tiny or a "
+                        "convolutional timm model")
 
 
 class MMTMFusionTrunk(nn.Module):
@@ -136,6 +206,10 @@ class MMTMFusionTrunk(nn.Module):
                             f"encoders and is defined for those two modalities, got "
                             f"{', '.join(modalities)}")
         self.modalities = list(modalities)
+        for m in self.modalities:
+            if not isinstance(encoders[m].backbone, nn.Sequential) and hasattr(
+                    encoders[m].backbone, "feature_info"):
+                _check_stages(encoders[m], m, type(encoders[m].backbone).__name__)
         widths = [encoder_stages(encoders[m].backbone)[2] for m in self.modalities]
         if len({len(w) for w in widths}) != 1:
             raise UserError("MMTM blocks need encoders with the same number of stages")
@@ -164,5 +238,7 @@ class MMTMFusionTrunk(nn.Module):
             f = xs[m]
             for layer in parts[m][1]:
                 f = layer(f)
-            feats[m] = f.reshape(clips[m], frames[m], -1).mean(dim=1) if frames[m] > 1 else f
+            if frames[m] > 1:
+                f = encoders[m].temporal(f.reshape(clips[m], frames[m], -1))
+            feats[m] = encoders[m].out(f)
         return feats

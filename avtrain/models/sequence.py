@@ -51,6 +51,7 @@ from torch import nn
 
 from avprep.errors import UserError
 
+from .encoders import spectrogram_bins
 from .text import VOCAB, TextEncoder, masked_mean, padding_mask
 
 DEFAULTS = {"d_model": 768, "heads": 8, "layers": 3, "bottleneck": 12, "ff": 1024,
@@ -83,16 +84,6 @@ def input_specs(index: dict, modalities) -> dict[str, dict]:
             raise UserError(f"modality {m!r} has no features in this shard set's index.json "
                             f"and no raw form (raw modalities: {', '.join(CANONICAL)})")
     return out
-
-
-def spectrogram_bins(preset: dict) -> int:
-    spec = dict(preset.get("spectrogram") or {})
-    if spec.get("recipe") == "log_mel":
-        return int(spec["n_mels"])
-    if "n_fft" in spec:
-        return int(spec["n_fft"]) // 2 + 1
-    raise UserError("the shard set's preset does not say how many frequency bins its "
-                    "spectrograms have")
 
 
 # --- input adapters: a batch tensor -> tokens [B, T, d] and their padding mask --------------
@@ -150,12 +141,12 @@ class FramesInput(nn.Module):
 
     def __init__(self, dim: int, d_model: int, frame_backbone: str = "tiny", **_):
         super().__init__()
-        from .encoders import ENCODERS
+        from .encoders import ENCODERS, build_encoder
 
         if frame_backbone not in ENCODERS:
             raise UserError(f"unknown frame backbone {frame_backbone!r}; choose one of: "
                             f"{', '.join(sorted(ENCODERS))}")
-        image = ENCODERS[frame_backbone]("visual")
+        image = build_encoder(frame_backbone, "visual")
         self.backbone = image.backbone
         self.proj = nn.Linear(image.out_dim, d_model)
 
