@@ -128,10 +128,10 @@ def keyed(batches, prefix="s"):
     return out
 
 
-def trainer(bn=True, **settings):
+def trainer(bn=True, optimizer="adam", lr=0.01, **settings):
     # Adam with weight decay, as released (train.py 233): a head left without a gradient is
     # skipped, one given a zero gradient would still move (moments, decay)
-    return step_trainer("remix", "concat", CLASSES, bn=bn, optimizer="adam", lr=0.01,
+    return step_trainer("remix", "concat", CLASSES, bn=bn, optimizer=optimizer, lr=lr,
                         weight_decay=1e-4, seed=2, **{**SETTINGS, **settings})
 
 
@@ -212,7 +212,9 @@ def test_the_partition_equals_the_released_remix():
 
 def _ddp_run(rank: int, world: int) -> dict:
     torch.manual_seed(0)
-    t = trainer(bn=False)
+    # SGD (momentum, weight decay: a zero gradient would move the absent head too): Adam's
+    # division by sqrt(v) magnifies the ranks' summation order past the tolerance
+    t = trainer(bn=False, optimizer="sgd", lr=0.05)
     data = keyed(make_batches(6, BATCH, len(SCHEDULE), CLASSES))
     per = BATCH // world
     part = slice(rank * per, (rank + 1) * per)
