@@ -312,12 +312,13 @@ def train_loader(shards: ShardSet, split: str, opts: DataOptions, *, batch_size:
                  world: int = 1, workers: int = 2, shuffle_buffer: int = 1000,
                  augment: bool = True, device_type: str = "cpu", salt: int | None = None,
                  copies: dict[str, tuple[int, ...]] | None = None, modalities: int = 0,
-                 sampling: str = "exact"):
+                 sampling: str = "exact", groups: list[tuple[int, list[str]]] | None = None):
     """`steps` batches per rank (`loader.steps`), augmented unless `augment=False` (OLM-com's
     held-out val stream with --olm-heldout eval). `salt` gives a second stream (the held-out
     one) its own order and augmentation draws. `copies` (sample key -> modality masks, over the
     model's `modalities` in order) re-samples the set: every batch then has a "keep" mask per
-    sample (the valuation method). Each batch lists the samples dropped from it as damaged
+    sample (the valuation method); `groups` (modality mask, keys), in order, replaces the set by
+    batches of one group at a time (Remix; exact sampling only). Each batch lists the samples dropped from it as damaged
     under "skipped" (key, tar, reason).
 
     sampling "exact" (avtrain.sampling): every sample once per pass in a (seed, epoch) order;
@@ -327,12 +328,16 @@ def train_loader(shards: ShardSet, split: str, opts: DataOptions, *, batch_size:
     if sampling == "exact":
         stream = ExactStream(shards, sample_table(shards, split), opts, batch_size=batch_size,
                              epoch=epoch, seed=seed, rank=rank, world=world, steps=steps,
-                             augment=augment, salt=salt, copies=copies, modalities=modalities)
+                             augment=augment, salt=salt, copies=copies, modalities=modalities,
+                             groups=groups)
         loader = _loader(stream, max(0, min(workers, stream.steps)), device_type, None)
         loader.steps = stream.steps
         return loader
     if sampling != "resample":
         raise UserError(f"--sampling must be exact or resample, got {sampling!r}")
+    if groups is not None:
+        raise UserError("a training set re-assembled into groups (--method remix) needs "
+                        "--sampling exact")
     if steps is None:
         raise ValueError("a resampled stream is endless: give it `steps`")
     urls = shards.urls(split)

@@ -264,15 +264,20 @@ class Trainer:
         self.balancer.start_epoch(self._epoch_context(epoch))  # may run the model in eval mode
         self.net.train()
         copies = self.balancer.train_copies()  # a data-level method's re-sampled training set
+        groups = self.balancer.train_groups()  # or its re-assembled one (batches of one group)
         steps = self.steps
         if copies is not None and not c.steps_per_epoch:  # the epoch grows with the copies
             extra = sum(len(masks) for masks in copies.values())
             steps = (self.train_items + extra) // (c.batch_size * ctx.world)
+        if groups is not None and not c.steps_per_epoch:
+            steps = None  # the groups' full global batches (the stream counts them)
         loader = train_loader(self.shards, "train", self.opts, batch_size=c.batch_size,
                               steps=steps, epoch=epoch, seed=c.seed, rank=ctx.rank,
                               world=ctx.world, workers=c.workers, shuffle_buffer=c.shuffle_buffer,
                               device_type=ctx.device.type, copies=copies,
-                              modalities=len(self.model.modalities), sampling=c.sampling)
+                              modalities=len(self.model.modalities), sampling=c.sampling,
+                              groups=groups)
+        steps = loader.steps
         heldout = iter(self._heldout_loader(epoch)) if self.balancer.needs_heldout else None
         loss_sum = torch.zeros((), device=ctx.device)
         correct = torch.zeros((), device=ctx.device)

@@ -289,13 +289,18 @@ class ExactStream(torch.utils.data.IterableDataset):
     """One rank's batches of an exact epoch (see the module docstring): `steps` batches, batch
     b read by loader worker b % workers. `copies` (key -> modality masks, the valuation
     method's re-sampled set) adds one item per mask, each batch then carrying "keep" masks;
+    `groups` (an ordered list of (modality mask, keys), Remix's re-assembled set) replaces the
+    epoch by its groups in turn: each group's samples once, in their own (seed, epoch, pass,
+    group) order, in global batches of that group alone (its last N_g mod B·R samples not seen
+    that pass), every sample carrying its group's mask;
     `augment=False` decodes with the eval transforms (OLM-com's held-out stream with
     --olm-heldout eval); `salt` gives a second stream its own order and draws."""
 
     def __init__(self, shards, table: SampleTable, opts, *, batch_size: int, epoch: int = 0,
                  seed: int = 0, rank: int = 0, world: int = 1, steps: int | None = None,
                  augment: bool = True, salt: int = 0,
-                 copies: dict[str, tuple[int, ...]] | None = None, modalities: int = 0):
+                 copies: dict[str, tuple[int, ...]] | None = None, modalities: int = 0,
+                 groups: list[tuple[int, list[str]]] | None = None):
         self.table, self.opts = table, opts
         self.batch_size, self.epoch, self.seed, self.salt = batch_size, epoch, seed, salt
         self.rank, self.world, self.augment = rank, world, augment
@@ -313,22 +318,54 @@ class ExactStream(torch.utils.data.IterableDataset):
         self.rows = rows
         self.items = len(rows)
         self.per_pass = self.items // (batch_size * world)  # full global batches per pass
+        self.groups = None
+        if groups is not None:
+            first = {}
+            for row, key in enumerate(table.keys):
+                first.setdefault(key, row)
+            self.groups = [(int(mask), np.asarray([first[k] for k in keys if k in first],
+                                                  dtype=np.int64)) for mask, keys in groups]
+            sizes = [len(r) // (batch_size * world) for _, r in self.groups]
+            self.group_ends = np.cumsum(sizes)  # global batches up to the end of each group
+            self.items = sum(len(r) for _, r in self.groups)
+            self.per_pass = int(sum(sizes))
         self.steps = self.per_pass if steps is None else int(steps)
+        if self.groups is not None and self.steps and not self.per_pass:
+            raise UserError(f"no group of the re-assembled training set fills a global batch of "
+                            f"{batch_size * world} (group sizes "
+                            f"{', '.join(str(len(r)) for _, r in self.groups)})")
         self.damaged = table.damaged(needed_members(opts))
         self.reader = TarReader(shards.opener(), table)
-        self._perm: tuple[int, np.ndarray] | None = None
+        self._perm: tuple | None = None
 
     def __len__(self) -> int:
         return self.steps
 
     def _item(self, position: int) -> tuple[int, int | None]:
         """(table row, modality mask or None) at a position of the endless stream."""
+        if self.groups is not None:
+            return self._grouped_item(position)
         p, i = divmod(position, self.items)
         if self._perm is None or self._perm[0] != p:
             rng = np.random.default_rng([self.seed, self.salt, self.epoch, p, 0x5EED])
             self._perm = (p, rng.permutation(self.items))
         j = int(self._perm[1][i])
         return int(self.rows[j]), (int(self.masks[j]) if self.masks is not None else None)
+
+    def _grouped_item(self, position: int) -> tuple[int, int]:
+        """The grouped epoch: global batch g of pass p lies in one group, whose permutation
+        (seeded by seed, salt, epoch, p and the group's index) gives its samples in order."""
+        width = self.batch_size * self.world
+        g, offset = divmod(position, width)
+        p, g = divmod(g, self.per_pass)
+        k = int(np.searchsorted(self.group_ends, g, side="right"))
+        before = int(self.group_ends[k - 1]) if k else 0
+        if self._perm is None or self._perm[0] != (p, k):
+            rng = np.random.default_rng([self.seed, self.salt, self.epoch, p, k, 0x6A0])
+            self._perm = ((p, k), rng.permutation(len(self.groups[k][1])))
+        mask, rows = self.groups[k]
+        j = int(self._perm[1][(g - before) * width + offset])
+        return int(rows[j]), mask
 
     def positions(self, b: int) -> range:
         start = (b * self.world + self.rank) * self.batch_size

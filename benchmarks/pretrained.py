@@ -90,8 +90,8 @@ def table(scratch: dict, pretrained: dict, methods: list[str]) -> list[str]:
     lines = []
     for key, label in METRICS:
         lines += [f"### {label}", "",
-                  f"| method | scratch | pretrained visual | Δ none, scratch (95 %) | "
-                  f"Δ none, pretrained (95 %) |",
+                  "| method | scratch | pretrained visual | Δ none, scratch (95 %) | "
+                  "Δ none, pretrained (95 %) |",
                   "|---|---|---|---|---|"]
         for m in methods:
             cells = [mean_std([v[key] for v in start.get(m, {}).values() if key in v])

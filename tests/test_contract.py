@@ -193,6 +193,11 @@ RELEASED = {
     ("cggm", "lr"): (5e-4, "zrguo/CGGM run/iemo_run.py:49 (--cls_lr)"),
     ("cggm", "clip"): (0.8, "zrguo/CGGM run/iemo_run.py:45 (--clip)"),
     ("cggm", "classifier"): ("released", "zrguo/CGGM models/msamodel.py:77-94 (Classifier)"),
+    ("remix", "warmup"): (10, "MatthewMaxy/Remix_ICML2025 train.py:36, scripts/run_train.sh"),
+    ("remix", "warm_audio"): (0.5, "MatthewMaxy/Remix_ICML2025 train.py:43 (--alpha)"),
+    ("remix", "warm_visual"): (0.5, "MatthewMaxy/Remix_ICML2025 train.py:44 (--beta)"),
+    ("remix", "gamma_visual"): (1.0, "MatthewMaxy/Remix_ICML2025 train.py:45 (--gamma1)"),
+    ("remix", "gamma_audio"): (1.0, "MatthewMaxy/Remix_ICML2025 train.py:46 (--gamma2)"),
 }
 # methods that share another's options (and their released values)
 SAME_AS = {"ogm_ge": "ogm", "olm_com": "olm"}
@@ -628,6 +633,7 @@ DRIVE = {
     "gblending": {"gblending_super_epoch": 2}, "reconboost": {"reconboost_stage_epochs": 1},
     "valuation": {"valuation_warmup": 1}, "lfm": {"lfm_heldout_size": GLOBAL},
     "agm": {"agm_clip": 0.02, "alpha": 2.5}, "mla": {"mla_projection": "owm"},
+    "remix": {"remix_warmup": 1},
 }
 # step metrics that are one rank's own (not reduced over the ranks) by design
 LOCAL_METRICS = {"cml": ("conf_fused", "conf_subset"), PLUGIN: ("aux_audio", "aux_visual")}

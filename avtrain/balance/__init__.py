@@ -9,7 +9,7 @@ Methods: `none` (CE on the fused logits), `ogm`, `ogm_ge` (ogm.py), `olm`, `olm_
 `greedy` (greedy.py), `mla` (mla.py), `relearning` (relearning.py), `mmpareto` (mmpareto.py),
 `valuation` (valuation.py), `cml` (cml.py), `mbsd` (mbsd.py), `lfm` (lfm.py), `gblending`
 (gblending.py), `mmcosine` (mmcosine.py), `unimodal_teacher` (unimodal_teacher.py),
-`inforeg` (inforeg.py), `cggm` (cggm.py). How a
+`inforeg` (inforeg.py), `cggm` (cggm.py), `remix` (remix.py). How a
 method plugs in (hooks, or owning the whole step) is in base.py.
 Their rules are reusable on their own: `ogm_scores(logits, labels, modalities)`,
 `ogm_coefficients(scores, alpha)`, `modulated_parameters(encoder, "conv"|"encoder")` and
@@ -28,7 +28,8 @@ and `prototype_logits(features, prototypes)`, `opm_drop_probabilities(scores, q_
 `mbsd_pair_terms`, `lfm_alignment`, `lfm_alpha_update` and `lfm_fitted_alpha`,
 `gblending_weights` and `gblending_ogr`, `mmcosine_signal`, `distillation_losses` and
 `teacher_runs` (the uni-modal teacher's), `inforeg_rate`, `inforeg_betas` and `fisher_trace`
-(InfoReg's), `cggm_coefficients` and `cggm_lgm` (CGGM's).
+(InfoReg's), `cggm_coefficients` and `cggm_lgm` (CGGM's), `remix_divergence` and
+`remix_assign` (Remix's).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from .opm import OPM, opm_drop_probabilities
 from .pmr import PMR, pmr_coefficients, prototype_logits
 from .reconboost import ReconBoost, boosting_loss, reconboost_stage
 from .relearning import ReLearning, kmeans, minmax_scale, purity, relearning_weight
+from .remix import Remix, remix_assign, remix_divergence
 from .unimodal_teacher import UnimodalTeacher, distillation_losses, teacher_runs
 from .valuation import Valuation, modality_gap, sample_copies, valuation_contributions
 
@@ -130,6 +132,7 @@ register(MMCosine)
 register(UnimodalTeacher)
 register(InfoReg)
 register(CGGM)
+register(Remix)
 
 __all__ = ["Balancer", "Option", "Search", "METHODS", "register", "get_method", "build_balancer",
            "all_methods", "load_plugins", "load_method_module",
@@ -149,3 +152,4 @@ __all__ += ["mmcosine_signal"]
 __all__ += ["distillation_losses", "teacher_runs"]
 __all__ += ["inforeg_rate", "inforeg_betas", "fisher_trace"]
 __all__ += ["cggm_coefficients", "cggm_lgm"]
+__all__ += ["remix_divergence", "remix_assign"]

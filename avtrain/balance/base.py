@@ -55,6 +55,7 @@ Which level each method of issue #19 needs -- the test of this design:
 | MBSD | hooks | the loss only: CE of the fused and of each modality's logits (the fused layer's split) plus, per pair, BalanceMM's sample-weighted KL and RS terms between the stronger and weaker modality's true-class probability / outputs, in the window |
 | LFM | hooks + start_epoch | the loss is CE of the mean unimodal logits plus the logit alignment, weighted; the weights' hypergradient step (double backward on a held-out batch, bare model) in `start_epoch` |
 | MMCosine | hooks (`loss`) + `model_fusion` | the model is built with the `cosine` fusion (per-modality L2-normalised features and weight rows of the concat layer, scaled, summed); the loss is CE of those fused logits; the eval rule (the authors' plain concat output, or the cosine sum) is a buffer of the model |
+| Remix | start_epoch + `train_groups` + a fusion pre-hook | after its warm-up, each epoch every training sample is measured in eval mode (`eval_batches("train")`: each modality's own head's KL to the uniform distribution) and given to the modality it is least confident in; the epoch is those groups in turn (`train_groups`), batches of one group; the pre-hook zeroes the other modalities' features; CE of the fused and of the kept modality's head |
 | Uni-Modal Teacher | hooks (`loss`) | one forward of `ctx.net`; forward hooks keep each encoder's features, each frozen single-modality teacher (a finished run's best.pt, outside the model and optimizer) gives its encoder's features of the batch under no_grad (train mode as BalanceMM, or eval); CE(fused) + scaling · Σ_m MSE, in the window |
 
 `step_metrics()` returns 0-d tensors that the loop turns into numbers only when it logs, so no
@@ -231,6 +232,13 @@ class Balancer:
         data-level method): sample key -> one modality mask per copy (bit i keeps the model's
         i-th modality; the others' features are zeroed). The epoch's steps grow with them.
         None: the training stream as it is."""
+        return None
+
+    def train_groups(self) -> list[tuple[int, list[str]]] | None:
+        """Asked after `start_epoch`: this epoch's training set re-assembled by a data-level
+        method (Remix), an ordered list of (modality mask, sample keys): the epoch is each group
+        in turn, every batch from one group only, each sample once with its group's mask (bit i
+        keeps the model's i-th modality). None: the training stream as it is."""
         return None
 
     def end_epoch(self, epoch: int) -> None:

@@ -50,6 +50,7 @@ HOOKS = {
     "end_epoch": ((0,), {}),
     "heldout": (({}, None), {}),
     "train_copies": ((), {}),
+    "train_groups": ((), {}),
 }
 CLI_ONLY = {"config", "print_config", "resume", "overwrite", "method_option", "help"}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
