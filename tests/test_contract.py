@@ -936,8 +936,8 @@ def assert_same_state(got, want, where="balancer", rtol=1e-6, atol=1e-7):
 TIMM = "timm:test_resnet"  # timm's own small ResNet (random weights): its stages, its names
 # one CLI epoch of one step with the timm encoders; where a method logs nothing in that step its
 # declared signals are not asked for: `none` declares none, valuation logs from its first
-# re-sampling, after its warm-up epoch
-TIMM_SILENT_FIRST_STEP = {"none", "valuation"}
+# re-sampling, after its warm-up epoch, and remix from its first remixed epoch, after its warm-up
+TIMM_SILENT_FIRST_STEP = {"none", "valuation", "remix"}
 
 
 @pytest.mark.parametrize("method", GLOO)
