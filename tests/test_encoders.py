@@ -167,6 +167,17 @@ def test_library_encoders_report_their_width():
     assert out["visual"].shape == (2, 96)
 
 
+def test_a_patch_vit_takes_a_spectrogram_its_patches_do_not_divide():
+    """AST-style: a standard ViT over a 257x188 spectrogram (patch 16 divides neither side);
+    the input is padded to whole patches and the position table has one entry per patch."""
+    from avtrain.models.encoders import build_encoder
+
+    enc = build_encoder("timm:vit_tiny_patch16_224", "audio", input_size=(257, 188))
+    assert enc.backbone.patch_embed.grid_size == (17, 12)
+    out = enc(torch.randn(2, 1, 257, 188))
+    assert out.shape == (2, enc.out_dim) and torch.isfinite(out).all()
+
+
 # --- the CLI: a timm run's files, bad input -----------------------------------------------------
 
 

@@ -14,9 +14,9 @@ names the encoder of every modality not named otherwise):
   `in_chans=1`, sums the stem's kernels over the three colour channels. Models with a fixed
   input size (ViTs, Swin, ...: timm's `fixed_input_size`) get `img_size` = the input they will
   see: (frequency bins, time columns) of the shard preset's spectrogram for audio (an
-  AST-style patch ViT over the spectrogram), (image size, image size) for frames; and
-  `dynamic_img_pad=True` where they take it, so a size the patch does not divide (257 bins)
-  is zero-padded to whole patches.
+  AST-style patch ViT over the spectrogram), (image size, image size) for frames; a patch
+  model is built for the size rounded up to whole patches and its input zero-padded to it
+  (bottom, right), so a size the patch does not divide (257 bins) loses no row.
 - `torchvision:NAME` (or a bare torchvision classification name other than ours, e.g.
   `resnet50`): torchvision's `get_model(NAME, weights=None)` with its last Linear (the
   classifier) replaced by Identity; for audio, its first 3-channel convolution becomes a
@@ -213,15 +213,15 @@ def _timm(model: str, modality: str, *, pretrained: str | None = None,
             raise UserError(f"timm:{model} is built for one input size; the {modality} input "
                             "size is not known (give the shard folder)")
         kwargs["img_size"] = tuple(int(v) for v in input_size)
-        kwargs["dynamic_img_pad"] = True  # a size the patches do not divide is padded
     try:
-        try:
-            net = timm.create_model(model, pretrained=pretrained == "timm", **kwargs)
-        except TypeError as exc:
-            if "dynamic_img_pad" not in str(exc):
-                raise
-            kwargs.pop("dynamic_img_pad")
-            net = timm.create_model(model, pretrained=pretrained == "timm", **kwargs)
+        net = timm.create_model(model, pretrained=pretrained == "timm", **kwargs)
+        patch = getattr(getattr(net, "patch_embed", None), "patch_size", None)
+        if "img_size" in kwargs and patch:
+            padded = tuple(-(-s // p) * p for s, p in zip(kwargs["img_size"], patch))
+            if padded != kwargs["img_size"]:
+                net = timm.create_model(model, pretrained=pretrained == "timm",
+                                        **{**kwargs, "img_size": padded})
+                net.register_forward_pre_hook(_zero_pad_to(padded))
     except TypeError as exc:
         if "img_size" in str(exc):
             raise UserError(f"timm:{model} has a fixed input size but takes no img_size; it "
@@ -230,6 +230,17 @@ def _timm(model: str, modality: str, *, pretrained: str | None = None,
         raise
     width = getattr(net, "head_hidden_size", None) or net.num_features
     return net, int(width)
+
+
+def _zero_pad_to(size: tuple[int, int]):
+    """A forward pre-hook padding an image batch with zeros (bottom, right) to `size`: a patch
+    model is built for whole patches (257 spectrogram bins, patch 16: 272 rows, the last 15
+    zeros); a hook, so timm's state-dict keys stay unchanged."""
+    def pad(_module, args):
+        x = args[0]
+        return (torch.nn.functional.pad(x, (0, size[1] - x.shape[-1], 0, size[0] - x.shape[-2])),
+                *args[1:])
+    return pad
 
 
 def _torchvision(model: str, modality: str, *, pretrained: str | None = None,
