@@ -180,6 +180,14 @@ RELEASED = {
     ("unimodal_teacher", "scaling"): (10.0, BMM + ":66"),
     ("unimodal_teacher", "mode"): ("train", "GeWu-Lab/BalanceBenchmark balancemm/trainer/"
                                             "UMT_trainer.py (teachers never put in eval mode)"),
+    ("arl", "gamma"): (4.0, "shicaiwei123/ICCV2025-ARL cramed_arl.sh:3 (--gamma 4.0; AVE 5.0, "
+                            "KS 3.0, argparse default 1.0 at main_arl_variance.py:65)"),
+    ("arl", "modulation_start"): (6, "shicaiwei123/ICCV2025-ARL main_arl_variance.py:69,150 "
+                                     "(--start 5, `epoch > args.start`)"),
+    ("arl", "weights"): ("released", "shicaiwei123/ICCV2025-ARL main_arl_variance.py:163-164 "
+                                     "(audio_weight = visual_weight = 0.5, never changed)"),
+    ("arl", "temperature"): (8.0, "shicaiwei123/ICCV2025-ARL main_arl_variance.py:68 and "
+                                  "cramed_arl.sh:3 (--T 8.0)"),
 }
 # methods that share another's options (and their released values)
 SAME_AS = {"ogm_ge": "ogm", "olm_com": "olm"}
@@ -494,6 +502,7 @@ REFUSED_FUSIONS = {
     "mla": [("sum", "use --fusion concat or shared, not 'sum'")],
     "mmcosine": [("sum", "use --fusion concat or cosine, not 'sum'")],
     "reconboost": [("film", "--fusion boost"), ("cosine", "--fusion boost")],
+    "arl": [("film", "--method arl trains the per-modality logits")],
 }
 
 
@@ -613,6 +622,7 @@ DRIVE = {
     "gblending": {"gblending_super_epoch": 2}, "reconboost": {"reconboost_stage_epochs": 1},
     "valuation": {"valuation_warmup": 1}, "lfm": {"lfm_heldout_size": GLOBAL},
     "agm": {"agm_clip": 0.02, "alpha": 2.5}, "mla": {"mla_projection": "owm"},
+    "arl": {"modulation_start": 1},
 }
 # step metrics that are one rank's own (not reduced over the ranks) by design
 LOCAL_METRICS = {"cml": ("conf_fused", "conf_subset"), PLUGIN: ("aux_audio", "aux_visual")}
@@ -628,6 +638,7 @@ ACTED = {
     "relearning": lambda m: "purity_val_audio" in m,
     "mmcosine": lambda m: "mmcosine_logit_audio" in m,
     "gblending": lambda m: abs(m["gblend_w_audio"] - 1 / 3) > 1e-3,  # estimated, not the start
+    "arl": lambda m: m["arl_scale_audio"] == 1.5,
 }
 # the fusion a method is released with where the driver's concat would leave a signal out
 # (ReconBoost's boost_rate is BoostFusion's)
