@@ -188,6 +188,8 @@ RELEASED = {
                                      "(audio_weight = visual_weight = 0.5, never changed)"),
     ("arl", "temperature"): (8.0, "shicaiwei123/ICCV2025-ARL main_arl_variance.py:68 and "
                                   "cramed_arl.sh:3 (--T 8.0)"),
+    ("dgl", "alpha"): (4.0, "shicaiwei123/ICCV2025-GDL main_dgl.py:50 and cramed_dgl.sh:8 "
+                            "(--alpha 4; its next run 5, ks_dgl.sh 2 and 3)"),
 }
 # methods that share another's options (and their released values)
 SAME_AS = {"ogm_ge": "ogm", "olm_com": "olm"}
@@ -503,6 +505,7 @@ REFUSED_FUSIONS = {
     "mmcosine": [("sum", "use --fusion concat or cosine, not 'sum'")],
     "reconboost": [("film", "--fusion boost"), ("cosine", "--fusion boost")],
     "arl": [("film", "--method arl trains the per-modality logits")],
+    "dgl": [("film", "--method dgl needs the parameter-shared unimodal logits")],
 }
 
 

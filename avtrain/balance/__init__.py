@@ -9,7 +9,7 @@ Methods: `none` (CE on the fused logits), `ogm`, `ogm_ge` (ogm.py), `olm`, `olm_
 `greedy` (greedy.py), `mla` (mla.py), `relearning` (relearning.py), `mmpareto` (mmpareto.py),
 `valuation` (valuation.py), `cml` (cml.py), `mbsd` (mbsd.py), `lfm` (lfm.py), `gblending`
 (gblending.py), `mmcosine` (mmcosine.py), `unimodal_teacher` (unimodal_teacher.py), `arl`
-(arl.py). How a
+(arl.py), `dgl` (dgl.py). How a
 method plugs in (hooks, or owning the whole step) is in base.py.
 Their rules are reusable on their own: `ogm_scores(logits, labels, modalities)`,
 `ogm_coefficients(scores, alpha)`, `modulated_parameters(encoder, "conv"|"encoder")` and
@@ -27,7 +27,8 @@ and `prototype_logits(features, prototypes)`, `opm_drop_probabilities(scores, q_
 `modality_gap`, `cml_confidence`, `cml_order` and `cml_penalty_terms`, `mbsd_loss` and
 `mbsd_pair_terms`, `lfm_alignment`, `lfm_alpha_update` and `lfm_fitted_alpha`,
 `gblending_weights` and `gblending_ogr`, `mmcosine_signal`, `distillation_losses` and
-`teacher_runs` (the uni-modal teacher's), `arl_analysis_weights` and `arl_unimodal_logits`.
+`teacher_runs` (the uni-modal teacher's), `arl_analysis_weights` and `arl_unimodal_logits`,
+`dgl_logits` and `dgl_loss`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from .amco import AMCo, amco_masked_count, amco_share_sums
 from .arl import ARL, arl_analysis_weights, arl_unimodal_logits
 from .base import Balancer
 from .cml import CML, cml_confidence, cml_order, cml_penalty_terms
+from .dgl import DGL, dgl_logits, dgl_loss
 from .gblending import GBlending, gblending_ogr, gblending_weights
 from .greedy import Greedy, greedy_rule, greedy_speed_difference
 from .lfm import LFM, lfm_alignment, lfm_alpha_update, lfm_fitted_alpha
@@ -127,6 +129,7 @@ register(GBlending)
 register(MMCosine)
 register(UnimodalTeacher)
 register(ARL)
+register(DGL)
 
 __all__ = ["Balancer", "Option", "Search", "METHODS", "register", "get_method", "build_balancer",
            "all_methods", "load_plugins", "load_method_module",
@@ -145,3 +148,4 @@ __all__ += ["gblending_weights", "gblending_ogr"]
 __all__ += ["mmcosine_signal"]
 __all__ += ["distillation_losses", "teacher_runs"]
 __all__ += ["arl_analysis_weights", "arl_unimodal_logits"]
+__all__ += ["dgl_logits", "dgl_loss"]
