@@ -198,6 +198,16 @@ RELEASED = {
     ("remix", "warm_visual"): (0.5, "MatthewMaxy/Remix_ICML2025 train.py:44 (--beta)"),
     ("remix", "gamma_visual"): (1.0, "MatthewMaxy/Remix_ICML2025 train.py:45 (--gamma1)"),
     ("remix", "gamma_audio"): (1.0, "MatthewMaxy/Remix_ICML2025 train.py:46 (--gamma2)"),
+    ("arl", "gamma"): (4.0, "shicaiwei123/ICCV2025-ARL cramed_arl.sh:3 (--gamma 4.0; AVE 5.0, "
+                            "KS 3.0, argparse default 1.0 at main_arl_variance.py:65)"),
+    ("arl", "modulation_start"): (6, "shicaiwei123/ICCV2025-ARL main_arl_variance.py:69,150 "
+                                     "(--start 5, `epoch > args.start`)"),
+    ("arl", "weights"): ("released", "shicaiwei123/ICCV2025-ARL main_arl_variance.py:163-164 "
+                                     "(audio_weight = visual_weight = 0.5, never changed)"),
+    ("arl", "temperature"): (8.0, "shicaiwei123/ICCV2025-ARL main_arl_variance.py:68 and "
+                                  "cramed_arl.sh:3 (--T 8.0)"),
+    ("dgl", "alpha"): (4.0, "shicaiwei123/ICCV2025-GDL main_dgl.py:50 and cramed_dgl.sh:8 "
+                            "(--alpha 4; its next run 5, ks_dgl.sh 2 and 3)"),
 }
 # methods that share another's options (and their released values)
 SAME_AS = {"ogm_ge": "ogm", "olm_com": "olm"}
@@ -514,6 +524,8 @@ REFUSED_FUSIONS = {
     "reconboost": [("film", "--fusion boost"), ("cosine", "--fusion boost")],
     "inforeg": [("film", "--method inforeg trains the per-modality logits")],
     "cggm": [("film", "--method cggm compares each classifier")],
+    "arl": [("film", "--method arl trains the per-modality logits")],
+    "dgl": [("film", "--method dgl needs the parameter-shared unimodal logits")],
 }
 
 
@@ -634,6 +646,7 @@ DRIVE = {
     "valuation": {"valuation_warmup": 1}, "lfm": {"lfm_heldout_size": GLOBAL},
     "agm": {"agm_clip": 0.02, "alpha": 2.5}, "mla": {"mla_projection": "owm"},
     "remix": {"remix_warmup": 1},
+    "arl": {"modulation_start": 1},
 }
 # step metrics that are one rank's own (not reduced over the ranks) by design
 LOCAL_METRICS = {"cml": ("conf_fused", "conf_subset"), PLUGIN: ("aux_audio", "aux_visual")}
@@ -651,6 +664,7 @@ ACTED = {
     "gblending": lambda m: abs(m["gblend_w_audio"] - 1 / 3) > 1e-3,  # estimated, not the start
     "inforeg": lambda m: m["inforeg_beta_audio"] + m["inforeg_beta_visual"] > 0,
     "cggm": lambda m: abs(m["cggm_coeff_audio"] - 1) > 1e-3,
+    "arl": lambda m: m["arl_scale_audio"] == 1.5,
 }
 # the fusion a method is released with where the driver's concat would leave a signal out
 # (ReconBoost's boost_rate is BoostFusion's)

@@ -9,7 +9,8 @@ Methods: `none` (CE on the fused logits), `ogm`, `ogm_ge` (ogm.py), `olm`, `olm_
 `greedy` (greedy.py), `mla` (mla.py), `relearning` (relearning.py), `mmpareto` (mmpareto.py),
 `valuation` (valuation.py), `cml` (cml.py), `mbsd` (mbsd.py), `lfm` (lfm.py), `gblending`
 (gblending.py), `mmcosine` (mmcosine.py), `unimodal_teacher` (unimodal_teacher.py),
-`inforeg` (inforeg.py), `cggm` (cggm.py), `remix` (remix.py). How a
+`inforeg` (inforeg.py), `cggm` (cggm.py), `remix` (remix.py), `arl` (arl.py), `dgl`
+(dgl.py). How a
 method plugs in (hooks, or owning the whole step) is in base.py.
 Their rules are reusable on their own: `ogm_scores(logits, labels, modalities)`,
 `ogm_coefficients(scores, alpha)`, `modulated_parameters(encoder, "conv"|"encoder")` and
@@ -29,7 +30,8 @@ and `prototype_logits(features, prototypes)`, `opm_drop_probabilities(scores, q_
 `gblending_weights` and `gblending_ogr`, `mmcosine_signal`, `distillation_losses` and
 `teacher_runs` (the uni-modal teacher's), `inforeg_rate`, `inforeg_betas` and `fisher_trace`
 (InfoReg's), `cggm_coefficients` and `cggm_lgm` (CGGM's), `remix_divergence` and
-`remix_assign` (Remix's).
+`remix_assign` (Remix's), `arl_analysis_weights` and `arl_unimodal_logits` (ARL's),
+`dgl_logits` and `dgl_loss` (DGL's).
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ from avtrain.options import Option, Search
 
 from .agm import AGM, agm_coefficients, agm_contributions
 from .amco import AMCo, amco_masked_count, amco_share_sums
+from .arl import ARL, arl_analysis_weights, arl_unimodal_logits
 from .base import Balancer
 from .cggm import CGGM, cggm_coefficients, cggm_lgm
 from .cml import CML, cml_confidence, cml_order, cml_penalty_terms
+from .dgl import DGL, dgl_logits, dgl_loss
 from .gblending import GBlending, gblending_ogr, gblending_weights
 from .greedy import Greedy, greedy_rule, greedy_speed_difference
 from .inforeg import InfoReg, fisher_trace, inforeg_betas, inforeg_rate
@@ -133,6 +137,8 @@ register(UnimodalTeacher)
 register(InfoReg)
 register(CGGM)
 register(Remix)
+register(ARL)
+register(DGL)
 
 __all__ = ["Balancer", "Option", "Search", "METHODS", "register", "get_method", "build_balancer",
            "all_methods", "load_plugins", "load_method_module",
@@ -153,3 +159,5 @@ __all__ += ["distillation_losses", "teacher_runs"]
 __all__ += ["inforeg_rate", "inforeg_betas", "fisher_trace"]
 __all__ += ["cggm_coefficients", "cggm_lgm"]
 __all__ += ["remix_divergence", "remix_assign"]
+__all__ += ["arl_analysis_weights", "arl_unimodal_logits"]
+__all__ += ["dgl_logits", "dgl_loss"]
