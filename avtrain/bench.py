@@ -861,13 +861,10 @@ def draw_figures(runs: list[dict], out_dir: str) -> list[tuple[str, str]]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .report import EXTRA_COLOURS, METHOD_COLOURS
+    from .report import METHOD_COLOURS, assign_colours
 
     rows = list(dict.fromkeys(r["row"] for r in runs))
-    colours, spare = {}, iter(EXTRA_COLOURS * 4)
-    for row in rows:
-        c = METHOD_COLOURS.get(row)
-        colours[row] = c if c and c not in colours.values() else next(spare)
+    colours = assign_colours(rows, METHOD_COLOURS.get)
     modalities = list(dict.fromkeys(row[:-len(" only")] for row in rows if row.endswith(" only")))
     for r in runs:
         for record in _epochs(r["run_dir"])[:1]:

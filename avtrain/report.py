@@ -109,14 +109,30 @@ def collect_runs(paths: list[str]) -> tuple[list[Run], list[tuple[str, str]]]:
     return runs, skipped
 
 
+def assign_colours(keys, preferred) -> dict[str, str]:
+    """key -> colour: `preferred(key)` (a method's own colour) when no earlier key took it, else
+    the next spare one; spares run through EXTRA_COLOURS then matplotlib's tab20 palettes and
+    cycle, so any number of lines (a bench of 26 methods, default and tuned) gets a colour."""
+    import itertools
+
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    palette = [to_hex(c) for name in ("tab20", "tab20b", "tab20c")
+               for c in colormaps[name].colors]
+    spare = itertools.cycle(EXTRA_COLOURS + [c for c in palette if c not in EXTRA_COLOURS])
+    colours: dict[str, str] = {}
+    for key in keys:
+        colour = preferred(key)
+        colours[key] = colour if colour and colour not in colours.values() else next(spare)
+    return colours
+
+
 def colours_for(runs: list[Run]) -> dict[str, str]:
     """A method keeps its colour; a second run of the same method (a unimodal reference, another
     seed) gets a spare one, so no two lines on a figure look alike."""
-    colours, spare = {}, iter(EXTRA_COLOURS * 4)
-    for run in runs:
-        colour = METHOD_COLOURS.get(run.method)
-        colours[run.name] = colour if colour and colour not in colours.values() else next(spare)
-    return colours
+    method = {run.name: run.method for run in runs}
+    return assign_colours([run.name for run in runs], lambda name: METHOD_COLOURS.get(method[name]))
 
 
 def _metric(split_metrics: dict | None, key: str):

@@ -655,15 +655,12 @@ def draw(record: dict, rows: list[dict], per_run: dict, out_dir: str) -> str | N
     import matplotlib.pyplot as plt
 
     from .intervals import t975
-    from .report import EXTRA_COLOURS, METHOD_COLOURS
+    from .report import METHOD_COLOURS, assign_colours
 
     methods = list(record["methods"])
     if not any(e.get("trials") for e in record["methods"].values()):
         return None
-    colours, spare = {}, iter(EXTRA_COLOURS * 8)
-    for m in methods:
-        c = METHOD_COLOURS.get(m)
-        colours[m] = c if c and c not in colours.values() else next(spare)
+    colours = assign_colours(methods, METHOD_COLOURS.get)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, max(3.8, 0.45 * len(methods) + 1.5)))
     for m in methods:
         trials = record["methods"][m].get("trials") or []

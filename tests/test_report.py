@@ -76,3 +76,16 @@ def test_nothing_to_report_is_one_clear_line(tmp_path):
     assert "Traceback" not in out.output
     errors = [line for line in out.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "nothing to report" in errors[0]
+
+
+def test_any_number_of_rows_gets_a_colour_and_a_method_keeps_its_own():
+    """A bench of every method, default and tuned, with both references (46 rows) once ran out
+    of spare colours while drawing its figures, after every run had finished."""
+    from avtrain.report import METHOD_COLOURS, assign_colours
+
+    rows = ["none", "none (tuned)"] + [f"m{i}" for i in range(60)]
+    colours = assign_colours(rows, METHOD_COLOURS.get)
+    assert list(colours) == rows
+    assert colours["none"] == METHOD_COLOURS["none"]
+    assert colours["none (tuned)"] != colours["none"]
+    assert len(set(colours[r] for r in rows[:50])) == 50
