@@ -244,6 +244,12 @@ class Balancer:
     def end_epoch(self, epoch: int) -> None:
         """Called once after each training epoch."""
 
+    def _as_tensors(self, values: dict[str, float]) -> dict[str, torch.Tensor]:
+        """Per-epoch figures kept as floats (in `state_dict`, so resume restores them) as the
+        float32 tensors `step_metrics` logs."""
+        return {k: torch.tensor(v, dtype=torch.float32, device=self.device)
+                for k, v in values.items()}
+
     def step_metrics(self) -> dict[str, torch.Tensor]:
         """What this step did (scores, coefficients, weights), as 0-d tensors."""
         return {}

@@ -325,10 +325,6 @@ class ReLearning(Balancer):
         self.last: dict[str, float] = {f"relearn_weight_{m}": 0.0 for m in self.modalities}
         self._metrics = self._as_tensors(self.last)
 
-    def _as_tensors(self, values: dict) -> dict[str, torch.Tensor]:
-        return {k: torch.tensor(v, dtype=torch.float32, device=self.device)
-                for k, v in values.items()}
-
     def due(self, epoch: int) -> bool:
         """Re-initialise before `epoch`: epoch - 1 just ended, is > 0, a multiple of
         --relearning-every, and among the first --relearning-times multiples."""

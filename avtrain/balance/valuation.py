@@ -308,10 +308,6 @@ class Valuation(Balancer):
 
     # -- log and state --
 
-    def _as_tensors(self, values: dict) -> dict[str, torch.Tensor]:
-        return {k: torch.tensor(v, dtype=torch.float32, device=self.device)
-                for k, v in values.items()}
-
     def step_metrics(self):
         return dict(self._metrics)
 
