@@ -299,10 +299,30 @@ def _tars(shards: ShardSet):
     return functools.partial(_tar_stage, opener=shards.opener(), handler=wds.warn_and_continue)
 
 
+def worker_context():
+    """How loader workers start. The DataLoader's default, fork, copies only the calling thread;
+    under torch.distributed the process group's own threads (gloo's) can hold a lock at that
+    instant, and the worker then waits for it forever (seen: an eval worker stuck right after
+    fork() while the other rank waited in all_gather). A forkserver is a fresh interpreter
+    with one thread, so the workers forked from it start clean; it is started once per
+    process, with this module preloaded, so a worker costs a fork, not an import of torch.
+    A single process keeps fork (PyTorch's tested path, and no pipeline pickling)."""
+    import multiprocessing
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
 def _loader(pipeline, workers: int, device_type: str, limit: int | None):
     kwargs = {"num_workers": workers, "batch_size": None, "pin_memory": device_type == "cuda"}
     if workers > 0:
         kwargs["prefetch_factor"] = 4
+        kwargs["multiprocessing_context"] = worker_context()
     loader = wds.WebLoader(pipeline, **kwargs)
     return loader.with_epoch(limit) if limit else loader
 

@@ -105,6 +105,60 @@ def test_different_workers_give_identical_batches(train_shards):
     assert common and any(not torch.equal(first[k], again[k]) for k in common)
 
 
+WORKERS_UNDER_A_PROCESS_GROUP = """
+import json, sys, tempfile
+import torch, torch.distributed as dist
+from avtrain.data import open_shards, train_loader, eval_loader
+from avtrain.decode import DataOptions
+
+def digest(loader):
+    return [[b["key"], float(b["visual"].double().sum()), float(b["audio"].double().sum())]
+            for b in loader]
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo", init_method="file://" + tempfile.mkdtemp() + "/store",
+                            rank=0, world_size=1)
+    shards = open_shards(sys.argv[1])
+    opts = DataOptions.for_shards(shards, image_size=32, frames=2)
+    train = train_loader(shards, "train", opts, batch_size=4, epoch=2, seed=5, workers=2)
+    start = train.pipeline[0].multiprocessing_context.get_start_method()
+    out = {"start": start, "train": digest(train),
+           "val": digest(eval_loader(shards, "val", opts, batch_size=4, workers=2))}
+    dist.destroy_process_group()
+    print(json.dumps(out))
+"""
+
+
+def test_workers_under_a_process_group_start_from_a_forkserver(train_shards, tmp_path):
+    """Under torch.distributed a forked worker can inherit a lock held by one of gloo's threads
+    and wait on it forever (a suite run hung so); there the workers start from a forkserver,
+    which pickles the pipeline: the batches must still equal a single process's, bit for bit."""
+    from avtrain.data import eval_loader
+
+    script = tmp_path / "workers.py"
+    script.write_text(WORKERS_UNDER_A_PROCESS_GROUP)
+    proc = subprocess.run([sys.executable, str(script), str(train_shards)], cwd=REPO,
+                          capture_output=True, text=True, timeout=HUNG_AFTER_S,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.splitlines()[-1])
+    assert got["start"] == "forkserver"
+    shards = open_shards(str(train_shards))
+    opts = opts_for(shards, frames=2)
+
+    def digest(loader):
+        return [[b["key"], float(b["visual"].double().sum()), float(b["audio"].double().sum())]
+                for b in loader]
+
+    assert got["train"] == digest(train_loader(shards, "train", opts, batch_size=4, epoch=2,
+                                               seed=5, workers=0))
+    # eval batches interleave the workers' shards: the same samples, in another order
+    assert sorted(k for b in got["val"] for k in b[0]) == sorted(
+        k for b in eval_loader(shards, "val", opts, batch_size=4, workers=0) for k in b["key"])
+    alone = train_loader(shards, "train", opts, batch_size=4, workers=2)
+    assert alone.pipeline[0].multiprocessing_context is None  # one process keeps fork
+
+
 def test_an_endless_stream_runs_on_into_the_next_pass(train_shards):
     shards = open_shards(str(train_shards))
     n = len(tar_keys(shards, "val"))
