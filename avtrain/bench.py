@@ -16,8 +16,8 @@ under BENCH/tune, after the default rows; then a "METHOD (tuned)" row of its cho
 
 Resumable: a run with summary.json is finished and skipped; one with last.pt is resumed; any
 other is started afresh. BENCH/bench.json records the protocol (every setting but the
-method, seed and modalities; the shards' path relative to BENCH, so a moved folder still
-reports); a rerun with another protocol is refused unless `overwrite`,
+method, seed and modalities; the files it names, shards, weights and plug-in, relative to
+BENCH, so a moved folder still reports); a rerun with another protocol is refused unless `overwrite`,
 which removes BENCH's runs and results first. Methods, seeds and `--set` values may change
 between reruns: new rows and seeds are added, finished ones kept.
 
@@ -253,6 +253,19 @@ def portable(path: str, out: str) -> str:
     return os.path.relpath(path, os.path.abspath(out))
 
 
+def portable_protocol(settings: dict, out: str) -> dict:
+    """The protocol with every local file it names (the shards, `--pretrained` weights, a
+    `--method-module` file) relative to the bench folder, as `portable` records paths."""
+    from .models.encoders import PRETRAINED_LIBRARIES
+
+    pretrained = settings.get("pretrained") or {}
+    return {**settings, "shards": portable(settings.get("shards"), out),
+            **({"pretrained": {m: w if w in PRETRAINED_LIBRARIES else portable(w, out)
+                               for m, w in pretrained.items()}} if pretrained else {}),
+            **({"method_module": portable(settings["method_module"], out)}
+               if settings.get("method_module") else {})}
+
+
 def prepare_folder(out: str, settings: dict, runs: list[BenchRun], overwrite: bool) -> None:
     """Refuse a folder made with another protocol (or not by bench) unless `overwrite`; check
     that runs already there were trained with the settings they would get now."""
@@ -262,7 +275,7 @@ def prepare_folder(out: str, settings: dict, runs: list[BenchRun], overwrite: bo
         try:
             with open(path, encoding="utf-8") as fh:
                 old = json.load(fh).get("protocol") or {}
-            old = {**old, "shards": portable(old.get("shards"), out)}  # older: absolute
+            old = portable_protocol(old, out)  # older folders: absolute paths
         except (OSError, ValueError, AttributeError):
             raise UserError(f"{path}: not a readable bench.json; remove it or choose another "
                             "-o") from None
@@ -435,7 +448,7 @@ def run_bench(shards: str, out: str, settings: dict | TrainConfig | None = None,
     base.setdefault("linear_probe", True)  # the table's probe columns need it
     base.setdefault("progress", False)
     config = make_config(base)
-    recorded = {**protocol(config), "shards": portable(shards, out)}
+    recorded = portable_protocol({**protocol(config), "shards": shards}, out)
     plan = None
     if tune:
         plan = _tune_plan(config, out, methods, tune, tune_epochs, tune_space, storage,

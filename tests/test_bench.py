@@ -349,3 +349,24 @@ def test_a_taught_method_learns_from_the_same_seeds_references(train_shards, tmp
     assert all(r.needs == () for r in runs)
     one_error(bench(train_shards, tmp_path / "D", "--methods", "unimodal_teacher",
                     "--no-references"), "takes its teachers from the bench's", "--teacher")
+
+
+def test_recorded_files_are_relative_to_the_bench_folder(tmp_path):
+    """Shards, --pretrained weights and a --method-module file are recorded relative to the
+    folder (a moved bench still matches its protocol); hub weights and module names as given;
+    an older bench.json with absolute paths compares equal to the same files now."""
+    from avtrain.bench import portable_protocol
+
+    out = tmp_path / "bench"
+    weights, plugin = tmp_path / "w" / "visual.pt", tmp_path / "my_method.py"
+    absolute = {"shards": str(tmp_path / "shards"), "epochs": 3,
+                "pretrained": {"visual": str(weights), "audio": "timm"},
+                "method_module": str(plugin)}
+    recorded = portable_protocol(absolute, str(out))
+    assert recorded == {"shards": "../shards", "epochs": 3,
+                        "pretrained": {"visual": "../w/visual.pt", "audio": "timm"},
+                        "method_module": "../my_method.py"}
+    assert portable_protocol(recorded, str(out)) == recorded
+    named = portable_protocol({"shards": "s3://b/x", "pretrained": {},
+                               "method_module": "my_pkg.methods"}, str(out))
+    assert named == {"shards": "s3://b/x", "pretrained": {}, "method_module": "my_pkg.methods"}
