@@ -190,13 +190,26 @@ class HalfCE(Balancer):
 
 
 @pytest.mark.slow
-def test_a_broken_entry_point_is_one_error_line(tmp_path):
+def test_a_broken_entry_point_stops_only_its_own_method(tmp_path, method_shards):
+    """A package that fails to load is one Warning line for every command (its flags would be
+    built with everyone's), and one Error line when its method is the one asked for."""
     env = _installed(tmp_path / "site", "raise RuntimeError('half is broken')\n")
-    result = subprocess.run([AVTRAIN, "methods"], capture_output=True, text=True, env=env,
-                            timeout=HUNG_AFTER_S)
-    assert result.returncode == 2
-    assert result.stderr.strip() == ("Error: plug-in entry point half = halfpkg:HalfCE: "
-                                     "loading failed: RuntimeError: half is broken")
+    run = lambda *args: subprocess.run([AVTRAIN, *args], capture_output=True, text=True,  # noqa
+                                       env=env, timeout=HUNG_AFTER_S)
+    broken = ("plug-in entry point half = halfpkg:HalfCE: loading failed: RuntimeError: "
+              "half is broken")
+    listed = run("methods")
+    assert listed.returncode == 0 and "ogm_ge " in listed.stdout
+    assert listed.stderr.strip() == f"Warning: {broken} (its methods are not available)"
+    fit = run("fit", "--shards", str(method_shards), "--run-dir", str(tmp_path / "none"),
+              "--model", "tiny", "--epochs", "1", "--batch-size", "8", "--image-size", "32",
+              "--workers", "0", "--no-progress", "--no-shapley")
+    assert fit.returncode == 0, fit.stderr
+    assert (tmp_path / "none" / "summary.json").is_file()
+    asked = run("fit", "--method", "half", "--shards", "S", "--run-dir", str(tmp_path / "h"),
+                "--print-config")
+    assert asked.returncode == 2
+    assert asked.stderr.strip().splitlines()[-1] == f"Error: --method half: {broken}"
 
 
 def test_a_methods_own_flag_given_to_the_bench_applies_to_its_rows():

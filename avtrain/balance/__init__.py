@@ -85,9 +85,16 @@ def get_method(name: str) -> type[Balancer]:
     try:
         return METHODS[name]
     except KeyError:
+        from .plugins import broken_entry_point, broken_entry_points
+
+        broken = broken_entry_point(name)
+        if broken:
+            raise UserError(f"--method {name}: {broken}") from None
+        unloaded = "".join(f"; the plug-in entry point {b} did not load"
+                           for b in broken_entry_points())
         raise UserError(f"unknown balancing method {name!r}; choose one of: "
                         f"{', '.join(sorted(METHODS))} (or load a plug-in with "
-                        "--method-module)") from None
+                        f"--method-module){unloaded}") from None
 
 
 def build_balancer(name: str, model, config: dict | None = None, **kwargs) -> Balancer:

@@ -163,7 +163,10 @@ def load_module(spec: str, register, registry: dict) -> list[str]:
 
 
 def load_entry_points(group: str, register) -> None:
-    """Register the methods installed packages announce (once per process)."""
+    """Register the methods installed packages announce (once per process). A package that
+    fails to load or breaks the interface must not stop runs of every other method (its
+    flags are built with everyone's): it is one Warning line, and one Error line only when
+    its method is asked for (`broken_entry_point`)."""
     global _entry_points_loaded
     if _entry_points_loaded:
         return
@@ -175,10 +178,33 @@ def load_entry_points(group: str, register) -> None:
         try:
             obj = ep.load()
         except Exception as exc:
-            raise UserError(f"plug-in {origin}: loading failed: {type(exc).__name__}: "
-                            f"{exc}") from None
-        for cls in _classes(obj) if inspect.ismodule(obj) else [obj]:
-            register(cls, origin)
+            _broken_entry(ep.name, f"plug-in {origin}: loading failed: {type(exc).__name__}: "
+                                   f"{exc}")
+            continue
+        try:
+            for cls in _classes(obj) if inspect.ismodule(obj) else [obj]:
+                register(cls, origin)
+        except UserError as exc:
+            _broken_entry(ep.name, str(exc))
+
+
+_broken_entries: dict[str, str] = {}  # entry-point name -> what is wrong with it
+
+
+def _broken_entry(name: str, message: str) -> None:
+    _broken_entries[name] = message
+    if os.environ.get("RANK", "0") == "0":
+        print(f"Warning: {message} (its methods are not available)", file=sys.stderr,
+              flush=True)
+
+
+def broken_entry_point(method: str) -> str | None:
+    """What is wrong with the installed plug-in announced under `method`'s name, else None."""
+    return _broken_entries.get(method)
+
+
+def broken_entry_points() -> list[str]:
+    return sorted(_broken_entries)
 
 
 def check_step_result(balancer, result) -> tuple:
@@ -202,5 +228,6 @@ def check_metrics(balancer, metrics) -> dict:
     return metrics
 
 
-__all__ = ["Option", "check_method", "load_module", "load_entry_points", "check_step_result",
+__all__ = ["Option", "check_method", "load_module", "load_entry_points", "broken_entry_point",
+           "broken_entry_points", "check_step_result",
            "check_metrics", "HOOKS"]
