@@ -16,8 +16,8 @@ under BENCH/tune, after the default rows; then a "METHOD (tuned)" row of its cho
 
 Resumable: a run with summary.json is finished and skipped; one with last.pt is resumed; any
 other is started afresh. BENCH/bench.json records the protocol (every setting but the
-method, seed and modalities; the files it names, shards, weights and plug-in, relative to
-BENCH, so a moved folder still reports); a rerun with another protocol is refused unless `overwrite`,
+method, seed and modalities; the shards and weight files it names relative to BENCH, so a
+moved folder still reports); a rerun with another protocol is refused unless `overwrite`,
 which removes BENCH's runs and results first. Methods, seeds and `--set` values may change
 between reruns: new rows and seeds are added, finished ones kept.
 
@@ -254,16 +254,15 @@ def portable(path: str, out: str) -> str:
 
 
 def portable_protocol(settings: dict, out: str) -> dict:
-    """The protocol with every local file it names (the shards, `--pretrained` weights, a
-    `--method-module` file) relative to the bench folder, as `portable` records paths."""
+    """The protocol with the data it names (the shards, `--pretrained` weight files) relative
+    to the bench folder, as `portable` records paths. A `--method-module` file stays absolute:
+    it is code, imported to compare settings, from wherever the bench is run."""
     from .models.encoders import PRETRAINED_LIBRARIES
 
     pretrained = settings.get("pretrained") or {}
     return {**settings, "shards": portable(settings.get("shards"), out),
             **({"pretrained": {m: w if w in PRETRAINED_LIBRARIES else portable(w, out)
-                               for m, w in pretrained.items()}} if pretrained else {}),
-            **({"method_module": portable(settings["method_module"], out)}
-               if settings.get("method_module") else {})}
+                               for m, w in pretrained.items()}} if pretrained else {})}
 
 
 def prepare_folder(out: str, settings: dict, runs: list[BenchRun], overwrite: bool) -> None:

@@ -352,21 +352,20 @@ def test_a_taught_method_learns_from_the_same_seeds_references(train_shards, tmp
 
 
 def test_recorded_files_are_relative_to_the_bench_folder(tmp_path):
-    """Shards, --pretrained weights and a --method-module file are recorded relative to the
-    folder (a moved bench still matches its protocol); hub weights and module names as given;
-    an older bench.json with absolute paths compares equal to the same files now."""
+    """Shards and --pretrained weights are recorded relative to the folder (a moved bench
+    still matches its protocol); hub weights, URLs and a --method-module (code, imported to
+    compare settings) as given; an older bench.json with absolute paths compares equal."""
     from avtrain.bench import portable_protocol
 
     out = tmp_path / "bench"
-    weights, plugin = tmp_path / "w" / "visual.pt", tmp_path / "my_method.py"
+    weights, plugin = tmp_path / "w" / "visual.pt", str(tmp_path / "my_method.py")
     absolute = {"shards": str(tmp_path / "shards"), "epochs": 3,
                 "pretrained": {"visual": str(weights), "audio": "timm"},
-                "method_module": str(plugin)}
+                "method_module": plugin}
     recorded = portable_protocol(absolute, str(out))
     assert recorded == {"shards": "../shards", "epochs": 3,
                         "pretrained": {"visual": "../w/visual.pt", "audio": "timm"},
-                        "method_module": "../my_method.py"}
+                        "method_module": plugin}
     assert portable_protocol(recorded, str(out)) == recorded
-    named = portable_protocol({"shards": "s3://b/x", "pretrained": {},
-                               "method_module": "my_pkg.methods"}, str(out))
-    assert named == {"shards": "s3://b/x", "pretrained": {}, "method_module": "my_pkg.methods"}
+    named = portable_protocol({"shards": "s3://b/x", "pretrained": {}}, str(out))
+    assert named == {"shards": "s3://b/x", "pretrained": {}}
