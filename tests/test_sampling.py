@@ -129,6 +129,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_workers_under_a_process_group_start_from_a_forkserver(train_shards, tmp_path):
     """Under torch.distributed a forked worker can inherit a lock held by one of gloo's threads
     and wait on it forever (a suite run hung so); there the workers start from a forkserver,
